@@ -1,20 +1,1117 @@
-"""CAT stub: shared data-format helpers (the full file is being written)."""
-import json, os, sys
+"""
+CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449), one file.
+
+A one-step class-conditional transformer GAN in SD-VAE latent space. The generator
+(GAT's) emits four accumulated outputs h_0..h_3; a scale-wise discriminator judges
+x_k = r_k(h_k) at four resolutions through one transformer with block-diagonal
+attention; a generator-side consistency loss (Eq. 2) keeps h_0..h_2 on the
+trajectory of the final output h_3.
+
+    python cat.py --data toy                                  # the embedded default: CPU, minutes
+    python cat.py --model H --summary                         # params / GFLOPs of Table 6, no GPU needed
+    torchrun --nproc_per_node=8 cat.py --model H              # CAT-H/2 on ImageNet latents (prepare_latents.py)
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 cat.py --model H
+    torchrun --nproc_per_node=8 cat.py --model H --resume runs/000-H   # continue a run
+
+Reads top to bottom like the paper: configs -> generator -> discriminator ->
+objectives -> data -> training loop -> command line.
+"""
+import argparse, contextlib, copy, glob, io, json, math, os, re, sys, time, warnings
+from dataclasses import dataclass, asdict
+
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
 
-DEFAULT_DATA = 'data/imagenet256'
+# ----------------------------------------------------------------------------------------------
+# Notation and configs (Table 6). K+1 = 4 stages k = 0..3, coarse to fine.
+# ----------------------------------------------------------------------------------------------
+
+K = 3                                   # index of the final stage; stages are k = 0..K
+W_CONS = (1 / 3, 1 / 2, 1.0)            # w_k of Eq. 2 for k = 0, 1, 2 (weaker for coarse stages)
+DEFAULT_DATA = 'data/imagenet256'       # what prepare_latents.py writes by default
 DATA_FORMAT_VERSION = 1
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'
+DINO_NAME = 'vit_base_patch14_dinov2.lvd142m'
+TOY_STEPS = 1500
 
 
-def load_vae(name_or_path=DEFAULT_VAE, device='cpu'):
-    """SD-VAE (diffusers AutoencoderKL) from a hub name or a local save_pretrained directory, frozen, eval mode.
-    Offline with no cached weights: one clear error."""
+@dataclass
+class NetConfig:
+    depth: int
+    width: int
+    heads: int
+
+
+# G: output layers are uniformly spaced, depth/4 * (1, 2, 3, 4) (Table 6: 3,6,9,12 / 6,12,18,24 / 8,16,24,32).
+G_CONFIGS = {
+    'T': NetConfig(4, 32, 2),       # tests only
+    'S': NetConfig(4, 128, 4),      # the toy run and CPU experiments
+    'B': NetConfig(12, 768, 12),
+    'M': NetConfig(24, 768, 12),
+    'H': NetConfig(32, 1280, 16),
+}
+D_CONFIGS = {'T': NetConfig(2, 32, 2), 'S': NetConfig(4, 128, 4), 'B': NetConfig(12, 768, 12), 'M': NetConfig(24, 768, 12)}
+D_FOR_G = {'T': 'T', 'S': 'S', 'B': 'B', 'M': 'B', 'H': 'B'}   # the paper: one Base D for every G size
+
+# ----------------------------------------------------------------------------------------------
+# Shared building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def sincos_2d(dim, n):
+    """Fixed 2D sin-cos embedding of an n x n grid, [n*n, dim] (MAE/DiT layout: half rows, half columns)."""
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        out = pos.reshape(-1, 1).double() * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+    ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing='ij')
+    return torch.cat([one_d(dim // 2, ys), one_d(dim // 2, xs)], dim=1).float()
+
+
+def rope_2d(head_dim, n, n_cls=0, theta=10000.0):
+    """Axial 2D RoPE tables (cos, sin) [n_cls + n*n, head_dim] for an n x n grid; [cls] tokens get angle 0.
+    Dims (i, i + head_dim/2) form rotated pairs: the first quarter of pairs encodes the row, the second the column."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim // 4, dtype=torch.float64) / (head_dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing='ij')
+    ang = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=1)      # [n*n, head_dim/2]
+    ang = torch.cat([torch.zeros(n_cls, head_dim // 2, dtype=ang.dtype), ang]).repeat(1, 2)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalized learning rate (StyleGAN): weights stored at N(0, 1/lr_mul^2), scaled at run time,
+    so Adam's effective step on this layer is lr * lr_mul."""
+    def __init__(self, n_in, n_out, lr_mul=0.01):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / lr_mul)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+        self.w_gain, self.lr_mul = lr_mul / math.sqrt(n_in), lr_mul
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.w_gain, self.bias * self.lr_mul)
+
+
+def normalize_2nd_moment(x, eps=1e-8):
+    return x * (x.square().mean(dim=-1, keepdim=True) + eps).rsqrt()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with qkv bias, per-head RMSNorm on q and k (qk-norm) and 2D RoPE.
+    `segments`: None = full attention; a list of (start, end) = block-diagonal attention computed as one fused
+    attention call per block (no mask is materialized); a bool tensor [L, L] = explicit mask (reference path)."""
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+
+    def forward(self, x, rope, segments=None):
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        if segments is None or torch.is_tensor(segments):
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=segments)
+        else:
+            o = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
+                           for s, e in segments], dim=2)
+        return self.proj(o.transpose(1, 2).reshape(B, L, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+def swiglu_hidden(width):
+    return int(2 / 3 * 4 * width)       # MLP ratio 4 at SwiGLU's parameter parity
+
+
+def patchify(x, p):
+    B, C, H, W = x.shape
+    return x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(t, p, C):
+    B, T, _ = t.shape
+    n = int(math.isqrt(T))
+    return t.reshape(B, n, n, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, n * p, n * p)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+# ----------------------------------------------------------------------------------------------
+# Generator (GAT's; Table 6, App. A.1): fixed sin-cos input tokens, style w from (z, c) through an
+# equalized-lr mapping network, AdaLN blocks, four output heads with output skip accumulation.
+# ----------------------------------------------------------------------------------------------
+
+
+class GBlock(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)
+        self.mlp = SwiGLU(width, swiglu_hidden(width))
+        self.ada = nn.Linear(width, 6 * width)      # w -> shift, scale, gate for attention and MLP
+
+    def forward(self, x, w, rope):
+        s1, c1, g1, s2, c2, g2 = self.ada(F.silu(w)).unsqueeze(1).chunk(6, dim=-1)
+        x = x + g1 * self.attn(modulate(self.norm1(x), s1, c1), rope)
+        return x + g2 * self.mlp(modulate(self.norm2(x), s2, c2))
+
+
+class OutputHead(nn.Module):
+    """o_k = unpatchify(Linear(modulate(RMSNorm(tokens), w)))."""
+    def __init__(self, width, patch, channels):
+        super().__init__()
+        self.norm = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)
+        self.ada = nn.Linear(width, 2 * width)
+        self.linear = nn.Linear(width, patch * patch * channels)
+        self.patch, self.channels = patch, channels
+
+    def forward(self, x, w):
+        shift, scale = self.ada(F.silu(w)).unsqueeze(1).chunk(2, dim=-1)
+        return unpatchify(self.linear(modulate(self.norm(x), shift, scale)), self.patch, self.channels)
+
+
+class Generator(nn.Module):
+    def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, z_dim=64, w_avg_beta=0.995):
+        super().__init__()
+        self.depth, self.width, self.channels, self.res, self.patch = depth, width, channels, res, patch
+        self.num_classes, self.z_dim, self.w_avg_beta = num_classes, z_dim, w_avg_beta
+        self.out_layers = [depth // 4 * (k + 1) for k in range(K + 1)]     # uniformly spaced, 1-based
+        n = res // patch
+        self.register_buffer('pos', sincos_2d(width, n)[None], persistent=False)   # fixed input tokens
+        self.register_buffer('rope_cos', rope_2d(width // heads, n)[0], persistent=False)
+        self.register_buffer('rope_sin', rope_2d(width // heads, n)[1], persistent=False)
+        # mapping network: [norm(z), norm(embed(c))] -> 2-layer MLP with equalized lr (lr multiplier 0.01)
+        self.class_embed = nn.Embedding(num_classes, z_dim)
+        self.mapping = nn.Sequential(EqualLinear(2 * z_dim, width), nn.SiLU(), EqualLinear(width, width))
+        self.register_buffer('w_avg', torch.zeros(num_classes, width))   # per-class running mean, for truncation
+        self.blocks = nn.ModuleList([GBlock(width, heads) for _ in range(depth)])
+        self.heads = nn.ModuleList([OutputHead(width, patch, channels) for _ in range(K + 1)])
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in list(self.blocks) + list(self.heads):
+            nn.init.xavier_uniform_(m.ada.weight, gain=0.1)    # small modulation at init (as GAT)
+        nn.init.normal_(self.class_embed.weight)
+
+    def style(self, z, c):
+        """w = mapping([z, e(c)]), both normalized to unit second moment."""
+        return self.mapping(torch.cat([normalize_2nd_moment(z), normalize_2nd_moment(self.class_embed(c))], dim=1))
+
+    def truncate(self, w, c, psi):
+        """StyleGAN convention: psi = 1 is no truncation, psi = 0 gives w_avg[c]."""
+        return self.w_avg[c].lerp(w, psi) if psi != 1 else w
+
+    def synthesis(self, w):
+        """Returns [h_0, ..., h_K]: accumulated outputs h_k = o_0 + ... + o_k, each [B, C, res, res]."""
+        x = self.pos.expand(w.shape[0], -1, -1).to(w.dtype)
+        rope, hs, h, k = (self.rope_cos, self.rope_sin), [], 0, 0
+        for i, block in enumerate(self.blocks):
+            x = block(x, w, rope)
+            if i + 1 == self.out_layers[k]:
+                h = h + self.heads[k](x, w)
+                hs.append(h)
+                k += 1
+        return hs
+
+    def forward(self, z, c, psi=1.0):
+        return self.synthesis(self.truncate(self.style(z, c), c, psi))
+
+    @torch.no_grad()
+    def update_w_avg(self, w, c):
+        """w_avg[c] <- lerp(w_avg[c], mean of this step's w of class c, 1 - beta), for the classes in the (global) batch."""
+        sums = torch.zeros_like(self.w_avg).index_add_(0, c, w.float())
+        counts = torch.bincount(c, minlength=self.num_classes).float()
+        if dist.is_initialized():
+            packed = torch.cat([sums, counts[:, None]], dim=1)
+            dist.all_reduce(packed)
+            sums, counts = packed[:, :-1], packed[:, -1]
+        mean = sums / counts.clamp(min=1)[:, None]
+        self.w_avg.copy_(torch.where(counts[:, None] > 0, self.w_avg.lerp(mean, 1 - self.w_avg_beta), self.w_avg))
+
+# ----------------------------------------------------------------------------------------------
+# Scale-wise discriminator (Sec. 3.1, Fig. 3, App. A.1): x_k = r_k(h_k) at res/8, res/4, res/2, res; one
+# shared transformer; a block-diagonal attention mask keeps d_k a function of x_k alone.
+# ----------------------------------------------------------------------------------------------
+
+
+def r_k(h, k, mode='area'):
+    """Resize to scale k: res / 2^(K-k). Area (average-pool) downsampling by default."""
+    f = 2 ** (K - k)
+    if f == 1:
+        return h
+    if mode == 'area':
+        return F.avg_pool2d(h, f)
+    return F.interpolate(h, scale_factor=1 / f, mode=mode, antialias=True, align_corners=False)
+
+
+def multiscale(hs):
+    """[h_0..h_K] -> [x_0..x_K]; a single tensor (a real image) is used for every scale."""
+    return [r_k(hs if torch.is_tensor(hs) else hs[k], k) for k in range(K + 1)]
+
+
+class DBlock(nn.Module):
+    def __init__(self, width, heads, layerscale=0.1):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.RMSNorm(width, eps=1e-6)
+        self.mlp = SwiGLU(width, swiglu_hidden(width))
+        self.ls1 = nn.Parameter(torch.full((width,), layerscale))
+        self.ls2 = nn.Parameter(torch.full((width,), layerscale))
+
+    def forward(self, x, rope, segments):
+        x = x + self.ls1 * self.attn(self.norm1(x), rope, segments)
+        return x + self.ls2 * self.mlp(self.norm2(x))
+
+
+class Discriminator(nn.Module):
+    """Sequence: for k = 0..K a segment [cls_k, tokens of x_k]; 4 cls + 4 + 16 + 64 + 256 tokens at res 32.
+    mask=True: block-diagonal attention (scale-wise D, the paper); mask=False: scale-aggregated ablation (Fig. 9).
+    attn_impl: 'split' = one fused attention call per scale (default), 'mask' = explicit [L, L] boolean mask."""
+    def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, cmap_dim=2048,
+                 repa_dim=768, mask=True, attn_impl='split'):
+        super().__init__()
+        self.width, self.channels, self.res, self.patch, self.mask, self.attn_impl = width, channels, res, patch, mask, attn_impl
+        self.grids = [res // 2 ** (K - k) // patch for k in range(K + 1)]           # 2, 4, 8, 16 tokens per side
+        bounds = np.cumsum([0] + [1 + n * n for n in self.grids]).tolist()
+        self.segments = list(zip(bounds[:-1], bounds[1:]))
+        self.patch_embed = nn.Linear(patch * patch * channels, width)                # shared by all scales
+        self.register_buffer('pos', torch.cat([sincos_2d(width, n) for n in self.grids]), persistent=False)
+        self.scale_embed = nn.Parameter(torch.zeros(K + 1, width))
+        self.cls = nn.Parameter(torch.zeros(K + 1, width))
+        ropes = [rope_2d(width // heads, n, n_cls=1) for n in self.grids]         # RoPE on each scale's own grid
+        self.register_buffer('rope_cos', torch.cat([r[0] for r in ropes]), persistent=False)
+        self.register_buffer('rope_sin', torch.cat([r[1] for r in ropes]), persistent=False)
+        self.blocks = nn.ModuleList([DBlock(width, heads) for _ in range(depth)])
+        self.norm = nn.RMSNorm(width, eps=1e-6)
+        # projection head (as GAT): d_k = <Linear(RMSNorm(cls_k)), e(c)>, e(c) through an equalized-lr 2-layer mapping
+        self.head = nn.Linear(width, cmap_dim)
+        self.class_embed = nn.Embedding(num_classes, cmap_dim)
+        self.class_map = nn.Sequential(EqualLinear(cmap_dim, cmap_dim), nn.SiLU(), EqualLinear(cmap_dim, cmap_dim))
+        # REPA projector (training only): finest-scale tokens -> DINOv2 feature space
+        self.proj = nn.Sequential(nn.Linear(width, 2048), nn.SiLU(), nn.Linear(2048, 2048), nn.SiLU(),
+                                  nn.Linear(2048, repa_dim)) if repa_dim else None
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.scale_embed, std=0.02)
+        nn.init.normal_(self.cls, std=0.02)
+        nn.init.normal_(self.class_embed.weight, std=0.02)
+
+    def block_mask(self):
+        L = self.segments[-1][1]
+        m = torch.zeros(L, L, dtype=torch.bool, device=self.cls.device)
+        for s, e in self.segments:
+            m[s:e, s:e] = True
+        return m
+
+    def forward(self, xs, c, return_tokens=False):
+        """xs = [x_0..x_K] -> d [B, K+1] (one logit per scale); with return_tokens also the finest scale's final
+        tokens [B, 1 + n^2, width] (cls_K first) for the REPA projector."""
+        B = xs[0].shape[0]
+        t = self.patch_embed(torch.cat([patchify(x, self.patch) for x in xs], dim=1)) + self.pos.to(xs[0].dtype)
+        parts, o = [], 0
+        for k, n in enumerate(self.grids):
+            parts += [self.cls[k].expand(B, 1, -1), t[:, o:o + n * n]]
+            o += n * n
+        x = torch.cat(parts, dim=1)
+        x = x + torch.cat([self.scale_embed[k].expand(1 + n * n, -1) for k, n in enumerate(self.grids)])
+        segments = (self.segments if self.attn_impl == 'split' else self.block_mask()) if self.mask else None
+        rope = (self.rope_cos, self.rope_sin)
+        for block in self.blocks:
+            x = block(x, rope, segments)
+        cls = self.norm(x[:, [s for s, _ in self.segments]])                       # [B, K+1, width]
+        e = self.class_map(normalize_2nd_moment(self.class_embed(c)))               # [B, cmap_dim]
+        d = (self.head(cls) * e[:, None]).sum(-1).float()
+        if return_tokens:
+            return d, x[:, self.segments[-1][0]:]
+        return d
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation (GAT's DiffAugment: color, translation, cutout, flip, probability 1). The same parameters
+# are applied to every stage of one sample (augment at full resolution, then r_k).
+# ----------------------------------------------------------------------------------------------
+
+
+def draw_aug(n, res, g, device):
+    """Per-sample augmentation parameters from generator g."""
+    u = torch.rand(n, 6, generator=g, device=device)
+    r = res // 8
+    return dict(bright=u[:, 0] - 0.5, sat=u[:, 1] * 2, contrast=u[:, 2] + 0.5,
+                shift=torch.randint(-r, r + 1, (n, 2), generator=g, device=device),
+                cut=(u[:, 3:5] * res).long(), flip=u[:, 5] < 0.5)
+
+
+def _translate(x, shift):
+    """Per-sample integer translation with zero fill."""
+    B, C, H, W = x.shape
+    ar_h, ar_w = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    iy, ix = ar_h[None] - shift[:, :1], ar_w[None] - shift[:, 1:]                 # source rows / columns [B, H]
+    vy, vx = (iy >= 0) & (iy < H), (ix >= 0) & (ix < W)
+    x = x.gather(2, iy.clamp(0, H - 1)[:, None, :, None].expand(B, C, H, W))
+    x = x.gather(3, ix.clamp(0, W - 1)[:, None, None, :].expand(B, C, H, W))
+    return x * (vy[:, None, :, None] & vx[:, None, None, :]).to(x.dtype)
+
+
+def augment(x, a, color=True, cutout=True, scale=1):
+    """x [B, C, H, W] (or [n*B, ...] for n stacked stages, parameters repeated) -> augmented x.
+    scale: translation multiplier, for the images matching a latent (256 / 32 = 8 pixels per latent pixel)."""
+    rep = x.shape[0] // a['flip'].shape[0]
+    a = {k: v.repeat(rep, *[1] * (v.dim() - 1)) for k, v in a.items()}
+    B, C, H, W = x.shape
+    v = lambda t: t.to(x.dtype).view(B, 1, 1, 1)
+    if color:
+        x = x + v(a['bright'])
+        m = x.mean(dim=1, keepdim=True)
+        x = (x - m) * v(a['sat']) + m
+        m = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - m) * v(a['contrast']) + m
+    x = _translate(x, a['shift'] * scale)
+    if cutout:
+        ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+        cy, cx = a['cut'][:, 0].view(B, 1, 1), a['cut'][:, 1].view(B, 1, 1)
+        hole = ((ys.view(1, H, 1) - cy).abs() < H // 4) & ((xs.view(1, 1, W) - cx).abs() < W // 4)
+        x = x * (~hole)[:, None].to(x.dtype)
+    return torch.where(a['flip'].view(B, 1, 1, 1), x.flip(-1), x)
+
+# ----------------------------------------------------------------------------------------------
+# Objectives (Sec. 3.2, Table 6): RpGAN, approximated R1/R2, consistency L_cons (Eq. 2), D-side REPA.
+# ----------------------------------------------------------------------------------------------
+
+
+def rpgan_d_loss(d_real, d_fake):
+    """L_D = mean_k softplus(-(d_k(real) - d_k(fake))), pairs (real i, fake i)."""
+    return F.softplus(d_fake - d_real).mean()
+
+
+def rpgan_g_loss(d_fake, d_real):
+    """L_adv(G) = mean_k softplus(-(d_k(fake) - d_k(real))); d_real carries no gradient."""
+    return F.softplus(d_real.detach() - d_fake).mean()
+
+
+def approx_gp(d, d_perturbed, sigma):
+    """Approximated R1/R2 (Seaweed-APT): mean over samples and scales of ((d(x) - d(x + sigma*eps)) / sigma)^2,
+    whose expectation over eps is ||grad_x d||^2 for small sigma."""
+    return ((d - d_perturbed) / sigma).square().mean()
+
+
+def consistency_loss(hs, w=W_CONS, detach_anchor=False):
+    """Eq. 2: L_cons = 1/K sum_{k<K} w_k * mean((h_k - h_K)^2). No stop-gradient on h_K by default (as Eq. 2)."""
+    anchor = hs[-1].detach() if detach_anchor else hs[-1]
+    return sum(wk * (h - anchor).float().square().mean() for wk, h in zip(w, hs[:-1])) / K
+
+
+def repa_loss(pred_tokens, dino_cls, dino_patch):
+    """(1 - cos) between projected D tokens and frozen DINOv2 features: the cls term plus the mean patch term."""
+    cls = 1 - F.cosine_similarity(pred_tokens[:, 0].float(), dino_cls.float(), dim=-1)
+    patch = 1 - F.cosine_similarity(pred_tokens[:, 1:].float(), dino_patch.float(), dim=-1).mean(1)
+    return (cls + patch).mean()
+
+# ----------------------------------------------------------------------------------------------
+# Cross-scale metrics (Eq. 1): how coherently the stages accumulate toward the final output.
+# ----------------------------------------------------------------------------------------------
+
+
+def cross_scale_metrics(hs):
+    """delta_k, R_k, A_k of Eq. 1 from [h_0..h_K], per-sample values averaged over the batch.
+    x_k = r_k(h_k); r_K = bilinear upsampling to full resolution. Returns dict of lists (k = 0..K-1)."""
+    full = hs[-1].shape[-1]
+    up = lambda x: F.interpolate(x, size=(full, full), mode='bilinear', align_corners=False) if x.shape[-1] != full else x
+    xs = [up(r_k(h.float(), k)).flatten(1) for k, h in enumerate(hs)]
+    xK, nK = xs[-1], xs[-1].norm(dim=1)
+    delta = [((xK - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)]
+    R = [((xs[k + 1] - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)]
+    A = [F.cosine_similarity(xs[k + 1] - xs[k], xK - xs[k], dim=1).mean().item() for k in range(K)]
+    return dict(delta=delta, R=R, A=A)
+
+# ----------------------------------------------------------------------------------------------
+# Data: the prepared ImageNet latents (prepare_latents.py) and the built-in toy set.
+# ----------------------------------------------------------------------------------------------
+
+
+def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
+    """SD-VAE (diffusers AutoencoderKL) from a hub name or a local save_pretrained directory, frozen.
+    Unavailable (offline, not cached): a one-line SystemExit, or None when not required."""
     from diffusers.models import AutoencoderKL
     try:
         vae = AutoencoderKL.from_pretrained(name_or_path)
-    except Exception as e:  # hub unreachable / not cached / bad path
-        raise SystemExit(f"error: cannot load the VAE '{name_or_path}' ({type(e).__name__}). Download it once with network "
-                         f"access (it is cached by huggingface_hub) or pass a local save_pretrained directory with --vae.")
+    except Exception as e:
+        if not required:
+            return None
+        raise SystemExit(f"error: cannot load the VAE '{name_or_path}' ({type(e).__name__}): download it once with "
+                         f"network access (huggingface_hub caches it) or pass a local save_pretrained directory with --vae.")
     return vae.to(device).eval().requires_grad_(False)
+
+
+def load_dino(device, pretrained=True):
+    """Frozen DINOv2-ViT-B/14 at 224 px (16 x 16 patches) for REPA."""
+    import timm
+    try:
+        m = timm.create_model(DINO_NAME, pretrained=pretrained, img_size=224, num_classes=0)
+    except Exception as e:
+        raise SystemExit(f"error: cannot load DINOv2 weights '{DINO_NAME}' ({type(e).__name__}): download them once "
+                         f"with network access (timm caches them in the Hugging Face cache) or train with --lambda-repa 0.")
+    return m.to(device).eval().requires_grad_(False)
+
+
+def check_data_dir(path):
+    """Validate a dataset directory and return its meta.json; one clear line on any problem."""
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: no dataset directory '{path}'. Make it with `python prepare_latents.py --imagenet "
+                         f"/path/to/ILSVRC2012/train --out {path}`, or try the built-in toy set with --data toy.")
+    if not os.path.exists(os.path.join(path, 'meta.json')):
+        raise SystemExit(f"error: '{path}' has no meta.json, so it is not a finished dataset: re-run prepare_latents.py "
+                         f"with the same arguments to complete it.")
+    with open(os.path.join(path, 'meta.json')) as f:
+        meta = json.load(f)
+    if meta.get('format_version') != DATA_FORMAT_VERSION:
+        raise SystemExit(f"error: '{path}' has format_version {meta.get('format_version')}, this cat.py reads "
+                         f"{DATA_FORMAT_VERSION}: re-run prepare_latents.py.")
+    lat = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r')
+    lab = np.load(os.path.join(path, 'labels.npy'), mmap_mode='r')
+    n, nc = meta['N'], meta['num_classes']
+    if lat.shape[0] != n or lab.shape != (n,) or list(lat.shape[1:]) != list(meta['latent_shape']) or lat.shape[1] % 2:
+        raise SystemExit(f"error: '{path}' does not match its meta.json (latents {tuple(lat.shape)}, labels "
+                         f"{tuple(lab.shape)}, N={n}, latent_shape={meta['latent_shape']}): re-run prepare_latents.py.")
+    if n == 0 or lab.min() < 0 or lab.max() >= nc:
+        raise SystemExit(f"error: '{path}' has labels outside [0, {nc}) or no samples: re-run prepare_latents.py.")
+    return meta
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Memory-mapped posterior moments float16 [N, 2C, r, r] (mean | std), labels, and the 256 x 256 JPEG crops."""
+    def __init__(self, path, images=True):
+        self.path, self.meta = path, check_data_dir(path)
+        self.images = images and self.meta.get('images', False)
+        self.latents = self.labels = self.blob = None      # opened lazily, once per DataLoader worker
+
+    def __len__(self):
+        return self.meta['N']
+
+    def __getitem__(self, i):
+        if self.latents is None:
+            self.latents = np.load(os.path.join(self.path, 'latents.npy'), mmap_mode='r')
+            self.labels = np.load(os.path.join(self.path, 'labels.npy'), mmap_mode='r')
+            if self.images:
+                self.index = np.load(os.path.join(self.path, 'images_index.npy'))
+                self.blob = np.memmap(os.path.join(self.path, 'images.bin'), dtype=np.uint8, mode='r')
+        img = torch.empty(0, dtype=torch.uint8)
+        if self.images:
+            from PIL import Image
+            data = self.blob[self.index[i]:self.index[i + 1]].tobytes()
+            img = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert('RGB')).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.array(self.latents[i])), int(self.labels[i]), img
+
+
+class StepSampler:
+    """Batch indices as a pure function of (seed, step): epoch-wise permutations, this rank's slice of the global
+    batch. Resuming at any step replays the same data, and any world size sees the same global batches."""
+    def __init__(self, n, global_batch, rank, world, seed, start, steps):
+        self.n, self.gb, self.rank, self.world, self.seed, self.start, self.steps = n, global_batch, rank, world, seed, start, steps
+        self._perm = (None, None)
+
+    def perm(self, epoch):
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1]
+
+    def batch(self, step):
+        idx, pos = [], step * self.gb
+        while len(idx) < self.gb:
+            epoch, off = divmod(pos + len(idx), self.n)
+            idx += self.perm(epoch)[off:off + self.gb - len(idx)].tolist()
+        b = self.gb // self.world
+        return idx[self.rank * b:(self.rank + 1) * b]
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            yield self.batch(step)
+
+    def __len__(self):
+        return self.steps - self.start
+
+# ----------------------------------------------------------------------------------------------
+# One training iteration: a D step, then a G step (App. A.2). Each step is a small module so that DDP
+# wraps exactly the parameters it trains (G is only sampled in the D step; D is frozen in the G step).
+# ----------------------------------------------------------------------------------------------
+
+
+def step_noise(seed, step, n, G, device):
+    """All randomness of one iteration for the global batch of n samples, a pure function of (seed, step):
+    exact resume and world-size invariance without saving RNG states."""
+    g = torch.Generator(device).manual_seed(seed * 1_000_003 + step + 1)
+    C, R = G.channels, G.res
+    nz = dict(z_d=torch.randn(n, G.z_dim, generator=g, device=device),
+              z_g=torch.randn(n, G.z_dim, generator=g, device=device),
+              eps=torch.randn(n, C, R, R, generator=g, device=device))          # posterior sample of the real latent
+    for name in ('aug_dr', 'aug_df', 'aug_gr', 'aug_gf'):
+        nz[name] = draw_aug(n, R, g, device)
+    for name in ('gp_r', 'gp_f'):                                            # perturbation eps of each x_k
+        nz[name] = [torch.randn(n, C, R >> (K - k), R >> (K - k), generator=g, device=device) for k in range(K + 1)]
+    return nz
+
+
+def take(nz, lo, hi):
+    """Samples [lo, hi) of every tensor in a (nested) noise dict."""
+    if torch.is_tensor(nz):
+        return nz[lo:hi]
+    if isinstance(nz, list):
+        return [take(v, lo, hi) for v in nz]
+    return {k: take(v, lo, hi) for k, v in nz.items()}
+
+
+class DStep(nn.Module):
+    """L_D = RpGAN + gamma/2 (R1 + R2) + lambda_REPA * REPA on one (micro-)batch. G is held outside the module tree."""
+    def __init__(self, D, G, args, dino=None):
+        super().__init__()
+        self.D, self._G, self.dino, self.a = D, [G], dino, args
+
+    def forward(self, x_real, c, img, nz):
+        a, D, B = self.a, self.D, x_real.shape[0]
+        amp = autocast(a.precision, x_real.device)
+        with torch.no_grad(), amp:
+            fake = torch.cat(self._G[0](nz['z_d'], c))                          # [h_0; ...; h_K], [(K+1)B, C, R, R]
+        xr, xf = x_real, fake
+        if a.aug:
+            xr, xf = augment(xr, nz['aug_dr']), augment(fake, nz['aug_df'])
+        xr, xf = multiscale(xr), multiscale(xf.chunk(K + 1))
+        q = slice(None, None, 4)                                               # the GP quarter: every 4th sample
+        nq = len(range(B)[q])
+        pr = [x[q] + a.gp_sigma * e[q] for x, e in zip(xr, nz['gp_r'])]
+        pf = [x[q] + a.gp_sigma * e[q] for x, e in zip(xf, nz['gp_f'])]
+        repa = a.lambda_repa > 0
+        if a.gp_precision == 'bf16' or a.precision == 'fp32':   # one pass: real, fake, perturbed quarter (App. A.2)
+            with amp:
+                out = D([torch.cat(t) for t in zip(xr, xf, pr, pf)], torch.cat([c, c, c[q], c[q]]), return_tokens=repa)
+            d, tok = out if repa else (out, None)
+            d_real, d_fake, d_pr, d_pf = d.split([B, B, nq, nq])
+            r1, r2 = approx_gp(d_real[q], d_pr, a.gp_sigma), approx_gp(d_fake[q], d_pf, a.gp_sigma)
+        else:                                      # --gp-precision fp32: the GP pair gets its own fp32 pass
+            with amp:
+                out = D([torch.cat(t) for t in zip(xr, xf)], torch.cat([c, c]), return_tokens=repa)
+            d, tok = out if repa else (out, None)
+            d_real, d_fake = d.split([B, B])
+            with torch.autocast(x_real.device.type, enabled=False):
+                xs = [torch.cat(t).float() for t in zip([x[q] for x in xr], [x[q] for x in xf], pr, pf)]
+                d_cr, d_cf, d_pr, d_pf = D(xs, torch.cat([c[q]] * 4)).split(nq)
+            r1, r2 = approx_gp(d_cr, d_pr, a.gp_sigma), approx_gp(d_cf, d_pf, a.gp_sigma)
+        adv = rpgan_d_loss(d_real, d_fake)
+        loss = adv + a.gamma / 2 * (r1 + r2)
+        stats = dict(loss_d=adv.detach(), r1=r1.detach(), r2=r2.detach(), d_real=d_real.detach().mean(),
+                     d_fake=d_fake.detach().mean())
+        if repa:
+            with torch.no_grad(), amp:
+                f = dino_features(self.dino, img, nz['aug_dr'] if a.aug else None)
+            with amp:
+                lr = repa_loss(D.proj(tok[:B]), f[:, 0], f[:, 1:])
+            loss = loss + a.lambda_repa * lr
+            stats['repa'] = lr.detach()
+        return loss, stats
+
+
+def dino_features(dino, img, aug=None):
+    """DINOv2 tokens [B, 1 + 256, 768] of uint8 crops: 256 -> 224 bicubic, ImageNet normalization, and the real
+    latent's translation and flip (one latent pixel = 224 / 32 = 7 image pixels)."""
+    x = F.interpolate(img.float() / 255, size=(224, 224), mode='bicubic', align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    if aug is not None:
+        x = augment(x, aug, color=False, cutout=False, scale=224 // 32)
+    return dino.forward_features(x)
+
+
+class GStep(nn.Module):
+    """L_G = L_adv + lambda_cons * L_cons (Eq. 3) on one (micro-)batch; D is frozen and held outside the tree."""
+    def __init__(self, G, D, args):
+        super().__init__()
+        self.G, self._D, self.a = G, [D], args
+
+    def forward(self, x_real, c, nz):
+        a, G, D = self.a, self.G, self._D[0]
+        with autocast(a.precision, x_real.device):
+            w = G.style(nz['z_g'], c)
+            hs = G.synthesis(w)
+            xr, xf = x_real, torch.cat(hs)
+            if a.aug:
+                xr, xf = augment(xr, nz['aug_gr']), augment(xf, nz['aug_gf'])
+            d_fake = D(multiscale(xf.chunk(K + 1)), c)
+            with torch.no_grad():
+                d_real = D(multiscale(xr), c)
+        adv = rpgan_g_loss(d_fake, d_real)
+        cons = consistency_loss(hs, detach_anchor=a.cons_detach)
+        return adv + a.lambda_cons * cons, w.detach(), dict(loss_g=adv.detach(), cons=cons.detach())
+
+
+def autocast(precision, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+
+
+@torch.no_grad()
+def ema_update(ema, G, decay):
+    torch._foreach_lerp_(list(ema.parameters()), list(G.parameters()), 1 - decay)
+    for be, b in zip(ema.buffers(), G.buffers()):
+        be.copy_(b)
+
+# ----------------------------------------------------------------------------------------------
+# Run management: DDP, checkpoints, logging, evaluation.
+# ----------------------------------------------------------------------------------------------
+
+
+def setup_ddp():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python cat.py` is a world of one."""
+    if 'RANK' not in os.environ:
+        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+    local = int(os.environ['LOCAL_RANK'])
+    if backend == 'nccl':
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend)
+    device = torch.device('cuda', local) if backend == 'nccl' else torch.device('cpu')
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def save_checkpoint(path, state):
+    """Atomic: a crash mid-write leaves the previous file intact."""
+    tmp = path + '.tmp'
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """A CAT checkpoint dict, or one clear line (missing, truncated, not a CAT checkpoint)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint file '{path}'.")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint '{path}' ({type(e).__name__}): truncated or not a torch file.")
+    if not isinstance(ck, dict) or ck.get('format') != 'cat' or 'config' not in ck:
+        raise SystemExit(f"error: '{path}' is not a CAT checkpoint (written by cat.py).")
+    return ck
+
+
+def checkpoints_in(run_dir):
+    """Checkpoint files of a run, newest first (latest.pt, then by step)."""
+    steps = sorted(glob.glob(os.path.join(run_dir, 'ckpt-*.pt')), reverse=True)
+    latest = os.path.join(run_dir, 'latest.pt')
+    return ([latest] if os.path.exists(latest) else []) + steps
+
+
+def find_resume(path):
+    """--resume FILE, or a run directory: its newest checkpoint that loads (a damaged latest.pt falls back)."""
+    if os.path.isfile(path):
+        return path
+    for p in checkpoints_in(path):
+        try:
+            load_checkpoint(p)
+            return p
+        except SystemExit as e:
+            print(f"warning: skipping {p}: {e}")
+    raise SystemExit(f"error: --resume {path}: no readable checkpoint there.")
+
+
+def new_run_dir(root, name):
+    os.makedirs(root, exist_ok=True)
+    ids = [int(m.group(1)) for d in os.listdir(root) if (m := re.match(r'(\d+)-', d))]
+    return os.path.join(root, f'{max(ids, default=-1) + 1:03d}-{name}')
+
+
+class Logger:
+    """Rank 0: stdout (through tqdm), log.txt and metrics.jsonl in the run directory."""
+    def __init__(self, run_dir, rank):
+        self.rank, self.run_dir = rank, run_dir
+        if rank == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            self.txt, self.jsonl = open(os.path.join(run_dir, 'log.txt'), 'a'), open(os.path.join(run_dir, 'metrics.jsonl'), 'a')
+
+    def __call__(self, msg, metrics=None):
+        if self.rank != 0:
+            return
+        from tqdm import tqdm
+        tqdm.write(msg)
+        self.txt.write(msg + '\n')
+        self.txt.flush()
+        if metrics is not None:
+            self.jsonl.write(json.dumps(metrics) + '\n')
+            self.jsonl.flush()
+
+
+def to_uint8(x):
+    """[-1, 1] images [N, 3, H, W] -> uint8 [N, H, W, 3]."""
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def decode(x, info, vae=None):
+    """Generator output -> uint8 images: toy pixels directly; latents through the VAE (x / scaling_factor), or,
+    without a VAE, a false-colour view of latent channels 0..2."""
+    if info['kind'] == 'toy':
+        return to_uint8(x)
+    if vae is None:
+        x = x[:, :3] / x[:, :3].flatten(1).abs().amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
+        return to_uint8(F.interpolate(x, scale_factor=8, mode='nearest'))
+    return to_uint8(torch.cat([vae.decode(b.float() / info['scale']).sample for b in x.split(32)]))
+
+
+def save_grid(images, nrow, path):
+    """uint8 [N, H, W, 3] -> one PNG, nrow images per row."""
+    from PIL import Image
+    N, H, W, _ = images.shape
+    rows = -(-N // nrow)
+    grid = torch.zeros(rows * H, nrow * W, 3, dtype=torch.uint8)
+    for i in range(N):
+        grid[i // nrow * H:(i // nrow + 1) * H, i % nrow * W:(i % nrow + 1) * W] = images[i]
+    Image.fromarray(grid.numpy()).save(path)
+
+
+@torch.no_grad()
+def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
+    """EMA samples in batches: the final h_K, or every stage [h_0..h_K] stacked [K+1, N, C, R, R]."""
+    outs = []
+    for zb, cb in zip(z.split(batch), c.split(batch)):
+        hs = G(zb, cb, psi)
+        outs.append(torch.stack(hs) if all_stages else hs[-1])
+    return torch.cat(outs, dim=1 if all_stages else 0)
+
+# ----------------------------------------------------------------------------------------------
+# Training loop (Table 6): AdamW (0, 0.99), lr 2e-4, clip 1.0, EMA 0.999, bf16 autocast; D step then G step.
+# ----------------------------------------------------------------------------------------------
+
+
+def open_data(args):
+    """-> info (kind, channels, res, num_classes, scale, meta) and the dataset (LatentDataset, or toy tensors)."""
+    if args.data == 'toy':
+        x, y = make_toy(args.toy_n, seed=args.seed, res=args.toy_res)
+        info = dict(kind='toy', channels=3, res=args.toy_res, num_classes=int(y.max()) + 1, scale=1.0, meta=None)
+        return info, (x, y)
+    ds = LatentDataset(args.data, images=args.lambda_repa > 0)
+    m = ds.meta
+    if args.lambda_repa > 0 and not ds.images:
+        raise SystemExit(f"error: '{args.data}' has no images for REPA (prepared with --no-images): "
+                         f"re-run prepare_latents.py without it, or train with --lambda-repa 0.")
+    info = dict(kind='latent', channels=m['latent_shape'][0] // 2, res=m['latent_shape'][1],
+                num_classes=m['num_classes'], scale=m['scaling_factor'], meta=m)
+    return info, ds
+
+
+def real_batches(ds, info, sampler, device, workers):
+    """Yields this rank's (x, c, img) per step; x is the posterior (mean | std) for latents, pixels for toy."""
+    if info['kind'] == 'toy':
+        x, y = ds[0].to(device), ds[1].to(device)
+        for idx in sampler:
+            idx = torch.tensor(idx, device=device)
+            yield x[idx], y[idx], None
+        return
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == 'cuda',
+                                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    for m, c, img in loader:
+        yield m.to(device, non_blocking=True), c.to(device, non_blocking=True), img.to(device, non_blocking=True)
+
+
+def model_configs(args, info):
+    g, d = G_CONFIGS[args.model], D_CONFIGS[args.model_d or D_FOR_G[args.model]]
+    common = dict(channels=info['channels'], res=info['res'], num_classes=info['num_classes'])
+    return (dict(depth=g.depth, width=g.width, heads=g.heads, **common),
+            dict(depth=d.depth, width=d.width, heads=d.heads, repa_dim=768 if args.lambda_repa > 0 else 0,
+                 mask=not args.no_mask, **common))
+
+
+@torch.no_grad()
+def evaluate(ema, info, args, device, vae, toy_eval_state, step, run_dir):
+    """Cross-scale metrics (Eq. 1) on EMA samples, a sample grid, and for toy runs class accuracy and FD."""
+    g = torch.Generator().manual_seed(args.seed + 12345)
+    n = args.eval_n
+    z = torch.randn(n, ema.z_dim, generator=g).to(device)
+    c = (torch.arange(n) % info['num_classes']).to(device)
+    with autocast(args.precision, device):
+        hs = generate(ema, z, c, all_stages=True)
+    out = cross_scale_metrics(list(hs.float()))
+    out = {f'{name}_{k}': v for name, vals in out.items() for k, v in enumerate(vals)}
+    for name in ('delta', 'R', 'A'):
+        out[name] = sum(out[f'{name}_{k}'] for k in range(K)) / K
+    if info['kind'] == 'toy':
+        clf, real = toy_eval_state
+        out.update(toy_eval(clf, hs[-1].float().clamp(-1, 1).cpu(), c.cpu(), real))
+        nc = info['num_classes']                                       # grid: one row per class, 10 seeds
+        idx = torch.arange(nc * 10).view(10, nc).t().reshape(-1)
+        imgs = decode(hs[-1][idx].float(), info)
+        save_grid(F.interpolate(imgs.permute(0, 3, 1, 2).float(), scale_factor=4).byte().permute(0, 2, 3, 1), 10,
+                  os.path.join(run_dir, f'samples-{step:07d}.png'))
+    else:
+        save_grid(decode(hs[-1][:32].float(), info, vae), 8, os.path.join(run_dir, f'samples-{step:07d}.png'))
+    return out
+
+
+def train(args):
+    rank, world, device = setup_ddp()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.batch_size % world or (args.batch_size // world) % (args.micro_batch or args.batch_size // world):
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split evenly over {world} processes and into "
+                         f"micro-batches of {args.micro_batch}: pick sizes that divide.")
+    b = args.batch_size // world
+    micro = args.micro_batch or b
+    if micro % 4:
+        raise SystemExit(f"error: the per-process micro-batch ({micro}) must be a multiple of 4 (R1/R2 use every 4th sample).")
+    info, ds = open_data(args)
+    g_cfg, d_cfg = model_configs(args, info)
+
+    # run directory and resume
+    ck = None
+    if args.resume:
+        src = args.resume if args.resume != 'auto' else (args.out or '')
+        if not src:
+            raise SystemExit("error: --resume without a path needs --out RUN_DIR.")
+        path = find_resume(src)
+        ck = load_checkpoint(path)
+        run_dir = args.out or os.path.dirname(path)
+        if ck['config']['G'] != g_cfg or ck['config']['D'] != d_cfg:
+            raise SystemExit(f"error: {path} holds a different model (--model {ck['config']['args']['model']}, "
+                             f"--model-d {ck['config']['args']['model_d']}, data {ck['config']['args']['data']}): "
+                             f"resume with the same --model, --model-d, --data and options.")
+    else:
+        run_dir = args.out or new_run_dir('runs', 'toy' if info['kind'] == 'toy' else args.model)
+        if rank == 0 and checkpoints_in(run_dir):
+            raise SystemExit(f"error: {run_dir} already holds a run: add --resume to continue it, or pick a new --out.")
+    log = Logger(run_dir, rank)
+
+    torch.manual_seed(args.seed)
+    G = Generator(**g_cfg).to(device)
+    D = Discriminator(**d_cfg).to(device)
+    ema = copy.deepcopy(G).eval().requires_grad_(False)
+    fused = device.type == 'cuda'
+    opt_g = torch.optim.AdamW(G.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0, fused=fused)
+    opt_d = torch.optim.AdamW(D.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0, fused=fused)
+    start = 0
+    if ck is not None:
+        G.load_state_dict(ck['G']), D.load_state_dict(ck['D']), ema.load_state_dict(ck['ema'])
+        opt_g.load_state_dict(ck['opt_g']), opt_d.load_state_dict(ck['opt_d'])
+        start = ck['step']
+        log(f"resumed from {path} at step {start}")
+    dino = load_dino(device) if args.lambda_repa > 0 else None
+    d_step, g_step = DStep(D, G, args, dino), GStep(G, D, args)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [device.index] if device.type == 'cuda' else None
+        d_step = DDP(d_step, device_ids=ids, broadcast_buffers=False)
+        g_step = DDP(g_step, device_ids=ids, broadcast_buffers=False)
+    n_data = len(ds[1]) if info['kind'] == 'toy' else len(ds)
+    sampler = StepSampler(n_data, args.batch_size, rank, world, args.seed, start, args.steps)
+    batches = real_batches(ds, info, sampler, device, args.workers)
+    vae = None
+    if info['kind'] == 'latent' and rank == 0 and args.sample_every:
+        vae = load_vae(args.vae or info['meta']['vae'], device, required=False)
+        if vae is None:
+            log(f"warning: VAE '{args.vae or info['meta']['vae']}' unavailable: sample grids show latent channels 0-2.")
+    toy_state = None
+    if info['kind'] == 'toy' and rank == 0:
+        toy_state = (train_toy_classifier(res=info['res'], seed=args.seed), make_toy(2 * args.eval_n, seed=args.seed + 777, res=info['res'])[0])
+    config = dict(G=g_cfg, D=d_cfg, args=vars(args), data={k: v for k, v in info.items() if k != 'meta'}, meta=info['meta'])
+    if rank == 0:
+        log(f"run {run_dir}: G {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f}M "
+            f"params, {world} process(es) x batch {b} (micro {micro}), {args.precision}, device {device}")
+
+    def checkpoint(step):
+        state = dict(format='cat', step=step, config=config, G=G.state_dict(), D=D.state_dict(), ema=ema.state_dict(),
+                     opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict())
+        save_checkpoint(os.path.join(run_dir, 'latest.pt'), state)
+        if step % args.ckpt_every == 0 or step == args.steps:
+            save_checkpoint(os.path.join(run_dir, f'ckpt-{step:07d}.pt'), state)
+            for old in sorted(glob.glob(os.path.join(run_dir, 'ckpt-*.pt')))[:-args.keep]:
+                os.remove(old)
+
+    from tqdm import tqdm
+    pending, t0, last_eval = [], time.time(), None
+    for step in tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, dynamic_ncols=True):
+        moments, c, img = next(batches)
+        nz = take(step_noise(args.seed, step, args.batch_size, G, device), rank * b, (rank + 1) * b)
+        x = moments if info['kind'] == 'toy' else (moments[:, :G.channels].float() + moments[:, G.channels:].float() * nz['eps']) * info['scale']
+        n_acc = b // micro
+        # --- D step
+        D.requires_grad_(True)
+        for i in range(n_acc):
+            lo, hi = i * micro, (i + 1) * micro
+            sync = contextlib.nullcontext() if world == 1 or i == n_acc - 1 else d_step.no_sync()
+            with sync:
+                loss_d, st_d = d_step(x[lo:hi], c[lo:hi], None if img is None else img[lo:hi], take(nz, lo, hi))
+                (loss_d / n_acc).backward()
+        gn_d = torch.nn.utils.clip_grad_norm_(D.parameters(), args.clip)
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+        # --- G step (D frozen)
+        D.requires_grad_(False)
+        ws = []
+        for i in range(n_acc):
+            lo, hi = i * micro, (i + 1) * micro
+            sync = contextlib.nullcontext() if world == 1 or i == n_acc - 1 else g_step.no_sync()
+            with sync:
+                loss_g, w, st_g = g_step(x[lo:hi], c[lo:hi], take(nz, lo, hi))
+                (loss_g / n_acc).backward()
+            ws.append(w)
+        gn_g = torch.nn.utils.clip_grad_norm_(G.parameters(), args.clip)
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        G.update_w_avg(torch.cat(ws), c)
+        ema_update(ema, G, args.ema_decay)
+        pending.append(torch.stack([*st_d.values(), *st_g.values(), gn_d, gn_g]).float())
+        names = [*st_d, *st_g, 'gnorm_d', 'gnorm_g']
+        done = step + 1
+        # --- every log interval: one host sync, and the non-finite guard
+        if done % args.log_every == 0 or done == args.steps or done % args.ckpt_every == 0:
+            vals = torch.stack(pending).mean(0).tolist()
+            pending = []
+            bad = [n for n, v in zip(names, vals) if not math.isfinite(v)]
+            if bad:
+                raise SystemExit(f"error: non-finite {', '.join(bad)} at step {done}: stopped; the last checkpoint "
+                                 f"({run_dir}/latest.pt) is from before this interval and untouched.")
+            dt = (time.time() - t0) / args.log_every
+            t0 = time.time()
+            m = dict(step=done, **dict(zip(names, vals)), sec_per_it=dt)
+            log(f"step {done}: " + ' '.join(f"{k}={v:.4g}" for k, v in m.items() if k != 'step'), m)
+        if rank == 0 and args.eval_every and (done % args.eval_every == 0 or done == args.steps):
+            last_eval = evaluate(ema, info, args, device, vae, toy_state, done, run_dir)
+            log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in last_eval.items()), dict(step=done, **last_eval))
+        if done % args.ckpt_every == 0 or done == args.steps or done % args.latest_every == 0:
+            if rank == 0:
+                checkpoint(done)
+    if rank == 0 and info['kind'] == 'toy' and last_eval is not None:
+        log("toy: " + ' '.join(f"{k}={last_eval[k]:.4f}" for k in ('class_acc', 'fd', 'fd_floor', 'delta', 'R', 'A')))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return run_dir
+
+# ----------------------------------------------------------------------------------------------
+# --summary: parameters and GFLOPs (multiply-adds per sample, the paper's convention) on the meta device.
+# ----------------------------------------------------------------------------------------------
+
+
+def count_macs(fn):
+    """Multiply-adds of fn() (FlopCounterMode counts 2 FLOPs per multiply-add); attention through the math path
+    so that its matmuls are counted on any device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from torch.nn.attention import sdpa_kernel, SDPBackend
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+        fn()
+    return fc.get_total_flops() / 2
+
+
+def summary(args, out=print):
+    info = dict(channels=4, res=32, num_classes=1000)
+    g_cfg, d_cfg = model_configs(args, info)
+    d_cfg['repa_dim'] = 768
+    with torch.device('meta'):
+        G, D = Generator(**g_cfg), Discriminator(**d_cfg)
+        z, c = torch.randn(1, G.z_dim), torch.zeros(1, dtype=torch.long)
+        F_G = count_macs(lambda: G(z, c))
+        F_D = count_macs(lambda: D(multiscale(torch.randn(1, 4, 32, 32)), c))
+    n_g = sum(p.numel() for p in G.parameters())
+    n_proj = sum(p.numel() for p in D.proj.parameters())
+    n_d = sum(p.numel() for p in D.parameters()) - n_proj
+    out(f"config: G-{args.model}/2 (depth {g_cfg['depth']}, width {g_cfg['width']}, heads {g_cfg['heads']}), "
+        f"D-{args.model_d or D_FOR_G[args.model]}/2 (depth {d_cfg['depth']}, width {d_cfg['width']}, heads {d_cfg['heads']})")
+    out(f"G params: {n_g / 1e6:.1f}M")
+    out(f"D params: {n_d / 1e6:.1f}M (+ REPA projector {n_proj / 1e6:.1f}M, training only)")
+    out(f"G GFLOPs: {F_G / 1e9:.1f} (multiply-adds per sample, one-step inference)")
+    out(f"D GFLOPs: {F_D / 1e9:.1f} (all four scales, {D.segments[-1][1]} tokens)")
+    out(f"train GFLOPs per sample per iteration (App. A.2, 4F_G + 10.5F_D): {(4 * F_G + 10.5 * F_D) / 1e9:.1f}")
+    return dict(G_params=n_g, D_params=n_d, proj_params=n_proj, F_G=F_G, F_D=F_D)
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description='CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449)')
+    p.add_argument('--model', default='B', help='generator size: S, B, M, H (Table 6); T is for tests')
+    p.add_argument('--model-d', default=None, help='discriminator size (default: B for B/M/H, the paper); M = D-M/2 of Table 5')
+    p.add_argument('--data', default=DEFAULT_DATA, help="prepared latents directory (prepare_latents.py), or 'toy'")
+    p.add_argument('--out', default=None, help='run directory (default: runs/NNN-MODEL)')
+    p.add_argument('--resume', nargs='?', const='auto', default=None, help='checkpoint file or run directory (default: --out)')
+    p.add_argument('--steps', type=int, default=None, help='total iterations (B 50K, M 100K, H 150K in the paper)')
+    p.add_argument('--batch-size', type=int, default=None, help='global batch (512)')
+    p.add_argument('--micro-batch', type=int, default=None, help='per-process micro-batch; gradient accumulation above it')
+    p.add_argument('--lr', type=float, default=2e-4)
+    p.add_argument('--lambda-cons', type=float, default=0.1, help='consistency weight (Eq. 3); 0 = plain scale-wise supervision')
+    p.add_argument('--cons-detach', action='store_true', help='stop-gradient on the anchor h_K of Eq. 2')
+    p.add_argument('--lambda-repa', type=float, default=None, help='REPA weight (1.0); 0 disables REPA and DINOv2')
+    p.add_argument('--gamma', type=float, default=1.0, help='R1 and R2 weight (gamma/2 each)')
+    p.add_argument('--gp-sigma', type=float, default=0.01, help='perturbation scale of the approximated R1/R2')
+    p.add_argument('--gp-precision', choices=['bf16', 'fp32'], default='bf16',
+                   help='bf16: perturbed quarter in the main autocast pass (App. A.2 cost); fp32: its own fp32 pass')
+    p.add_argument('--no-mask', action='store_true', help='scale-aggregated D: full attention across scales (Fig. 9 ablation)')
+    p.add_argument('--no-aug', dest='aug', action='store_false', help='turn DiffAugment off')
+    p.add_argument('--ema-decay', type=float, default=0.999)
+    p.add_argument('--clip', type=float, default=1.0, help='gradient clipping norm')
+    p.add_argument('--precision', choices=['bf16', 'fp32'], default=None, help='autocast dtype (bf16; toy on CPU: fp32)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--workers', type=int, default=8, help='DataLoader workers per process')
+    p.add_argument('--vae', default=None, help='VAE for sample grids (default: the one named in the dataset meta)')
+    p.add_argument('--log-every', type=int, default=None)
+    p.add_argument('--eval-every', type=int, default=None, help='EMA sample grid + cross-scale metrics (+ toy metrics)')
+    p.add_argument('--eval-n', type=int, default=None, help='samples per evaluation')
+    p.add_argument('--ckpt-every', type=int, default=None, help='periodic checkpoint interval (kept: --keep newest)')
+    p.add_argument('--latest-every', type=int, default=None, help='latest.pt refresh interval')
+    p.add_argument('--keep', type=int, default=3, help='periodic checkpoints kept')
+    p.add_argument('--toy-n', type=int, default=20000, help='toy training set size')
+    p.add_argument('--toy-res', type=int, default=16, help='toy image resolution')
+    p.add_argument('--summary', action='store_true', help='print params and GFLOPs of --model and exit (meta device)')
+    args = p.parse_args(argv)
+    if args.model not in G_CONFIGS or (args.model_d or 'B') not in D_CONFIGS:
+        p.error(f"unknown --model {args.model} / --model-d {args.model_d}: choose G from {list(G_CONFIGS)}, D from {list(D_CONFIGS)}")
+    toy = args.data == 'toy'
+    if toy and args.model == 'B' and '--model' not in ' '.join(argv or sys.argv):
+        args.model = 'S'                              # the embedded default: small config, minutes on a CPU
+    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if toy else 512, lambda_repa=0.0 if toy else 1.0,
+                    precision='fp32' if toy and not torch.cuda.is_available() else 'bf16',
+                    log_every=50 if toy else 100, eval_every=500 if toy else 5000, eval_n=1000 if toy else 256,
+                    ckpt_every=1000 if toy else 10_000, latest_every=500 if toy else 1000)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if toy and args.lambda_repa > 0:
+        p.error('--lambda-repa needs ImageNet images: the toy set has no DINOv2 targets; use --lambda-repa 0')
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.summary:
+        summary(args)
+        return
+    torch.set_float32_matmul_precision('high')
+    train(args)
+
+
+if __name__ == '__main__':
+    main()

@@ -43,6 +43,7 @@ class NetConfig:
     depth: int
     width: int
     heads: int
+    cmap: int = 2048        # D only: dimension of the projection head / class embedding (GAT: 2048)
 
 
 # G: output layers are uniformly spaced, depth/4 * (1, 2, 3, 4) (Table 6: 3,6,9,12 / 6,12,18,24 / 8,16,24,32).
@@ -53,7 +54,7 @@ G_CONFIGS = {
     'M': NetConfig(24, 768, 12),
     'H': NetConfig(32, 1280, 16),
 }
-D_CONFIGS = {'T': NetConfig(2, 32, 2), 'S': NetConfig(4, 128, 4), 'B': NetConfig(12, 768, 12), 'M': NetConfig(24, 768, 12)}
+D_CONFIGS = {'T': NetConfig(2, 32, 2, 64), 'S': NetConfig(4, 128, 4, 256), 'B': NetConfig(12, 768, 12), 'M': NetConfig(24, 768, 12)}
 D_FOR_G = {'T': 'T', 'S': 'S', 'B': 'B', 'M': 'B', 'H': 'B'}   # the paper: one Base D for every G size
 
 # ----------------------------------------------------------------------------------------------
@@ -560,6 +561,8 @@ class StepSampler:
     def __len__(self):
         return self.steps - self.start
 
+from _toy import make_toy, train_toy_classifier, toy_eval  # TEMP
+
 # ----------------------------------------------------------------------------------------------
 # One training iteration: a D step, then a G step (App. A.2). Each step is a small module so that DDP
 # wraps exactly the parameters it trains (G is only sampled in the D step; D is frozen in the G step).
@@ -842,7 +845,7 @@ def model_configs(args, info):
     g, d = G_CONFIGS[args.model], D_CONFIGS[args.model_d or D_FOR_G[args.model]]
     common = dict(channels=info['channels'], res=info['res'], num_classes=info['num_classes'])
     return (dict(depth=g.depth, width=g.width, heads=g.heads, **common),
-            dict(depth=d.depth, width=d.width, heads=d.heads, repa_dim=768 if args.lambda_repa > 0 else 0,
+            dict(depth=d.depth, width=d.width, heads=d.heads, cmap_dim=d.cmap, repa_dim=768 if args.lambda_repa > 0 else 0,
                  mask=not args.no_mask, **common))
 
 
@@ -933,7 +936,7 @@ def train(args):
         if vae is None:
             log(f"warning: VAE '{args.vae or info['meta']['vae']}' unavailable: sample grids show latent channels 0-2.")
     toy_state = None
-    if info['kind'] == 'toy' and rank == 0:
+    if info['kind'] == 'toy' and rank == 0 and args.eval_every:
         toy_state = (train_toy_classifier(res=info['res'], seed=args.seed), make_toy(2 * args.eval_n, seed=args.seed + 777, res=info['res'])[0])
     config = dict(G=g_cfg, D=d_cfg, args=vars(args), data={k: v for k, v in info.items() if k != 'meta'}, meta=info['meta'])
     if rank == 0:
@@ -1008,7 +1011,7 @@ def train(args):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return run_dir
+    return dict(run_dir=run_dir, G=G, D=D, ema=ema, eval=last_eval)
 
 # ----------------------------------------------------------------------------------------------
 # --summary: parameters and GFLOPs (multiply-adds per sample, the paper's convention) on the meta device.

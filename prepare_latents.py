@@ -1,0 +1,330 @@
+"""
+ImageNet folder -> CAT dataset directory: SD-VAE posterior (mean, std) of the 256x256 ADM center crops,
+labels, and the crops themselves as JPEG (for D-side REPA).
+
+    python prepare_latents.py --imagenet /data/ILSVRC2012/train --out data/imagenet256
+    torchrun --nproc_per_node=8 prepare_latents.py --imagenet /data/ILSVRC2012/train --out data/imagenet256
+
+Full ImageNet recipe: the second line, on one node with a local disk for --out (several nodes work too if
+--out is on a shared file system). Throughput per GPU: not measured here (tqdm shows rank 0's images/s).
+Interrupt it at any point and run the same command again: finished chunks are kept, the rest is encoded.
+
+Output (format_version 1, read by cat.py; meta.json is written last, cat.py refuses a directory without it):
+    latents.npy       float16 [N, 8, 32, 32]: channels [:4] posterior mean, [4:] posterior std, unscaled
+    labels.npy        int64 [N]: index of the class folder in sorted folder names
+    images.bin        the 256x256 RGB crops, each a JPEG (PIL, quality 95, 4:4:4 chroma: no chroma blur for
+    images_index.npy  DINOv2), concatenated; image i = images.bin[index[i]:index[i+1]], index int64 [N+1]
+    meta.json         format_version, vae, scaling_factor, resolution, latent_shape, num_classes,
+                      class_names, N, images, skipped, ...
+    skipped.txt       unreadable files (path, reason) and empty class folders
+Samples follow the file list (sorted class folders, sorted files within), minus skipped files.
+
+Disk use per image: latents 8*32*32*2 B = 16 KiB; JPEG q95 4:4:4 of a crop measured here at 44 KB and 64 KB
+on two detailed photos (not ImageNet); for ImageNet ~35-50 KB is an estimate, not measured here.
+ImageNet train (1,281,167 images): latents 21.0 GB (19.5 GiB), images ~45-65 GB, labels 10 MB; while the
+chunks are assembled both copies exist, so plan for about twice that free (~130-170 GB peak).
+`--no-images` drops the JPEGs (no REPA then).
+"""
+import argparse, datetime, io, json, os, shutil
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+from cat import load_vae, DEFAULT_DATA, DATA_FORMAT_VERSION, DEFAULT_VAE
+
+RESOLUTION = 256
+JPEG_QUALITY = 95
+IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm'}
+OUTPUTS = ('meta.json', 'latents.npy', 'labels.npy', 'images.bin', 'images_index.npy', 'skipped.txt')
+
+#################################################################################
+#                               Reading images                                  #
+#################################################################################
+
+def center_crop_arr(img, size=RESOLUTION):
+    """ADM's center crop: halve with BOX while the short side is >= 2*size, BICUBIC to short side = size
+    (this also upscales small images), crop the center. Returns uint8 [size, size, 3]."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    a = np.asarray(img)
+    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    return a[top:top + size, left:left + size]
+
+
+def to_rgb(img):
+    """Grayscale, CMYK, palette -> RGB; transparent images are composited on white."""
+    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+        img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img.convert('RGBA'))
+    return img.convert('RGB')
+
+
+def list_images(root):
+    """Class folders (sorted names) and their image files (sorted relative paths, recursive)."""
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith('.'))
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        found = [os.path.relpath(os.path.join(dirpath, f), root)
+                 for dirpath, _, fs in os.walk(os.path.join(root, name)) for f in fs
+                 if os.path.splitext(f)[1].lower() in IMAGE_EXTS and not f.startswith('.')]
+        files += sorted(found)
+        labels += [c] * len(found)
+    return classes, files, labels
+
+
+class ImageFiles(Dataset):
+    """Item i -> (i, crop uint8 [256, 256, 3] or None, JPEG bytes, reason for a skip or '')."""
+    def __init__(self, root, files, jpeg):
+        self.root, self.files, self.jpeg = root, files, jpeg
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(os.path.join(self.root, self.files[i])) as img:
+                crop = center_crop_arr(to_rgb(img))
+            buf = io.BytesIO()
+            if self.jpeg:
+                Image.fromarray(crop).save(buf, format='JPEG', quality=JPEG_QUALITY, subsampling=0)
+            return i, crop, buf.getvalue(), ''
+        except Exception as e:  # unreadable or corrupt: reported, no sample
+            return i, None, b'', f'{type(e).__name__}: {e}'
+
+
+def collate(items):
+    return tuple(zip(*items))
+
+#################################################################################
+#                                Helper functions                               #
+#################################################################################
+
+def fail(msg):
+    raise SystemExit(f'error: {msg}')
+
+
+def save_atomic(path, write):
+    """write(file) to a temp name, then rename: the file exists completely or not at all."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_latents(lat, labels, num_classes, where):
+    C = lat.shape[1] // 2
+    if not np.isfinite(lat).all():
+        fail(f'non-finite latents in {where}')
+    if not (lat[:, C:] > 0).all():
+        fail(f'posterior std <= 0 (fp16 underflow?) in {where}')
+    if len(labels) and not (0 <= labels.min() and labels.max() < num_classes):
+        fail(f'labels outside [0, {num_classes}) in {where}')
+
+
+def plan_run(args):
+    """Rank 0: check the input and output, list the files (saved in parts/files.json so a re-run uses the
+    same list), or refuse. Returns the saved plan."""
+    out, parts = args.out, os.path.join(args.out, 'parts')
+    if not os.path.isdir(args.imagenet):
+        fail(f'--imagenet {args.imagenet} is not a directory')
+    classes, files, labels = list_images(args.imagenet)
+    if not classes:
+        fail(f'--imagenet {args.imagenet} has no class sub-folders (expected one folder per class)')
+    if not files:
+        fail(f'--imagenet {args.imagenet} has class folders but no image files ({", ".join(sorted(IMAGE_EXTS))})')
+    vae = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae
+    plan = dict(imagenet=os.path.abspath(args.imagenet), vae=vae, precision=args.precision, chunk=args.chunk,
+                images=not args.no_images, classes=classes, files=files, labels=labels)
+    saved_path = os.path.join(parts, 'files.json')
+    saved = json.load(open(saved_path)) if os.path.exists(saved_path) else None
+    complete = os.path.exists(os.path.join(out, 'meta.json'))
+    if complete and not args.overwrite:
+        fail(f'{out} already holds a complete dataset (meta.json); pass --overwrite to replace it')
+    finished = saved is not None and any(f.endswith('.npz') for f in os.listdir(parts))
+    if saved not in (None, plan) and finished and not args.overwrite:  # else nothing is lost by starting over
+        key = next(k for k in plan if saved.get(k) != plan[k])
+        what = (f'{len(saved.get(key) or [])} saved, {len(plan[key])} now' if key in ('files', 'labels', 'classes')
+                else f'saved {saved.get(key)!r}, now {plan[key]!r}')
+        fail(f'{parts} holds an unfinished run with a different {key} ({what}); '
+             f'rerun with the same arguments to continue, or pass --overwrite to start over')
+    if complete or saved != plan:  # a fresh start; an unfinished run with the same plan continues instead
+        for f in OUTPUTS:  # meta.json first: the directory stops being "complete" before anything else goes
+            for path in (os.path.join(out, f), os.path.join(out, f + '.tmp')):
+                if os.path.exists(path):
+                    os.remove(path)
+        shutil.rmtree(parts, ignore_errors=True)
+        os.makedirs(parts)
+        save_atomic(saved_path, lambda f: f.write(json.dumps(plan).encode()))
+    for c in sorted(set(range(len(classes))) - set(labels)):
+        print(f'warning: class folder {classes[c]!r} (index {c}) holds no images')
+    return plan
+
+
+def encode(vae, x, precision):
+    """uint8 [B, 256, 256, 3] -> float16 [B, 2C, r, r]: posterior mean and std of the VAE at [-1, 1]."""
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=precision == 'bf16'):
+        posterior = vae.encode(x).latent_dist
+    return torch.cat([posterior.mean, posterior.std], 1).half().cpu().numpy()
+
+
+def load(path, key):
+    with np.load(path) as part:
+        return part[key]
+
+
+def write_part(path, latents, labels, jpegs, skipped, num_classes, shape):
+    latents = np.concatenate(latents) if latents else np.zeros((0, *shape), np.float16)  # all files skipped
+    labels = np.array(labels, dtype=np.int64)
+    check_latents(latents, labels, num_classes, os.path.basename(path))
+    save_atomic(path, lambda f: np.savez(f, latents=latents, labels=labels,
+                                         jpeg=np.frombuffer(b''.join(jpegs), np.uint8),
+                                         jpeg_sizes=np.array([len(j) for j in jpegs], np.int64),
+                                         skipped=np.array(json.dumps(skipped))))
+
+
+def assemble(out, plan, part_paths, scaling_factor):
+    """Rank 0, once every chunk exists: parts -> final files (temp names), validate, rename, meta.json last."""
+    tmp = lambda name: os.path.join(out, name + '.tmp')
+    num_classes, skipped = len(plan['classes']), []
+    counts = [len(load(p, 'labels')) for p in part_paths]
+    N, shape = sum(counts), load(part_paths[0], 'latents').shape[1:]
+    if N == 0:
+        fail(f'no image under {plan["imagenet"]} could be read, see the skipped lines above')
+    latents = np.lib.format.open_memmap(tmp('latents.npy'), 'w+', np.float16, (N, *shape))
+    labels, index = np.empty(N, np.int64), np.zeros(N + 1, np.int64)
+    with open(tmp('images.bin') if plan['images'] else os.devnull, 'wb') as images:
+        n = 0
+        for p, count in zip(tqdm(part_paths, desc='assembling'), counts):
+            with np.load(p) as part:
+                latents[n:n + count], labels[n:n + count] = part['latents'], part['labels']
+                index[n + 1:n + count + 1] = index[n] + np.cumsum(part['jpeg_sizes'])
+                images.write(part['jpeg'].tobytes())
+                skipped += json.loads(str(part['skipped']))
+            n += count
+    latents.flush()
+    del latents
+
+    # validation pass over what was written, then the final names
+    latents = np.load(tmp('latents.npy'), mmap_mode='r')
+    if not len(latents) == len(labels) == len(index) - 1 == len(plan['files']) - len(skipped):
+        fail('sample counts do not match after assembly')
+    for s in range(0, N, 10000):
+        check_latents(latents[s:s + 10000], labels[s:s + 10000], num_classes, 'latents.npy')
+    if plan['images'] and (index[-1] != os.path.getsize(tmp('images.bin')) or not (np.diff(index) > 0).all()):
+        fail('images_index.npy does not match images.bin')
+    os.replace(tmp('latents.npy'), os.path.join(out, 'latents.npy'))
+    save_atomic(os.path.join(out, 'labels.npy'), lambda f: np.save(f, labels))
+    if plan['images']:
+        os.replace(tmp('images.bin'), os.path.join(out, 'images.bin'))
+        save_atomic(os.path.join(out, 'images_index.npy'), lambda f: np.save(f, index))
+
+    empty = [plan['classes'][c] for c in sorted(set(range(num_classes)) - set(plan['labels']))]
+    report = [f'{os.path.join(plan["imagenet"], f)}\t{reason}' for f, reason in skipped]
+    report += [f'{os.path.join(plan["imagenet"], c)}\tempty class folder' for c in empty]
+    save_atomic(os.path.join(out, 'skipped.txt'), lambda f: f.write(''.join(r + '\n' for r in report).encode()))
+    meta = dict(format_version=DATA_FORMAT_VERSION, vae=plan['vae'], scaling_factor=float(scaling_factor),
+                resolution=RESOLUTION, latent_shape=list(shape), num_classes=num_classes,
+                class_names=plan['classes'], N=N, images=plan['images'], skipped=len(skipped),
+                empty_classes=empty, precision=plan['precision'], source=plan['imagenet'],
+                jpeg=dict(quality=JPEG_QUALITY, subsampling='4:4:4') if plan['images'] else None)
+    save_atomic(os.path.join(out, 'meta.json'), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    shutil.rmtree(os.path.join(out, 'parts'))
+    print(f'wrote {N} samples of {num_classes} classes to {out} ({len(skipped)} files skipped, '
+          f'{len(empty)} empty class folders{", see skipped.txt" if report else ""})')
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def main(args):
+    ddp = 'RANK' in os.environ  # launched by torchrun
+    if ddp:
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo', timeout=datetime.timedelta(hours=6))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f'cuda:{os.environ.get("LOCAL_RANK", 0)}' if torch.cuda.is_available() else 'cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+
+    # Rank 0 checks and lists; a refusal stops every rank.
+    status = [None]
+    if rank == 0:
+        try:
+            plan_run(args)
+        except SystemExit as e:
+            status[0] = str(e)
+    if ddp:
+        dist.broadcast_object_list(status, src=0)
+    if status[0] is not None:
+        raise SystemExit(status[0] if rank == 0 else 1)
+    parts = os.path.join(args.out, 'parts')
+    plan = json.load(open(os.path.join(parts, 'files.json')))
+    N_files, chunk, num_classes = len(plan['files']), plan['chunk'], len(plan['classes'])
+    part_paths = [os.path.join(parts, f'{c:06d}.npz') for c in range(-(-N_files // chunk))]
+    todo = [c for c, p in enumerate(part_paths) if not os.path.exists(p)]
+    if ddp:
+        dist.barrier()  # every rank has seen the same finished chunks before anyone writes new ones
+    if rank == 0 and len(todo) < len(part_paths):
+        print(f'skipping {len(part_paths) - len(todo)} finished chunks, {len(todo)} left to encode')
+
+    # Encode this rank's share of the unfinished chunks; batches never straddle a chunk.
+    mine = todo[rank::world]
+    spans = [(c * chunk, min((c + 1) * chunk, N_files)) for c in mine]
+    batches = [list(range(s, min(s + args.batch, end))) for start, end in spans for s in range(start, end, args.batch)]
+    loader = DataLoader(ImageFiles(plan['imagenet'], plan['files'], plan['images']), batch_sampler=batches,
+                        num_workers=args.workers, collate_fn=collate)
+    vae = load_vae(plan['vae'], device)
+    r = RESOLUTION // 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (2 * vae.config.latent_channels, r, r)
+    bar = tqdm(total=sum(e - s for s, e in spans), unit='img', disable=rank != 0, dynamic_ncols=True,
+               desc=f'encoding ({world} rank{"s" if world > 1 else ""}, rank 0 shown)')
+    latents, labels, jpegs, skipped, written = [], [], [], [], 0
+    with torch.inference_mode():
+        for idx, crops, jpeg, reasons in loader:
+            ok = [k for k, reason in enumerate(reasons) if not reason]
+            for k in (k for k, reason in enumerate(reasons) if reason):
+                skipped.append((plan['files'][idx[k]], reasons[k]))
+                tqdm.write(f'skipped {plan["files"][idx[k]]}: {reasons[k]}')
+            if ok:
+                x = torch.from_numpy(np.stack([crops[k] for k in ok])).to(device)
+                latents.append(encode(vae, x, plan['precision']))
+            labels += [plan['labels'][idx[k]] for k in ok]
+            jpegs += [jpeg[k] for k in ok]
+            bar.update(len(idx))
+            c = idx[0] // chunk
+            if idx[-1] == min((c + 1) * chunk, N_files) - 1:  # chunk complete
+                write_part(part_paths[c], latents, labels, jpegs, skipped, num_classes, shape)
+                latents, labels, jpegs, skipped, written = [], [], [], [], written + 1
+                if written == args.stop_after_chunks:  # tests only: die like a killed process
+                    print(f'stopping after {written} chunks', flush=True)
+                    os._exit(3)
+    bar.close()
+    if ddp:
+        dist.barrier()
+    if rank == 0:
+        missing = [p for p in part_paths if not os.path.exists(p)]
+        if missing:
+            fail(f'{len(missing)} chunks missing in {parts}; run the same command again')
+        assemble(args.out, plan, part_paths, vae.config.scaling_factor)
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
+    parser.add_argument('--imagenet', required=True, help='folder with one sub-folder per class (ILSVRC2012 train)')
+    parser.add_argument('--out', default=DEFAULT_DATA, help=f'dataset directory to write (default {DEFAULT_DATA})')
+    parser.add_argument('--vae', default=DEFAULT_VAE, help='diffusers name (sd-vae-ft-ema / -ft-mse) or a local save_pretrained dir')
+    parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='encoder precision')
+    parser.add_argument('--batch', type=int, default=64, help='encoder batch per rank')
+    parser.add_argument('--workers', type=int, default=8, help='image-decoding DataLoader workers per rank')
+    parser.add_argument('--chunk', type=int, default=10000, help='images per resumable chunk')
+    parser.add_argument('--no-images', action='store_true', help='store no JPEG crops (no REPA)')
+    parser.add_argument('--overwrite', action='store_true', help='replace a complete output or an unfinished one with other settings')
+    parser.add_argument('--stop-after-chunks', type=int, default=0, help=argparse.SUPPRESS)
+    main(parser.parse_args())

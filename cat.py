@@ -49,12 +49,12 @@ class NetConfig:
 # G: output layers are uniformly spaced, depth/4 * (1, 2, 3, 4) (Table 6: 3,6,9,12 / 6,12,18,24 / 8,16,24,32).
 G_CONFIGS = {
     'T': NetConfig(4, 32, 2),       # tests only
-    'S': NetConfig(4, 128, 4),      # the toy run and CPU experiments
+    'S': NetConfig(4, 64, 2),       # the toy run and CPU experiments
     'B': NetConfig(12, 768, 12),
     'M': NetConfig(24, 768, 12),
     'H': NetConfig(32, 1280, 16),
 }
-D_CONFIGS = {'T': NetConfig(2, 32, 2, 64), 'S': NetConfig(4, 128, 4, 256), 'B': NetConfig(12, 768, 12), 'M': NetConfig(24, 768, 12)}
+D_CONFIGS = {'T': NetConfig(2, 32, 2, 64), 'S': NetConfig(4, 64, 2, 128), 'B': NetConfig(12, 768, 12), 'M': NetConfig(24, 768, 12)}
 D_FOR_G = {'T': 'T', 'S': 'S', 'B': 'B', 'M': 'B', 'H': 'B'}   # the paper: one Base D for every G size
 
 # ----------------------------------------------------------------------------------------------
@@ -561,7 +561,166 @@ class StepSampler:
     def __len__(self):
         return self.steps - self.start
 
-from _toy import make_toy, train_toy_classifier, toy_eval  # TEMP
+# ----------------------------------------------------------------------------------------------
+# The built-in toy set (--data toy): small class-conditional images in pixel space, so the whole pipeline
+# runs on a CPU in minutes. Coarse structure and fine detail live at different scales.
+# ----------------------------------------------------------------------------------------------
+
+# 10 classes = (shape, base hue). Class identity lives in coarse shape + colour
+# (still visible after 4x area pooling); fine detail lives at the finest scale:
+# 1-px stripes or checker (period 2 px, random phase) and ~1.5 px soft edges.
+TOY_CLASSES = ('disk', 'square', 'ring', 'plus', 'hbar', 'vbar', 'triangle',
+               'diamond', 'xcross', 'frame')
+TOY_HUES = (0, 216, 72, 288, 36, 252, 324, 144, 108, 180)  # degrees, per class
+
+
+def _toy_sdf(c, x, y, s):
+    """Signed distance (pixels, <0 inside) of shape c at offsets x, y, half-size s."""
+    ax, ay = x.abs(), y.abs()
+    if c == 0:
+        return (x * x + y * y).sqrt() - s
+    if c == 1:
+        return torch.maximum(ax, ay) - 0.8 * s
+    if c == 2:
+        return ((x * x + y * y).sqrt() - 0.72 * s).abs() - 0.28 * s
+    if c in (3, 8):
+        if c == 8:  # rotate by 45 degrees
+            ax, ay = (x + y).abs() / 2 ** 0.5, (x - y).abs() / 2 ** 0.5
+        t = 0.3 * s
+        return torch.minimum(torch.maximum(ax - s, ay - t), torch.maximum(ay - s, ax - t))
+    if c == 4:
+        return torch.maximum(ax - 1.1 * s, ay - 0.38 * s)
+    if c == 5:
+        return torch.maximum(ay - 1.1 * s, ax - 0.38 * s)
+    if c == 6:  # apex up (image y points down), slanted edges of slope 2
+        return torch.maximum(y - 0.7 * s, (2 * ax - y - 1.05 * s) / 5 ** 0.5)
+    if c == 7:
+        return (ax + ay - 1.15 * s) / 2 ** 0.5
+    return (torch.maximum(ax, ay) - 0.68 * s).abs() - 0.25 * s  # frame
+
+
+def _hsv_to_rgb(h, s, v):
+    """Vectorized HSV -> RGB; h in [0, 1), returns [..., 3]."""
+    k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * h[..., None]) % 6
+    return v[..., None] - (v * s)[..., None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def make_toy(n, seed=0, res=16):
+    """Deterministic toy set: x [n, 3, res, res] float32 in [-1, 1], y [n] int64.
+    Shuffled so that every aligned block of 10 holds each class once (any 10-multiple
+    prefix is exactly balanced; class counts differ by at most 1)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.rand(n // 10 + 1, 10, generator=g).argsort(1).flatten()[:n]
+    u = lambda *shape: torch.rand(*shape, generator=g)
+    f = res / 16  # geometry scales with res; texture and edge width stay in pixels
+    cx = (res - 1) / 2 + (u(n) * 2 - 1) * 2 * f  # up to +-2 px (at 16) jitter
+    cy = (res - 1) / 2 + (u(n) * 2 - 1) * 2 * f
+    s = (3.6 + 1.4 * u(n)) * f  # half-size 3.6..5 px at 16
+    grid = torch.arange(res, dtype=torch.float32)
+    xx = grid[None, None, :] - cx[:, None, None]
+    yy = grid[None, :, None] - cy[:, None, None]
+    d = torch.empty(n, res, res)
+    for c in range(10):
+        i = (y == c).nonzero().squeeze(1)
+        d[i] = _toy_sdf(c, xx[i], yy[i], s[i, None, None])
+    mask = torch.sigmoid(-d / 0.35)  # soft, antialiased edge
+    hue = (torch.tensor(TOY_HUES, dtype=torch.float32)[y] + (u(n) * 2 - 1) * 7) / 360 % 1
+    rgb = _hsv_to_rgb(hue, 0.75 + 0.25 * u(n), 0.8 + 0.2 * u(n))  # [n, 3]
+    # fine texture: 1-px stripes (horizontal / vertical) or 1-px checker, random phase
+    ix, iy = torch.arange(res)[None, :], torch.arange(res)[:, None]
+    pats = torch.stack([(p + t) % 2 for t in (iy + 0 * ix, ix + 0 * iy, ix + iy) for p in (0, 1)])
+    tex = 1 - 0.3 * pats.float()[(u(n) * 6).long()]  # every other line 30 % darker
+    bg = 0.06 + 0.06 * u(n, 1, 1) + 0.03 * torch.randn(n, res, res, generator=g)
+    x = (bg - bg * mask)[:, None] + rgb[:, :, None, None] * (mask * tex)[:, None]
+    x = x.clamp_(0, 1).mul_(2).sub_(1)
+    return x, y
+
+
+# toy evaluator: a small classifier trained on the toy set itself, class accuracy and a Frechet distance in its features
+
+class ToyClassifier(nn.Module):
+    """Small CNN for toy images: 3 convs (first one strided down to 16x16), global average
+    pool, 128-d features."""
+
+    def __init__(self, res=16, dim=128):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, 32, 3, stride=max(1, res // 16), padding=1), nn.SiLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU())
+        self.fc = nn.Sequential(nn.Linear(64, dim), nn.SiLU())
+        self.head = nn.Linear(dim, 10)
+
+    def features(self, x):
+        return self.fc(self.convs(x).mean((2, 3)))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_toy_classifier(res=16, seed=0, steps=300, batch=128, device='cpu'):
+    """Train a ToyClassifier on fresh toy data (seed+1000), validate on held-out seed+2000;
+    raises if val accuracy < 98 %. Leaves the global RNG untouched. Returns it in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clf = ToyClassifier(res).to(device)
+    x, y = make_toy(steps * batch, seed=seed + 1000, res=res)
+    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
+    clf.train()
+    for i in range(steps):
+        xb = x[i * batch:(i + 1) * batch]  # light augmentation: Gaussian noise, std 0..0.1
+        xb = xb + 0.1 * torch.rand(batch, 1, 1, 1, generator=g) * torch.randn(xb.shape, generator=g)
+        xb = xb.to(device)
+        loss = F.cross_entropy(clf(xb), y[i * batch:(i + 1) * batch].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    clf.eval()
+    vx, vy = make_toy(2000, seed=seed + 2000, res=res)
+    with torch.no_grad():
+        clf.val_acc = (clf(vx.to(device)).argmax(1).cpu() == vy).float().mean().item()
+    if clf.val_acc < 0.98:
+        raise RuntimeError(f'toy classifier val accuracy {clf.val_acc:.3f} < 0.98')
+    return clf
+
+
+def frechet(f1, f2):
+    """Frechet distance between Gaussians fitted to feature sets f1 [n, d], f2 [m, d] (float64)."""
+    f1, f2 = f1.double(), f2.double()
+    mu = f1.mean(0) - f2.mean(0)
+    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
+    e, v = torch.linalg.eigh(s1)
+    r1 = (v * e.clamp(min=0).sqrt()) @ v.T  # sqrt(S1)
+    m = r1 @ s2 @ r1
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return float(mu @ mu + s1.trace() + s2.trace() - 2 * tr_sqrt)
+
+
+@torch.no_grad()
+def _clf_features(clf, x, bs=1000):
+    dev = next(clf.parameters()).device
+    out = [clf.features(x[i:i + bs].to(dev).float().clamp(-1, 1)) for i in range(0, len(x), bs)]
+    return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def toy_eval(clf, fake_x, fake_y, real_x):
+    """Judge n fakes against 2n reals real_x (use make_toy(2n, seed): both halves balanced).
+
+    class_acc: share of fakes that clf classifies as their conditioning label fake_y.
+    fd: Frechet distance in clf feature space, fakes vs reals A = real_x[:n].
+    fd_floor: the same for reals B = real_x[n:2n] vs A: the real-vs-real floor at equal n.
+    Fakes are clamped to [-1, 1] like the reals; use class-balanced fake_y."""
+    n = len(fake_x)
+    if len(real_x) < 2 * n:
+        raise ValueError(f'toy_eval needs 2n = {2 * n} real images, got {len(real_x)}')
+    ff, fa, fb = (_clf_features(clf, v) for v in (fake_x, real_x[:n], real_x[n:2 * n]))
+    pred = clf.head(ff.to(next(clf.parameters()).device)).argmax(1).cpu()
+    acc = (pred == fake_y.cpu()).float().mean().item()
+    return dict(class_acc=acc, fd=frechet(ff, fa), fd_floor=frechet(fb, fa))
 
 # ----------------------------------------------------------------------------------------------
 # One training iteration: a D step, then a G step (App. A.2). Each step is a small module so that DDP
@@ -875,6 +1034,86 @@ def evaluate(ema, info, args, device, vae, toy_eval_state, step, run_dir):
     return out
 
 
+def posterior_sample(moments, eps, scale):
+    """Real latent x = (mean + std * eps) * scaling_factor, a fresh draw from the stored VAE posterior at each use."""
+    C = moments.shape[1] // 2
+    return (moments[:, :C].float() + moments[:, C:].float() * eps) * scale
+
+
+@dataclass
+class Models:
+    G: nn.Module
+    D: nn.Module
+    ema: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    d_step: nn.Module           # DStep, DDP-wrapped when world > 1
+    g_step: nn.Module
+    world: int
+    micro: int
+
+
+def train_step(m, x, c, img, nz, args):
+    """One iteration on this rank's batch (App. A.2): D step, then G step with D frozen, w_avg and EMA updates.
+    Micro-batches accumulate gradients (DDP syncs on the last one). Returns (names, stats tensor): no host sync."""
+    n_acc = x.shape[0] // m.micro
+    chunks = [(i * m.micro, (i + 1) * m.micro) for i in range(n_acc)]
+    sync = lambda mod, i: contextlib.nullcontext() if m.world == 1 or i == n_acc - 1 else mod.no_sync()
+    m.D.requires_grad_(True)
+    for i, (lo, hi) in enumerate(chunks):
+        with sync(m.d_step, i):
+            loss_d, st_d = m.d_step(x[lo:hi], c[lo:hi], None if img is None else img[lo:hi], take(nz, lo, hi))
+            (loss_d / n_acc).backward()
+    gn_d = torch.nn.utils.clip_grad_norm_(m.D.parameters(), args.clip)
+    m.opt_d.step()
+    m.opt_d.zero_grad(set_to_none=True)
+    m.D.requires_grad_(False)
+    ws = []
+    for i, (lo, hi) in enumerate(chunks):
+        with sync(m.g_step, i):
+            loss_g, w, st_g = m.g_step(x[lo:hi], c[lo:hi], take(nz, lo, hi))
+            (loss_g / n_acc).backward()
+        ws.append(w)
+    gn_g = torch.nn.utils.clip_grad_norm_(m.G.parameters(), args.clip)
+    m.opt_g.step()
+    m.opt_g.zero_grad(set_to_none=True)
+    m.G.update_w_avg(torch.cat(ws), c)
+    ema_update(m.ema, m.G, args.ema_decay)
+    return [*st_d, *st_g, 'gnorm_d', 'gnorm_g'], torch.stack([*st_d.values(), *st_g.values(), gn_d, gn_g]).float()
+
+
+class Preemption:
+    """SIGTERM / SIGINT / SIGUSR1 (SLURM's warning) set a flag; every rank stops after the same iteration. With
+    several processes the flags are summed over a CPU (gloo) group without blocking: a signal seen during step s
+    stops the run after step s + 1 on all ranks, and the GPU stream is never synchronized for it."""
+    def __init__(self, world):
+        import signal
+        self.flag, self.world, self.work = torch.zeros(1), world, None
+        self.old = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+        self.group = dist.new_group(backend='gloo') if world > 1 else None
+
+    def handler(self, signum, frame):
+        if self.flag.item():                    # a second signal: stop now
+            raise KeyboardInterrupt
+        self.flag.fill_(1)
+
+    def restore(self):
+        import signal
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+
+    def requested(self):
+        if self.world == 1:
+            return bool(self.flag.item())
+        if self.work is not None:
+            self.work.wait()
+            if self.reduced.item() > 0:
+                return True
+        self.reduced = self.flag.clone()
+        self.work = dist.all_reduce(self.reduced, group=self.group, async_op=True)
+        return False
+
+
 def train(args):
     rank, world, device = setup_ddp()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -894,17 +1133,25 @@ def train(args):
         src = args.resume if args.resume != 'auto' else (args.out or '')
         if not src:
             raise SystemExit("error: --resume without a path needs --out RUN_DIR.")
-        path = find_resume(src)
-        ck = load_checkpoint(path)
-        run_dir = args.out or os.path.dirname(path)
+        if os.path.isdir(src) and not checkpoints_in(src):
+            print(f"--resume: no checkpoint in {src} yet, starting a new run there")
+        else:
+            path = find_resume(src)
+            ck = load_checkpoint(path)
+        run_dir = args.out or (src if os.path.isdir(src) else os.path.dirname(path))
+    if ck is not None:
         if ck['config']['G'] != g_cfg or ck['config']['D'] != d_cfg:
             raise SystemExit(f"error: {path} holds a different model (--model {ck['config']['args']['model']}, "
                              f"--model-d {ck['config']['args']['model_d']}, data {ck['config']['args']['data']}): "
                              f"resume with the same --model, --model-d, --data and options.")
-    else:
+    elif not args.resume:
         run_dir = args.out or new_run_dir('runs', 'toy' if info['kind'] == 'toy' else args.model)
         if rank == 0 and checkpoints_in(run_dir):
             raise SystemExit(f"error: {run_dir} already holds a run: add --resume to continue it, or pick a new --out.")
+    if world > 1:                                   # every rank writes logs / reads checkpoints of rank 0's choice
+        obj = [run_dir]
+        dist.broadcast_object_list(obj, src=0)
+        run_dir = obj[0]
     log = Logger(run_dir, rank)
 
     torch.manual_seed(args.seed)
@@ -931,7 +1178,7 @@ def train(args):
     sampler = StepSampler(n_data, args.batch_size, rank, world, args.seed, start, args.steps)
     batches = real_batches(ds, info, sampler, device, args.workers)
     vae = None
-    if info['kind'] == 'latent' and rank == 0 and args.sample_every:
+    if info['kind'] == 'latent' and rank == 0 and args.eval_every:
         vae = load_vae(args.vae or info['meta']['vae'], device, required=False)
         if vae is None:
             log(f"warning: VAE '{args.vae or info['meta']['vae']}' unavailable: sample grids show latent channels 0-2.")
@@ -949,69 +1196,49 @@ def train(args):
         save_checkpoint(os.path.join(run_dir, 'latest.pt'), state)
         if step % args.ckpt_every == 0 or step == args.steps:
             save_checkpoint(os.path.join(run_dir, f'ckpt-{step:07d}.pt'), state)
-            for old in sorted(glob.glob(os.path.join(run_dir, 'ckpt-*.pt')))[:-args.keep]:
+            periodic = [p for p in sorted(glob.glob(os.path.join(run_dir, 'ckpt-*.pt')))
+                        if not (args.milestone_every and int(p[-10:-3]) % args.milestone_every == 0)]
+            for old in periodic[:-args.keep]:             # only after the new one is safely written
                 os.remove(old)
 
     from tqdm import tqdm
-    pending, t0, last_eval = [], time.time(), None
+    m = Models(G, D, ema, opt_g, opt_d, d_step, g_step, world, micro)
+    stop = Preemption(world)
+    pending, t0, last_eval, done = [], time.time(), None, start
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, dynamic_ncols=True):
         moments, c, img = next(batches)
         nz = take(step_noise(args.seed, step, args.batch_size, G, device), rank * b, (rank + 1) * b)
-        x = moments if info['kind'] == 'toy' else (moments[:, :G.channels].float() + moments[:, G.channels:].float() * nz['eps']) * info['scale']
-        n_acc = b // micro
-        # --- D step
-        D.requires_grad_(True)
-        for i in range(n_acc):
-            lo, hi = i * micro, (i + 1) * micro
-            sync = contextlib.nullcontext() if world == 1 or i == n_acc - 1 else d_step.no_sync()
-            with sync:
-                loss_d, st_d = d_step(x[lo:hi], c[lo:hi], None if img is None else img[lo:hi], take(nz, lo, hi))
-                (loss_d / n_acc).backward()
-        gn_d = torch.nn.utils.clip_grad_norm_(D.parameters(), args.clip)
-        opt_d.step()
-        opt_d.zero_grad(set_to_none=True)
-        # --- G step (D frozen)
-        D.requires_grad_(False)
-        ws = []
-        for i in range(n_acc):
-            lo, hi = i * micro, (i + 1) * micro
-            sync = contextlib.nullcontext() if world == 1 or i == n_acc - 1 else g_step.no_sync()
-            with sync:
-                loss_g, w, st_g = g_step(x[lo:hi], c[lo:hi], take(nz, lo, hi))
-                (loss_g / n_acc).backward()
-            ws.append(w)
-        gn_g = torch.nn.utils.clip_grad_norm_(G.parameters(), args.clip)
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        G.update_w_avg(torch.cat(ws), c)
-        ema_update(ema, G, args.ema_decay)
-        pending.append(torch.stack([*st_d.values(), *st_g.values(), gn_d, gn_g]).float())
-        names = [*st_d, *st_g, 'gnorm_d', 'gnorm_g']
+        x = moments if info['kind'] == 'toy' else posterior_sample(moments, nz['eps'], info['scale'])
+        names, st = train_step(m, x, c, img, nz, args)
+        pending.append(st)
         done = step + 1
-        # --- every log interval: one host sync, and the non-finite guard
-        if done % args.log_every == 0 or done == args.steps or done % args.ckpt_every == 0:
+        stopping = stop.requested()
+        # every log interval (and before any checkpoint): one host sync, and the non-finite guard
+        if done % args.log_every == 0 or done == args.steps or done % args.latest_every == 0 or stopping:
             vals = torch.stack(pending).mean(0).tolist()
-            pending = []
             bad = [n for n, v in zip(names, vals) if not math.isfinite(v)]
             if bad:
-                raise SystemExit(f"error: non-finite {', '.join(bad)} at step {done}: stopped; the last checkpoint "
-                                 f"({run_dir}/latest.pt) is from before this interval and untouched.")
-            dt = (time.time() - t0) / args.log_every
-            t0 = time.time()
-            m = dict(step=done, **dict(zip(names, vals)), sec_per_it=dt)
-            log(f"step {done}: " + ' '.join(f"{k}={v:.4g}" for k, v in m.items() if k != 'step'), m)
+                raise SystemExit(f"error: non-finite {', '.join(bad)} within steps {done - len(pending) + 1}-{done}: "
+                                 f"stopped; the last checkpoint ({run_dir}/latest.pt) is from before them and untouched.")
+            metrics = dict(step=done, **dict(zip(names, vals)), sec_per_it=(time.time() - t0) / len(pending))
+            pending, t0 = [], time.time()
+            log(f"step {done}: " + ' '.join(f"{k}={v:.4g}" for k, v in metrics.items() if k != 'step'), metrics)
         if rank == 0 and args.eval_every and (done % args.eval_every == 0 or done == args.steps):
             last_eval = evaluate(ema, info, args, device, vae, toy_state, done, run_dir)
             log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in last_eval.items()), dict(step=done, **last_eval))
-        if done % args.ckpt_every == 0 or done == args.steps or done % args.latest_every == 0:
-            if rank == 0:
-                checkpoint(done)
+        if rank == 0 and (done % args.latest_every == 0 or done % args.ckpt_every == 0 or done == args.steps or stopping):
+            checkpoint(done)
+        if stopping:
+            log(f"stopped by signal after step {done}; checkpoint {run_dir}/latest.pt. Resume with the same command "
+                f"plus --resume {run_dir}")
+            break
+    stop.restore()
     if rank == 0 and info['kind'] == 'toy' and last_eval is not None:
         log("toy: " + ' '.join(f"{k}={last_eval[k]:.4f}" for k in ('class_acc', 'fd', 'fd_floor', 'delta', 'R', 'A')))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return dict(run_dir=run_dir, G=G, D=D, ema=ema, eval=last_eval)
+    return dict(run_dir=run_dir, G=G, D=D, ema=ema, eval=last_eval, step=done)
 
 # ----------------------------------------------------------------------------------------------
 # --summary: parameters and GFLOPs (multiply-adds per sample, the paper's convention) on the meta device.
@@ -1085,7 +1312,8 @@ def get_args(argv=None):
     p.add_argument('--eval-n', type=int, default=None, help='samples per evaluation')
     p.add_argument('--ckpt-every', type=int, default=None, help='periodic checkpoint interval (kept: --keep newest)')
     p.add_argument('--latest-every', type=int, default=None, help='latest.pt refresh interval')
-    p.add_argument('--keep', type=int, default=3, help='periodic checkpoints kept')
+    p.add_argument('--keep', type=int, default=3, help='periodic checkpoints kept (besides latest.pt and milestones)')
+    p.add_argument('--milestone-every', type=int, default=50_000, help='checkpoints at multiples of this are never deleted')
     p.add_argument('--toy-n', type=int, default=20000, help='toy training set size')
     p.add_argument('--toy-res', type=int, default=16, help='toy image resolution')
     p.add_argument('--summary', action='store_true', help='print params and GFLOPs of --model and exit (meta device)')

@@ -309,3 +309,134 @@ def test_torchrun_two_processes_match_one(tmp_path):
         diff = torch.cat([(cd[part][k] - c1[part][k]).abs().flatten() for k in c1[part]])
         assert (diff > 1e-5).float().mean() < 0.005 and diff.max() < 2 * 3 * 2e-4, (part, diff.max())
     assert torch.allclose(cd['G']['w_avg'], c1['G']['w_avg'], atol=1e-6)
+
+
+# ---------------------------------------------------------------- reliability: preemption, guard, bad input, retention
+
+def make_latent_dir(path, n=16, num_classes=4, images=False, meta_edits=None, n_lat=None):
+    """A dataset directory in prepare_latents.py's format (format_version 1), random content."""
+    os.makedirs(path, exist_ok=True)
+    g = np.random.default_rng(0)
+    lat = np.concatenate([g.normal(size=(n_lat or n, 4, 32, 32)), np.full((n_lat or n, 4, 32, 32), 0.5)], 1)
+    np.save(os.path.join(path, 'latents.npy'), lat.astype(np.float16))
+    np.save(os.path.join(path, 'labels.npy'), np.arange(n) % num_classes)
+    if images:
+        from PIL import Image
+        blobs = []
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(g.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, format='JPEG')
+            blobs.append(buf.getvalue())
+        np.save(os.path.join(path, 'images_index.npy'), np.cumsum([0] + [len(b) for b in blobs]))
+        open(os.path.join(path, 'images.bin'), 'wb').write(b''.join(blobs))
+    meta = dict(format_version=1, vae='stabilityai/sd-vae-ft-ema', scaling_factor=0.18215, resolution=256,
+                latent_shape=[8, 32, 32], num_classes=num_classes, class_names=[f'c{i}' for i in range(num_classes)],
+                N=n, images=images)
+    meta.update(meta_edits or {})
+    json.dump(meta, open(os.path.join(path, 'meta.json'), 'w'))
+    return path
+
+
+import io  # noqa: E402  (used by make_latent_dir)
+
+LATENT = ['--model', 'T', '--batch-size', '8', '--precision', 'fp32', '--eval-every', '0', '--log-every', '1',
+          '--workers', '0', '--lambda-repa', '0']
+
+
+def test_latent_dataset_training_step(tmp_path):
+    data = make_latent_dir(tmp_path / 'data')
+    ds = cat.LatentDataset(str(data), images=False)
+    m, c, img = ds[3]
+    assert m.shape == (8, 32, 32) and m.dtype == torch.float16 and c == 3 and img.numel() == 0
+    x = cat.posterior_sample(m[None], torch.ones(1, 4, 32, 32), 0.18215)
+    assert torch.allclose(x, (m[None, :4].float() + 0.5) * 0.18215, atol=1e-3)
+    r = cat.train(cat.get_args(LATENT + ['--data', str(data), '--steps', '2', '--out', str(tmp_path / 'r')]))
+    assert load(r['run_dir'])['step'] == 2 and load(r['run_dir'])['config']['data']['kind'] == 'latent'
+
+
+@pytest.mark.parametrize('problem,msg', [
+    ('missing', 'no dataset directory'), ('no_meta', 'no meta.json'), ('shape', 'does not match its meta.json'),
+    ('labels', 'labels outside'), ('version', 'format_version')])
+def test_bad_dataset_is_one_clear_line(tmp_path, problem, msg):
+    d = str(tmp_path / 'data')
+    if problem != 'missing':
+        make_latent_dir(d, **{'no_meta': {}, 'shape': dict(n_lat=12), 'labels': dict(meta_edits=dict(num_classes=2)),
+                              'version': dict(meta_edits=dict(format_version=99))}[problem])
+    if problem == 'no_meta':
+        os.remove(os.path.join(d, 'meta.json'))
+    with pytest.raises(SystemExit, match=msg):
+        cat.train(cat.get_args(LATENT + ['--data', d, '--steps', '1', '--out', str(tmp_path / 'r')]))
+    assert not os.path.exists(tmp_path / 'r' / 'latest.pt')
+
+
+def test_bad_cli_values(tmp_path):
+    out = subprocess.run([sys.executable, 'cat.py', '--model', 'XL', '--summary'], cwd=HERE, capture_output=True, text=True)
+    assert out.returncode != 0 and 'unknown --model XL' in out.stderr
+    with pytest.raises(SystemExit, match='must split evenly'):
+        run_cat(TINY + ['--steps', '1', '--micro-batch', '3', '--out', str(tmp_path / 'r')])
+    with pytest.raises(SystemExit, match='multiple of 4'):
+        run_cat(TINY + ['--steps', '1', '--batch-size', '6', '--out', str(tmp_path / 'r')])
+
+
+def test_bad_checkpoints(tmp_path):
+    run = run_cat(TINY + ['--steps', '1', '--out', str(tmp_path / 'r')])
+    with pytest.raises(SystemExit, match='different model'):          # resuming into a different --model
+        run_cat(TINY[:3] + ['S'] + TINY[4:] + ['--steps', '2', '--resume', os.path.join(run, 'latest.pt')])
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(open(os.path.join(run, 'latest.pt'), 'rb').read()[:1000])
+    with pytest.raises(SystemExit, match='truncated or not a torch file'):
+        cat.load_checkpoint(str(bad))
+    torch.save({'model': 1}, tmp_path / 'other.pt')
+    with pytest.raises(SystemExit, match='not a CAT checkpoint'):
+        cat.load_checkpoint(str(tmp_path / 'other.pt'))
+
+
+def test_missing_weights_are_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(SystemExit, match='cannot load the VAE'):
+        cat.load_vae(str(tmp_path / 'no-such-vae'))
+    assert cat.load_vae(str(tmp_path / 'no-such-vae'), required=False) is None
+    data = make_latent_dir(tmp_path / 'data', images=True)
+    with pytest.raises(SystemExit, match='cannot load DINOv2'):       # REPA requested, no DINOv2 weights offline
+        cat.train(cat.get_args(LATENT[:-1] + ['1.0', '--data', str(data), '--steps', '1', '--out', str(tmp_path / 'r')]))
+
+
+def test_nonfinite_guard_keeps_last_checkpoint(tmp_path):
+    run = run_cat(TINY + ['--steps', '2', '--out', str(tmp_path / 'r')])
+    before = open(os.path.join(run, 'latest.pt'), 'rb').read()
+    with pytest.raises(SystemExit, match=r'non-finite .*r1.* within steps 3-3'):
+        run_cat(TINY + ['--steps', '4', '--out', run, '--resume', '--gp-sigma', '0'])   # 0/0 in the approximated R1
+    assert open(os.path.join(run, 'latest.pt'), 'rb').read() == before
+
+
+def test_retention_and_damaged_latest_fallback(tmp_path):
+    run = run_cat(TINY + ['--steps', '8', '--ckpt-every', '1', '--keep', '2', '--milestone-every', '4',
+                          '--out', str(tmp_path / 'r')])
+    names = sorted(os.listdir(run))
+    assert [n for n in names if n.startswith('ckpt-')] == ['ckpt-0000004.pt', 'ckpt-0000006.pt', 'ckpt-0000007.pt', 'ckpt-0000008.pt']  # 4, 8: milestones
+    with open(os.path.join(run, 'latest.pt'), 'r+b') as f:              # a write cut short
+        f.truncate(500)
+    assert cat.find_resume(run).endswith('ckpt-0000008.pt')
+
+
+def test_sigterm_then_resume_equals_straight_run(tmp_path):
+    import signal, time
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    args = TINY + ['--steps', '12', '--ckpt-every', '100']
+    p = subprocess.Popen([sys.executable, 'cat.py', *args, '--out', str(tmp_path / 'a')], cwd=HERE, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / 'a' / 'metrics.jsonl'
+    t0 = time.time()
+    while time.time() - t0 < 120 and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0 and 'Resume with the same command' in out, out[-2000:]
+    stopped = load(tmp_path / 'a')['step']
+    assert 3 <= stopped < 12
+    run_cat(args + ['--out', str(tmp_path / 'a'), '--resume'])
+    straight = run_cat(args + ['--out', str(tmp_path / 'b')])
+    ca, cb = load(tmp_path / 'a'), load(straight)
+    assert ca['step'] == cb['step'] == 12
+    for part in ('G', 'D', 'ema'):
+        assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Notation and configs (Table 6). K+1 = 4 stages k = 0..3, coarse to fine.
@@ -197,6 +198,7 @@ class Generator(nn.Module):
         super().__init__()
         self.depth, self.width, self.channels, self.res, self.patch = depth, width, channels, res, patch
         self.num_classes, self.z_dim, self.w_avg_beta = num_classes, z_dim, w_avg_beta
+        self.grad_ckpt = False      # --grad-ckpt: recompute block activations in the backward pass
         self.out_layers = [depth // 4 * (k + 1) for k in range(K + 1)]     # uniformly spaced, 1-based
         n = res // patch
         self.register_buffer('pos', sincos_2d(width, n)[None], persistent=False)   # fixed input tokens
@@ -232,7 +234,7 @@ class Generator(nn.Module):
         x = self.pos.expand(w.shape[0], -1, -1).to(w.dtype)
         rope, hs, h, k = (self.rope_cos, self.rope_sin), [], 0, 0
         for i, block in enumerate(self.blocks):
-            x = block(x, w, rope)
+            x = checkpoint(block, x, w, rope, use_reentrant=False) if self.grad_ckpt and torch.is_grad_enabled() else block(x, w, rope)
             if i + 1 == self.out_layers[k]:
                 h = h + self.heads[k](x, w)
                 hs.append(h)
@@ -298,6 +300,7 @@ class Discriminator(nn.Module):
                  repa_dim=768, mask=True, attn_impl='split'):
         super().__init__()
         self.width, self.channels, self.res, self.patch, self.mask, self.attn_impl = width, channels, res, patch, mask, attn_impl
+        self.grad_ckpt = False
         self.grids = [res // 2 ** (K - k) // patch for k in range(K + 1)]           # 2, 4, 8, 16 tokens per side
         bounds = np.cumsum([0] + [1 + n * n for n in self.grids]).tolist()
         self.segments = list(zip(bounds[:-1], bounds[1:]))
@@ -349,7 +352,7 @@ class Discriminator(nn.Module):
         segments = (self.segments if self.attn_impl == 'split' else self.block_mask()) if self.mask else None
         rope = (self.rope_cos, self.rope_sin)
         for block in self.blocks:
-            x = block(x, rope, segments)
+            x = checkpoint(block, x, rope, segments, use_reentrant=False) if self.grad_ckpt and torch.is_grad_enabled() else block(x, rope, segments)
         cls = self.norm(x[:, [s for s, _ in self.segments]])                       # [B, K+1, width]
         e = self.class_map(normalize_2nd_moment(self.class_embed(c)))               # [B, cmap_dim]
         d = (self.head(cls) * e[:, None]).sum(-1).float()
@@ -1082,6 +1085,33 @@ def train_step(m, x, c, img, nz, args):
     return [*st_d, *st_g, 'gnorm_d', 'gnorm_g'], torch.stack([*st_d.values(), *st_g.values(), gn_d, gn_g]).float()
 
 
+def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained_dino=True):
+    """G, D, EMA, AdamW (0, 0.99) optimizers and the (DDP-wrapped) step modules; state from checkpoint ck if given."""
+    torch.manual_seed(args.seed)
+    G = Generator(**g_cfg).to(device)
+    D = Discriminator(**d_cfg, attn_impl=args.d_attn).to(device)
+    ema = copy.deepcopy(G).eval().requires_grad_(False)
+    fused = device.type == 'cuda'
+    opt_g = torch.optim.AdamW(G.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0, fused=fused)
+    opt_d = torch.optim.AdamW(D.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0, fused=fused)
+    if ck is not None:
+        G.load_state_dict(ck['G']), D.load_state_dict(ck['D']), ema.load_state_dict(ck['ema'])
+        opt_g.load_state_dict(ck['opt_g']), opt_d.load_state_dict(ck['opt_d'])
+    G.grad_ckpt = D.grad_ckpt = args.grad_ckpt
+    if args.compile:                                   # per block, in place: state_dict keys stay unchanged
+        for blk in [*G.blocks, *D.blocks]:
+            blk.compile()
+    dino = load_dino(device, pretrained_dino) if args.lambda_repa > 0 else None
+    d_step, g_step = DStep(D, G, args, dino), GStep(G, D, args)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [device.index] if device.type == 'cuda' else None
+        d_step = DDP(d_step, device_ids=ids, broadcast_buffers=False)
+        g_step = DDP(g_step, device_ids=ids, broadcast_buffers=False)
+    micro = args.micro_batch or args.batch_size // world
+    return Models(G, D, ema, opt_g, opt_d, d_step, g_step, world, micro)
+
+
 class Preemption:
     """SIGTERM / SIGINT / SIGUSR1 (SLURM's warning) set a flag; every rank stops after the same iteration. With
     several processes the flags are summed over a CPU (gloo) group without blocking: a signal seen during step s
@@ -1154,26 +1184,11 @@ def train(args):
         run_dir = obj[0]
     log = Logger(run_dir, rank)
 
-    torch.manual_seed(args.seed)
-    G = Generator(**g_cfg).to(device)
-    D = Discriminator(**d_cfg).to(device)
-    ema = copy.deepcopy(G).eval().requires_grad_(False)
-    fused = device.type == 'cuda'
-    opt_g = torch.optim.AdamW(G.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0, fused=fused)
-    opt_d = torch.optim.AdamW(D.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0, fused=fused)
-    start = 0
+    m = build(args, g_cfg, d_cfg, device, world, ck)
+    G, D, ema, opt_g, opt_d = m.G, m.D, m.ema, m.opt_g, m.opt_d
+    start = 0 if ck is None else ck['step']
     if ck is not None:
-        G.load_state_dict(ck['G']), D.load_state_dict(ck['D']), ema.load_state_dict(ck['ema'])
-        opt_g.load_state_dict(ck['opt_g']), opt_d.load_state_dict(ck['opt_d'])
-        start = ck['step']
         log(f"resumed from {path} at step {start}")
-    dino = load_dino(device) if args.lambda_repa > 0 else None
-    d_step, g_step = DStep(D, G, args, dino), GStep(G, D, args)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [device.index] if device.type == 'cuda' else None
-        d_step = DDP(d_step, device_ids=ids, broadcast_buffers=False)
-        g_step = DDP(g_step, device_ids=ids, broadcast_buffers=False)
     n_data = len(ds[1]) if info['kind'] == 'toy' else len(ds)
     sampler = StepSampler(n_data, args.batch_size, rank, world, args.seed, start, args.steps)
     batches = real_batches(ds, info, sampler, device, args.workers)
@@ -1202,7 +1217,6 @@ def train(args):
                 os.remove(old)
 
     from tqdm import tqdm
-    m = Models(G, D, ema, opt_g, opt_d, d_step, g_step, world, micro)
     stop = Preemption(world)
     pending, t0, last_eval, done = [], time.time(), None, start
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, dynamic_ncols=True):
@@ -1277,6 +1291,56 @@ def summary(args, out=print):
     return dict(G_params=n_g, D_params=n_d, proj_params=n_proj, F_G=F_G, F_D=F_D)
 
 # ----------------------------------------------------------------------------------------------
+# --bench: full training iterations on synthetic latents (REPA with a randomly initialized DINOv2-B of the
+# real size), timed after warm-up; model FLOPs by App. A.2 (4F_G + 10.5F_D multiply-adds, 2 FLOPs each).
+# ----------------------------------------------------------------------------------------------
+
+PEAK_BF16_TFLOPS = {'H100': 989.4, 'H200': 989.4, 'A100': 312.0, 'L40S': 362.0}   # dense, from vendor spec sheets
+
+
+def bench(args, out=print):
+    rank, world, device = setup_ddp()
+    info = dict(kind='latent', channels=4, res=32, num_classes=1000, scale=0.18215, meta=None)
+    g_cfg, d_cfg = model_configs(args, info)
+    m = build(args, g_cfg, d_cfg, device, world, pretrained_dino=False)
+    b = args.batch_size // world
+    g = torch.Generator(device).manual_seed(0)
+    moments = torch.cat([torch.randn(b, 4, 32, 32, generator=g, device=device), torch.rand(b, 4, 32, 32, generator=g, device=device)], 1)
+    c = torch.randint(0, 1000, (b,), generator=g, device=device)
+    img = torch.randint(0, 256, (b, 3, 256, 256), generator=g, device=device, dtype=torch.uint8) if args.lambda_repa > 0 else None
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    times = []
+    for step in range(args.bench_warmup + args.bench_steps):
+        sync()
+        t = time.perf_counter()
+        nz = take(step_noise(0, step, args.batch_size, m.G, device), rank * b, (rank + 1) * b)
+        train_step(m, posterior_sample(moments, nz['eps'], 0.18215), c, img, nz, args)
+        sync()
+        times.append(time.perf_counter() - t)
+        if step == args.bench_warmup - 1 and device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+    t = float(np.median(times[args.bench_warmup:]))
+    with torch.device('meta'):
+        Gm, Dm = Generator(**g_cfg), Discriminator(**d_cfg)
+        F_G = count_macs(lambda: Gm(torch.randn(1, Gm.z_dim), torch.zeros(1, dtype=torch.long)))
+        F_D = count_macs(lambda: Dm(multiscale(torch.randn(1, 4, 32, 32)), torch.zeros(1, dtype=torch.long)))
+    tflops = 2 * (4 * F_G + 10.5 * F_D) * b / t / 1e12
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == 'cuda' else 'n/a (CPU)'
+    res = dict(device=name, model=args.model, model_d=args.model_d or D_FOR_G[args.model], batch_per_device=b,
+               micro_batch=m.micro, precision=args.precision, compile=args.compile, grad_ckpt=args.grad_ckpt,
+               d_attn=args.d_attn, ms_per_it=t * 1e3, img_per_s_per_device=b / t, tflops=tflops,
+               mfu=tflops / peak if peak else None, peak_mem=mem)
+    if rank == 0:
+        out(f"bench {name}: G-{args.model}/2 + D-{res['model_d']}/2, batch {b}/device (micro {m.micro}), {args.precision}, "
+            f"compile={args.compile}, grad_ckpt={args.grad_ckpt}, d_attn={args.d_attn}")
+        out(f"  {t * 1e3:.1f} ms/it (median of {args.bench_steps}), {b / t:.1f} img/s/device, {tflops:.3g} TFLOP/s "
+            f"(App. A.2 model FLOPs), MFU {'%.1f%%' % (100 * tflops / peak) if peak else 'n/a'}, peak memory {mem}")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
@@ -1317,13 +1381,21 @@ def get_args(argv=None):
     p.add_argument('--toy-n', type=int, default=20000, help='toy training set size')
     p.add_argument('--toy-res', type=int, default=16, help='toy image resolution')
     p.add_argument('--summary', action='store_true', help='print params and GFLOPs of --model and exit (meta device)')
+    p.add_argument('--bench', action='store_true', help='time training iterations on synthetic latents and exit')
+    p.add_argument('--bench-steps', type=int, default=10)
+    p.add_argument('--bench-warmup', type=int, default=3)
+    p.add_argument('--peak-tflops', type=float, default=None, help='device peak for MFU (default: known GPUs)')
+    p.add_argument('--compile', action='store_true', help='torch.compile every G and D block')
+    p.add_argument('--grad-ckpt', action='store_true', help='activation checkpointing per block (memory for compute)')
+    p.add_argument('--d-attn', choices=['split', 'mask'], default='split',
+                   help="block-diagonal attention: one fused call per scale, or one call with an explicit mask")
     args = p.parse_args(argv)
     if args.model not in G_CONFIGS or (args.model_d or 'B') not in D_CONFIGS:
         p.error(f"unknown --model {args.model} / --model-d {args.model_d}: choose G from {list(G_CONFIGS)}, D from {list(D_CONFIGS)}")
     toy = args.data == 'toy'
     if toy and args.model == 'B' and '--model' not in ' '.join(argv or sys.argv):
         args.model = 'S'                              # the embedded default: small config, minutes on a CPU
-    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if toy else 512, lambda_repa=0.0 if toy else 1.0,
+    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if toy or args.bench else 512, lambda_repa=0.0 if toy else 1.0,
                     precision='fp32' if toy and not torch.cuda.is_available() else 'bf16',
                     log_every=50 if toy else 100, eval_every=500 if toy else 5000, eval_n=1000 if toy else 256,
                     ckpt_every=1000 if toy else 10_000, latest_every=500 if toy else 1000)
@@ -1339,6 +1411,9 @@ def main(argv=None):
     args = get_args(argv)
     if args.summary:
         summary(args)
+        return
+    if args.bench:
+        bench(args)
         return
     torch.set_float32_matmul_precision('high')
     train(args)

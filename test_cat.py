@@ -1,12 +1,17 @@
 """CAT test suite: CPU only, tiny configs, a few minutes on 2 cores.  Run: pytest test_cat.py"""
-import json, math, os, subprocess, sys
+import argparse, io, json, math, os, shutil, socket, subprocess, sys, warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import cat
+import fid
+from cat import ToyClassifier, frechet, make_toy, toy_eval, train_toy_classifier
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
@@ -337,8 +342,6 @@ def make_latent_dir(path, n=16, num_classes=4, images=False, meta_edits=None, n_
     return path
 
 
-import io  # noqa: E402  (used by make_latent_dir)
-
 LATENT = ['--model', 'T', '--batch-size', '8', '--precision', 'fp32', '--eval-every', '0', '--log-every', '1',
           '--workers', '0', '--lambda-repa', '0']
 
@@ -440,3 +443,506 @@ def test_sigterm_then_resume_equals_straight_run(tmp_path):
     assert ca['step'] == cb['step'] == 12
     for part in ('G', 'D', 'ema'):
         assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
+
+
+# ================================================================ toy set and toy evaluator
+
+def test_toy_make_deterministic_balanced():
+    for res in (16, 32):
+        x, y = make_toy(200, seed=3, res=res)
+        assert x.shape == (200, 3, res, res) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.min() >= -1 and x.max() <= 1
+        assert torch.bincount(y, minlength=10).tolist() == [20] * 10
+        assert torch.bincount(y[:100], minlength=10).tolist() == [10] * 10  # halves balanced too
+        x2, y2 = make_toy(200, seed=3, res=res)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+        assert not torch.equal(x, make_toy(200, seed=4, res=res)[0])
+    counts = torch.bincount(make_toy(23)[1], minlength=10)
+    assert counts.max() - counts.min() <= 1
+
+
+def test_toy_frechet():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 8, generator=g)
+    assert abs(frechet(a, a)) < 1e-6
+    b = torch.randn(4000, 8, generator=g) * 2 + 1  # exact: 8 * 1 + 8 * (1 + 4 - 2 * 2) = 16
+    assert abs(frechet(a, b) - 16) < 1.0
+
+
+def test_toy_classifier_and_eval():
+    torch.manual_seed(0)
+    clf = train_toy_classifier(res=16, seed=0, steps=150)
+    assert clf.val_acc >= 0.98 and not clf.training
+    assert clf.features(torch.zeros(2, 3, 16, 16)).shape == (2, 128)
+    real, _ = make_toy(400, seed=7)
+    fx, fy = make_toy(200, seed=8)
+    good = toy_eval(clf, fx, fy, real)
+    assert good['class_acc'] > 0.98
+    noise = toy_eval(clf, torch.rand(200, 3, 16, 16) * 2 - 1, fy, real)
+    blur = toy_eval(clf, F.interpolate(F.avg_pool2d(fx, 4), scale_factor=4.0, mode='bilinear'), fy, real)
+    assert noise['fd'] > blur['fd'] > 2 * good['fd_floor'] and good['fd'] < 3 * good['fd_floor'] + 1
+
+
+# ================================================================ fid.py
+
+FID_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fid.py')
+
+
+def _rand_spd(rng, d):
+    a = rng.standard_normal((d, 2 * d))
+    return a @ a.T / (2 * d) + 0.1 * np.eye(d)
+
+
+def test_fid_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    mu, s = rng.standard_normal(8), _rand_spd(rng, 8)
+    assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-8
+    a, b = rng.uniform(0.5, 2, 8), rng.uniform(0.5, 2, 8)
+    mu2 = mu + rng.standard_normal(8)
+    want = np.sum((mu - mu2) ** 2) + np.sum(a + b - 2 * np.sqrt(a * b))
+    assert fid.frechet_distance(mu, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-9)
+
+
+def test_fid_frechet_distance_matches_eigenvalues():
+    rng = np.random.default_rng(1)
+    for d in (5, 32):
+        mu1, mu2, s1, s2 = rng.standard_normal(d), rng.standard_normal(d), _rand_spd(rng, d), _rand_spd(rng, d)
+        w, v = np.linalg.eigh(s1)
+        r1 = (v * np.sqrt(w)) @ v.T                                  # sqrt(s1)
+        tr_sqrt = np.sqrt(np.linalg.eigvalsh(r1 @ s2 @ r1)).sum()   # tr sqrt(s1 s2) = tr sqrt(r1 s2 r1)
+        want = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+        assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-6)
+
+
+def test_fid_feature_stats():
+    x = np.random.default_rng(2).standard_normal((50, 4)).astype(np.float32)
+    mu, sigma = fid.feature_stats(x)
+    assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (4, 4)
+    assert np.allclose(sigma, np.cov(x.astype(np.float64), rowvar=False))
+
+
+def test_fid_inception_score():
+    C = 7
+    assert fid.inception_score(np.tile(np.array([[0.2, 0.5, 0.3]]), (20, 1))) == pytest.approx(1.0)
+    onehot = np.eye(C)[np.repeat(np.arange(C), 4)]                 # equal counts per class
+    assert fid.inception_score(onehot) == pytest.approx(C)
+    assert fid.inception_score(np.concatenate([onehot, onehot]), splits=2) == pytest.approx(C)
+
+
+def test_fid_precision_recall():
+    rng = np.random.default_rng(3)
+    real = rng.standard_normal((200, 16))
+    assert fid.precision_recall(real, real) == (1.0, 1.0)
+    assert fid.precision_recall(real, real + 1000) == (0.0, 0.0)
+    # real = two far-apart clusters; fake = copies of 30 points of the first: all fake points lie on real points,
+    # and the fake balls (radii within cluster A, << 100) cannot reach cluster B, so recall <= 1/2.
+    real = np.concatenate([rng.standard_normal((100, 16)), 100 + rng.standard_normal((100, 16))])
+    p, r = fid.precision_recall(real, real[:30], batch=64)
+    assert p == 1.0 and r <= 0.5
+
+
+class StandInDetector(nn.Module):
+    """Same call convention as inception-2015-12-05.pt (uint8 NCHW at any resolution -> features, or probabilities),
+    with small features (32-d) so that sqrtm stays fast on CPU."""
+    def __init__(self, dim=32, classes=10):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer('proj', torch.randn(3 * 4 * 4, dim, generator=g))
+        self.output = nn.Linear(dim, classes)
+
+    def forward(self, img, return_features: bool = False, no_output_bias: bool = False):
+        x = F.adaptive_avg_pool2d(img.float() / 255, 4).flatten(1)
+        features = x @ self.proj
+        if return_features:
+            return features
+        logits = F.linear(features, self.output.weight) if no_output_bias else self.output(features)
+        return F.softmax(logits, dim=1)
+
+
+def _detector(tmp_path):
+    path = str(tmp_path / 'det.pt')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)              # torch.jit is deprecated, the detector is not
+        torch.jit.script(StandInDetector()).save(path)
+    return path
+
+
+def _run(tmp_path, *args):
+    env = dict(os.environ, HOME=str(tmp_path))                      # never touch the real cache
+    return subprocess.run([sys.executable, FID_PY, *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+
+
+def test_fid_detector_outputs_one_pass(tmp_path):
+    det = fid.load_detector(_detector(tmp_path))
+    imgs = np.random.default_rng(4).integers(0, 256, (10, 24, 24, 3), dtype=np.uint8)
+    feats, probs = fid.detector_outputs(det, imgs, batch=4)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        want_f, want_p = det(x, return_features=True).numpy(), det(x, no_output_bias=True).numpy()
+    assert feats.dtype == probs.dtype == np.float64 and feats.shape == (10, 32) and probs.shape == (10, 10)
+    assert np.allclose(feats, want_f, atol=1e-6)
+    assert np.allclose(probs, want_p, atol=1e-6)
+    assert np.allclose(fid.detector_outputs(det, iter(list(imgs)), batch=3)[0], feats, atol=1e-5)   # any iterable
+
+
+def test_fid_cli_end_to_end(tmp_path):
+    det = _detector(tmp_path)
+    rng = np.random.default_rng(5)
+    samples = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    other = (rng.integers(0, 128, (64, 32, 32, 3)) + rng.integers(0, 128, (1, 1, 1, 3))).astype(np.uint8)
+    np.savez(tmp_path / 'samples.npz', samples)
+    np.savez(tmp_path / 'other.npz', other)
+    np.savez(tmp_path / 'ref.npz', samples)                       # reference of images only
+
+    r = _run(tmp_path, 'samples.npz', '--ref', 'ref.npz', '--detector', det, '--json', 'out.json',
+             '--save-ref', 'saved.npz')
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / 'out.json').read_text())
+    assert {'fid', 'inception_score', 'precision', 'recall', 'num_samples'} <= set(m) and m['num_samples'] == 64
+    assert abs(m['fid']) < 1e-6 and m['precision'] == m['recall'] == 1.0 and m['inception_score'] >= 1.0
+    saved = np.load(tmp_path / 'saved.npz')
+    assert saved['features'].dtype == np.float16 and saved['features'].shape == (64, 32)
+
+    # the saved reference again, against different images; then an ADM-style reference with mu/sigma only
+    r = _run(tmp_path, 'other.npz', '--ref', 'saved.npz', '--detector', det, '--json', 'out2.json')
+    assert r.returncode == 0, r.stderr
+    m2 = json.loads((tmp_path / 'out2.json').read_text())
+    assert m2['fid'] > 1 and m2['precision'] is not None
+    np.savez(tmp_path / 'musigma.npz', mu=saved['mu'], sigma=saved['sigma'])
+    r = _run(tmp_path, 'other.npz', '--ref', 'musigma.npz', '--detector', det, '--json', 'out3.json')
+    assert r.returncode == 0, r.stderr
+    m3 = json.loads((tmp_path / 'out3.json').read_text())
+    assert m3['fid'] == pytest.approx(m2['fid'], rel=1e-9) and m3['precision'] is None and 'skipped' in r.stdout
+    assert fid.fid_from_images(other, str(tmp_path / 'musigma.npz'), fid.load_detector(det)) == pytest.approx(m2['fid'])
+
+
+def test_fid_cli_refuses_overwrite_and_missing_detector(tmp_path, monkeypatch):
+    (tmp_path / 'out.json').write_text('{}')
+    np.savez(tmp_path / 'samples.npz', np.zeros((4, 8, 8, 3), np.uint8))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', ['fid.py', 'samples.npz', '--ref', 'samples.npz', '--json', 'out.json'])
+    with pytest.raises(SystemExit, match='overwrite'):
+        fid.main()
+    assert (tmp_path / 'out.json').read_text() == '{}'
+    r = _run(tmp_path, 'samples.npz', '--ref', 'samples.npz', '--detector', 'missing.pt')
+    assert r.returncode != 0 and 'missing.pt' in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / '.cache').exists()                       # no download was attempted
+
+
+# ================================================================ prepare_latents.py
+
+SCRIPT = os.path.join(HERE, 'prepare_latents.py')
+CLASSES = ['n01_cat', 'n02_empty', 'n03_dog', 'n04_owl']  # the empty folder sits in the middle on purpose
+
+
+def prepare(*args, torchrun=False):
+    """Runs prepare_latents.py; one CPU thread per process, as torchrun sets it, so outputs compare bitwise."""
+    launch = ['-m', 'torch.distributed.run', '--nproc_per_node=2'] if torchrun else []
+    return subprocess.run([sys.executable, *launch, SCRIPT, *map(str, args)], cwd=HERE, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def smooth_image(rng, w, h):
+    """Something photo-like: a smooth colour field plus a little noise."""
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    a, b, c = rng.uniform(1, 6, 3)
+    img = np.stack([np.sin(a * x + b * y), np.cos(b * x - c * y), np.sin(c * x * y + a)], -1) * 100 + 128
+    return Image.fromarray(np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope='module')
+def tree(tmp_path_factory):
+    """3 classes of mixed formats + one empty class folder + a corrupt file; a tiny VAE (256 -> 32, 4 channels)."""
+    from diffusers.models import AutoencoderKL
+    root, rng = tmp_path_factory.mktemp('imagenet'), np.random.default_rng(0)
+    for c in CLASSES:
+        (root / c).mkdir()
+    img = lambda w, h: smooth_image(rng, w, h)
+    img(400, 300).save(root / 'n01_cat/a.JPEG')
+    img(640, 520).save(root / 'n01_cat/b.png')                              # min side >= 512: BOX halving
+    img(300, 300).convert('L').save(root / 'n01_cat/c_gray.JPEG')
+    rgba = img(280, 260).convert('RGBA')
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (260, 280), dtype=np.uint8)))
+    rgba.save(root / 'n03_dog/a_rgba.png')
+    img(300, 270).convert('P', palette=Image.ADAPTIVE).save(root / 'n03_dog/b_palette.png')
+    img(320, 300).convert('CMYK').save(root / 'n03_dog/c_cmyk.JPEG')
+    (root / 'n03_dog/d_corrupt.JPEG').write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    img(100, 80).save(root / 'n03_dog/e_small.JPEG')                         # upscaled
+    (root / 'n03_dog/notes.txt').write_text('not an image')                  # ignored
+    (root / 'n04_owl/sub').mkdir()
+    for name in ('a.JPEG', 'b.JPEG', 'sub/c.JPEG'):
+        img(500, 380).save(root / 'n04_owl' / name)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 4,
+                        up_block_types=('UpDecoderBlock2D',) * 4, block_out_channels=(8, 8, 8, 8),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=256)
+    vae_dir = tmp_path_factory.mktemp('vae')
+    vae.save_pretrained(vae_dir)
+    return root, vae_dir
+
+
+@pytest.fixture(scope='module')
+def base(tree, tmp_path_factory):
+    """One uninterrupted run, the reference for the others."""
+    root, vae = tree
+    out = tmp_path_factory.mktemp('base') / 'data'
+    r = prepare('--imagenet', root, '--out', out, '--vae', vae, '--chunk', 3, '--batch', 2, '--workers', 0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out, r
+
+
+def same_output(a, b, images=True):
+    names = ['latents.npy', 'labels.npy'] + (['images.bin', 'images_index.npy'] if images else [])
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+def test_prepare_format(tree, base):
+    root, vae_dir = tree
+    out, r = base
+    meta = json.loads((out / 'meta.json').read_text())
+    assert meta['format_version'] == 1 and meta['resolution'] == 256 and meta['images'] is True
+    assert meta['class_names'] == CLASSES and meta['num_classes'] == 4 and meta['empty_classes'] == ['n02_empty']
+    assert meta['scaling_factor'] == pytest.approx(0.18215) and meta['latent_shape'] == [8, 32, 32]
+    assert meta['N'] == 10 and meta['skipped'] == 1
+    assert not (out / 'parts').exists() and 'holds no images' in r.stdout
+
+    latents, labels = np.load(out / 'latents.npy'), np.load(out / 'labels.npy')
+    assert latents.shape == (10, 8, 32, 32) and latents.dtype == np.float16
+    assert labels.dtype == np.int64 and labels.tolist() == [0, 0, 0, 2, 2, 2, 2, 3, 3, 3]
+    assert np.isfinite(latents).all() and (latents[:, 4:] > 0).all()
+
+    index = np.load(out / 'images_index.npy')
+    blob = (out / 'images.bin').read_bytes()
+    assert index.dtype == np.int64 and index.shape == (11,) and index[0] == 0 and index[-1] == len(blob)
+    crops = [np.asarray(Image.open(io.BytesIO(blob[index[i]:index[i + 1]]))) for i in range(10)]
+    assert all(c.shape == (256, 256, 3) and c.dtype == np.uint8 for c in crops)
+
+    report = (out / 'skipped.txt').read_text().splitlines()
+    assert len(report) == 2 and 'd_corrupt.JPEG' in report[0] and report[1].startswith(str(root / 'n02_empty'))
+
+    # channels = posterior mean, std of the VAE on the ADM crop of the first file
+    sys.path.insert(0, HERE)
+    from prepare_latents import center_crop_arr
+    from diffusers.models import AutoencoderKL
+    crop = center_crop_arr(Image.open(root / 'n01_cat/a.JPEG').convert('RGB'))
+    assert np.abs(crop.astype(int) - crops[0]).mean() < 3  # the stored JPEG is that crop
+    x = torch.from_numpy(crop.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        posterior = AutoencoderKL.from_pretrained(vae_dir).eval().encode(x).latent_dist
+    ref = torch.cat([posterior.mean, posterior.std], 1)[0].half().numpy()
+    np.testing.assert_allclose(latents[0].astype(np.float32), ref.astype(np.float32), rtol=1e-2, atol=1e-3)
+
+
+def test_prepare_center_crop():
+    sys.path.insert(0, HERE)
+    from prepare_latents import center_crop_arr, to_rgb
+    for size in [(1030, 600), (100, 80), (256, 256), (300, 900)]:
+        assert center_crop_arr(Image.new('RGB', size)).shape == (256, 256, 3)
+    rgba = Image.new('RGBA', (4, 4), (0, 0, 0, 0))
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert to_rgb(Image.new('CMYK', (4, 4))).mode == 'RGB' and to_rgb(Image.new('L', (4, 4))).mode == 'RGB'
+
+
+def test_prepare_resume_with_torchrun(tree, base, tmp_path):
+    """Killed after 2 of 4 chunks, continued by 2 torchrun ranks (gloo): only the 2 missing chunks are encoded,
+    one per rank, and the result is byte-identical to the uninterrupted single-process run."""
+    root, vae = tree
+    out = tmp_path / 'data'
+    args = ['--imagenet', root, '--out', out, '--vae', vae, '--chunk', 3, '--batch', 2, '--workers', 0]
+    r = prepare(*args, '--stop-after-chunks', 2)  # dies like a killed process
+    assert r.returncode != 0 and not (out / 'meta.json').exists()
+    assert sorted(p.name for p in (out / 'parts').glob('*.npz')) == ['000000.npz', '000001.npz']
+    (out / 'parts/000002.npz.tmp').write_bytes(b'half a chunk')  # killed while writing chunk 2
+    r = prepare(*args, torchrun=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'skipping 2 finished chunks, 2 left to encode' in r.stdout and 'encoding (2 ranks' in r.stderr
+    assert same_output(base[0], out) and not (out / 'parts').exists()
+
+
+def test_prepare_refusals(tree, base, tmp_path):
+    root, vae = tree
+    out = base[0]
+    stamp = (out / 'meta.json').stat().st_mtime_ns
+    r = prepare('--imagenet', root, '--out', out, '--vae', vae)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f'error: {out} already holds a complete dataset (meta.json); pass --overwrite to replace it']
+    assert (out / 'meta.json').stat().st_mtime_ns == stamp
+
+    # the same checks in-process (a subprocess each would cost seconds)
+    sys.path.insert(0, HERE)
+    from prepare_latents import plan_run
+    opts = lambda imagenet, out, vae=vae, **kw: argparse.Namespace(**{**dict(
+        imagenet=str(imagenet), out=str(out), vae=str(vae), precision='fp32', chunk=3, no_images=False,
+        overwrite=False), **kw})
+    with pytest.raises(SystemExit, match='error: --imagenet .* is not a directory'):
+        plan_run(opts(tmp_path / 'nope', tmp_path / 'x'))
+    (tmp_path / 'flat').mkdir()
+    Image.new('RGB', (8, 8)).save(tmp_path / 'flat/a.JPEG')
+    with pytest.raises(SystemExit, match='no class sub-folders'):
+        plan_run(opts(tmp_path / 'flat', tmp_path / 'x'))
+
+    # an unfinished run refuses a different tree or VAE once a chunk is finished; --overwrite starts over
+    tree2, vae2, out2 = tmp_path / 'tree2', tmp_path / 'vae2', tmp_path / 'data'
+    shutil.copytree(root, tree2)
+    shutil.copytree(vae, vae2)
+    plan_run(opts(tree2, out2))
+    plan_run(opts(tree2, out2, vae=vae2))  # no chunk finished yet: nothing to lose, the new plan wins
+    assert json.loads((out2 / 'parts/files.json').read_text())['vae'] == str(vae2)
+    plan_run(opts(tree2, out2))
+    (out2 / 'parts/000000.npz').write_bytes(b'')  # a finished chunk
+    with pytest.raises(SystemExit, match='different vae'):
+        plan_run(opts(tree2, out2, vae=vae2))
+    Image.new('RGB', (300, 300)).save(tree2 / 'n04_owl/new.JPEG')
+    with pytest.raises(SystemExit, match=r'different files \(11 saved, 12 now\).*--overwrite'):
+        plan_run(opts(tree2, out2))
+    (tree2 / 'n04_owl/new.JPEG').unlink()
+    r = prepare('--imagenet', tree2, '--out', out2, '--vae', vae, '--chunk', 3, '--batch', 2, '--workers', 2,
+                '--overwrite', '--no-images')
+    assert r.returncode == 0, r.stderr
+    assert 'finished chunks' not in r.stdout and same_output(out, out2, images=False)  # deterministic, any workers
+    assert json.loads((out2 / 'meta.json').read_text())['images'] is False and not (out2 / 'images.bin').exists()
+
+
+# ================================================================ sample.py
+
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS='1')
+
+
+def run_sample(*args, ok=True, nproc=0):
+    """sample.py in a subprocess (under torch.distributed.run with nproc > 0); asserts the exit status."""
+    launcher = []
+    if nproc:
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        launcher = ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={port}']
+    r = subprocess.run([sys.executable, *launcher, 'sample.py', *map(str, args)], cwd=HERE, env=ENV,
+                       capture_output=True, text=True, timeout=180)
+    assert (r.returncode == 0) == ok, r.stdout + r.stderr
+    return r
+
+
+def load_npz(path):
+    with np.load_npz(path) as f:
+        return f['arr_0']
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp('sample') / 'run'
+    subprocess.run([sys.executable, 'cat.py', '--data', 'toy', '--model', 'T', '--toy-n', '400', '--batch-size', '8',
+                    '--precision', 'fp32', '--eval-every', '0', '--log-every', '1', '--ckpt-every', '1',
+                    '--latest-every', '1', '--workers', '0', '--steps', '1', '--out', str(out)],
+                   cwd=HERE, env=ENV, check=True, capture_output=True, timeout=300)
+    return str(out / 'latest.pt')
+
+
+@pytest.fixture(scope='module')
+def single(ckpt):
+    """10 samples in batches of 4 (the last one partial), one process, default output path."""
+    run_sample('--ckpt', ckpt, '--num', 10, '--batch', 4)
+    return os.path.join(os.path.dirname(ckpt), 'samples-0000001-ema-psi1-seed0-10.npz')
+
+
+def test_sample_npz_shape_count_and_grid(single):
+    x = load_npz(single)
+    assert x.shape == (10, 16, 16, 3) and x.dtype == np.uint8
+    assert not np.array_equal(x[0], x[1])
+    assert Image.open(single[:-4] + '.png').size == (8 * 64, 2 * 64)      # 8 per row, toy enlarged x4
+
+
+def test_sample_torchrun_identical(ckpt, single, tmp_path):
+    out = tmp_path / 'ddp.npz'
+    run_sample('--ckpt', ckpt, '--num-samples', 10, '--batch', 4, '--out', out, nproc=2)
+    assert np.array_equal(load_npz(out), load_npz(single))
+    assert sorted(os.listdir(tmp_path)) == ['ddp.npz', 'ddp.png']              # parts and .tmp removed
+
+
+def test_sample_class_order():
+    import sample
+    args = SimpleNamespace(seed=3, classes=None, class_balanced=True)
+    z, c = sample.sample_inputs(range(25), args, 8, 10)
+    assert c.tolist() == [i % 10 for i in range(25)]
+    z2, c2 = sample.sample_inputs(range(20, 25), SimpleNamespace(seed=3, classes=None, class_balanced=False), 8, 10)
+    assert torch.equal(z2, z[20:]) and c2.min() >= 0 and c2.max() < 10       # z_i depends on i only, not on batching
+    _, c3 = sample.sample_inputs(range(5), SimpleNamespace(seed=3, classes=[7, 2], class_balanced=False), 8, 10)
+    assert c3.tolist() == [7, 2, 7, 2, 7]
+
+
+def test_sample_class_balanced_matches_classes(ckpt, tmp_path):
+    """--class-balanced gives sample i class i % 10: samples 3 and 13 equal those of --classes 3."""
+    run_sample('--ckpt', ckpt, '--num', 14, '--batch', 7, '--class-balanced', '--out', tmp_path / 'cb.npz')
+    run_sample('--ckpt', ckpt, '--num', 14, '--batch', 7, '--classes', 3, '--out', tmp_path / 'c3.npz')
+    cb, c3 = load_npz(tmp_path / 'cb.npz'), load_npz(tmp_path / 'c3.npz')
+    assert np.array_equal(cb[[3, 13]], c3[[3, 13]])
+    assert not np.array_equal(cb[0], c3[0])                                    # same z, class 0 vs 3
+
+
+def test_sample_refuses_to_overwrite(ckpt, tmp_path):
+    out = tmp_path / 'old.npz'
+    out.write_bytes(b'old samples')
+    r = run_sample('--ckpt', ckpt, '--num', 2, '--out', out, ok=False)
+    assert r.stderr.strip().count('\n') == 0 and 'exists' in r.stderr and '--overwrite' in r.stderr
+    assert out.read_bytes() == b'old samples' and not (tmp_path / 'old.png').exists()
+    run_sample('--ckpt', ckpt, '--num', 2, '--out', out, '--overwrite')
+    assert load_npz(out).shape == (2, 16, 16, 3)
+
+
+def test_sample_bad_checkpoints(ckpt, tmp_path):
+    data = open(ckpt, 'rb').read()
+    (tmp_path / 'half.pt').write_bytes(data[:len(data) // 2])
+    torch.save({'model': {}}, tmp_path / 'other.pt')
+    for name, msg in [('half.pt', 'truncated'), ('other.pt', 'not a CAT checkpoint')]:
+        r = run_sample('--ckpt', tmp_path / name, '--num', 2, '--out', tmp_path / 'x.npz', ok=False)
+        assert r.stderr.strip().startswith('error:') and r.stderr.strip().count('\n') == 0 and msg in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ['half.pt', 'other.pt']                # nothing written
+
+
+def test_sample_research_views(ckpt, single, tmp_path):
+    """--num 0: no .npz; stages grid 8 rows x 4 stages, its h_3 column = the samples; interp 4 x 8; Eq. 1 table."""
+    out, js = tmp_path / 'r.npz', tmp_path / 'm.json'
+    r = run_sample('--ckpt', ckpt, '--num', 0, '--batch', 4, '--stages', '--interp', '--analyze', '--json', js,
+                   '--out', out)
+    assert not out.exists()
+    stages = np.asarray(Image.open(tmp_path / 'r-stages.png'))
+    assert stages.shape == (8 * 64, 4 * 64, 3)
+    x = load_npz(single)[:8].repeat(4, 1).repeat(4, 2)                              # same seeds, same batches of 4
+    assert np.array_equal(stages[:, 3 * 64:].reshape(8, 64, 64, 3), x)
+    interp = np.asarray(Image.open(tmp_path / 'r-interp.png'))
+    assert interp.shape == (4 * 64, 8 * 64, 3)
+    assert np.abs(interp[:64, :64].astype(int) - x[0]).max() <= 2              # t = 0 is sample 0 (batch of 32)
+    assert np.abs(interp[:64, -64:].astype(int) - x[1]).max() <= 2             # t = 1 is sample 1
+    for name in ('delta', 'R', 'A', 'k=0', 'mean'):
+        assert name in r.stdout
+    m = json.load_npz(open(js))
+    assert m['n'] == 1000 and all(len(m[k]) == 4 and np.isfinite(m[k]).all() for k in ('delta', 'R', 'A'))
+
+
+def test_sample_latent_checkpoint_uses_vae(ckpt, tmp_path):
+    """A latent checkpoint is decoded by the VAE named in its meta (here a tiny untrained AutoencoderKL)."""
+    from diffusers.models import AutoencoderKL
+    vae_dir = tmp_path / 'vae'
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+                  norm_num_groups=4, down_block_types=('DownEncoderBlock2D',) * 2,
+                  up_block_types=('UpDecoderBlock2D',) * 2).save_pretrained(vae_dir)
+    ck = torch.load_npz(ckpt, weights_only=False)
+    ck['config']['data'].update(kind='latent', scale=0.18215)
+    ck['config']['meta'] = dict(vae=str(vae_dir))
+    torch.save(ck, tmp_path / 'latent.pt')
+    run_sample('--ckpt', tmp_path / 'latent.pt', '--num', 3, '--out', tmp_path / 'l.npz')
+    assert load_npz(tmp_path / 'l.npz').shape == (3, 32, 32, 3)                     # 16 x 16 latents, VAE upsamples x2
+    r = run_sample('--ckpt', tmp_path / 'latent.pt', '--num', 3, '--out', tmp_path / 'm.npz', '--vae',
+                   tmp_path / 'nowhere', ok=False)
+    assert r.stderr.strip().splitlines()[-1].startswith("error: cannot load the VAE")      # diffusers may warn first
+
+
+def test_prepare_then_train(base, tmp_path):
+    """cat.py trains on what prepare_latents.py wrote (with REPA's images read from images.bin)."""
+    out, _ = base
+    ds = cat.LatentDataset(str(out), images=True)
+    m, c, img = ds[0]
+    assert m.shape == (8, 32, 32) and img.shape == (3, 256, 256) and img.dtype == torch.uint8
+    r = cat.train(cat.get_args(LATENT + ['--data', str(out), '--steps', '1', '--out', str(tmp_path / 'r')]))
+    assert load(r['run_dir'])['config']['meta']['num_classes'] == 4

@@ -825,7 +825,7 @@ def run_sample(*args, ok=True, nproc=0):
 
 
 def load_npz(path):
-    with np.load_npz(path) as f:
+    with np.load(path) as f:
         return f['arr_0']
 
 
@@ -916,7 +916,7 @@ def test_sample_research_views(ckpt, single, tmp_path):
     assert np.abs(interp[:64, -64:].astype(int) - x[1]).max() <= 2             # t = 1 is sample 1
     for name in ('delta', 'R', 'A', 'k=0', 'mean'):
         assert name in r.stdout
-    m = json.load_npz(open(js))
+    m = json.load(open(js))
     assert m['n'] == 1000 and all(len(m[k]) == 4 and np.isfinite(m[k]).all() for k in ('delta', 'R', 'A'))
 
 
@@ -927,7 +927,7 @@ def test_sample_latent_checkpoint_uses_vae(ckpt, tmp_path):
     AutoencoderKL(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8, 8), layers_per_block=1,
                   norm_num_groups=4, down_block_types=('DownEncoderBlock2D',) * 2,
                   up_block_types=('UpDecoderBlock2D',) * 2).save_pretrained(vae_dir)
-    ck = torch.load_npz(ckpt, weights_only=False)
+    ck = torch.load(ckpt, weights_only=False)
     ck['config']['data'].update(kind='latent', scale=0.18215)
     ck['config']['meta'] = dict(vae=str(vae_dir))
     torch.save(ck, tmp_path / 'latent.pt')

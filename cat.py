@@ -1144,6 +1144,20 @@ class Preemption:
         return False
 
 
+@torch.no_grad()
+def training_fid(ema, info, args, device, vae, detector):
+    """FID of fid_n EMA samples (uniform random classes, fixed seed) against the --fid-ref statistics."""
+    import fid
+    g = torch.Generator().manual_seed(args.seed + 999)
+    z = torch.randn(args.fid_n, ema.z_dim, generator=g)
+    c = torch.randint(0, info['num_classes'], (args.fid_n,), generator=g)
+    images = []
+    for zb, cb in zip(z.split(256), c.split(256)):
+        with autocast(args.precision, device):
+            images.append(decode(ema(zb.to(device), cb.to(device))[-1].float(), info, vae))
+    return fid.fid_from_images(torch.cat(images).numpy(), args.fid_ref, detector, device)
+
+
 def train(args):
     rank, world, device = setup_ddp()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -1200,6 +1214,13 @@ def train(args):
     toy_state = None
     if info['kind'] == 'toy' and rank == 0 and args.eval_every:
         toy_state = (train_toy_classifier(res=info['res'], seed=args.seed), make_toy(2 * args.eval_n, seed=args.seed + 777, res=info['res'])[0])
+    detector = None
+    if args.fid_every and rank == 0:               # FID-5K of the EMA generator while training, as GAT logs it
+        import fid
+        try:
+            detector = fid.load_detector(args.fid_detector, device)
+        except SystemExit as e:
+            log(f"warning: {e} FID during training is off.")
     config = dict(G=g_cfg, D=d_cfg, args=vars(args), data={k: v for k, v in info.items() if k != 'meta'}, meta=info['meta'])
     if rank == 0:
         log(f"run {run_dir}: G {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f}M "
@@ -1240,6 +1261,12 @@ def train(args):
         if rank == 0 and args.eval_every and (done % args.eval_every == 0 or done == args.steps):
             last_eval = evaluate(ema, info, args, device, vae, toy_state, done, run_dir)
             log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in last_eval.items()), dict(step=done, **last_eval))
+        if detector is not None and (done % args.fid_every == 0 or done == args.steps):
+            if info['kind'] == 'latent' and vae is None:
+                log("warning: no VAE to decode samples: FID skipped.")
+            else:
+                fid_value = training_fid(ema, info, args, device, vae, detector)
+                log(f"fid {done}: fid{args.fid_n // 1000}k={fid_value:.3f}", dict(step=done, fid=fid_value, fid_n=args.fid_n))
         if rank == 0 and (done % args.latest_every == 0 or done % args.ckpt_every == 0 or done == args.steps or stopping):
             checkpoint(done)
         if stopping:
@@ -1378,6 +1405,10 @@ def get_args(argv=None):
     p.add_argument('--latest-every', type=int, default=None, help='latest.pt refresh interval')
     p.add_argument('--keep', type=int, default=3, help='periodic checkpoints kept (besides latest.pt and milestones)')
     p.add_argument('--milestone-every', type=int, default=50_000, help='checkpoints at multiples of this are never deleted')
+    p.add_argument('--fid-every', type=int, default=0, help='log FID of the EMA generator every N steps (needs --fid-ref)')
+    p.add_argument('--fid-ref', default=None, help='reference statistics .npz for --fid-every (mu, sigma)')
+    p.add_argument('--fid-n', type=int, default=5000, help='samples for --fid-every')
+    p.add_argument('--fid-detector', default=None, help='inception-2015-12-05.pt path (default: download once, cache)')
     p.add_argument('--toy-n', type=int, default=20000, help='toy training set size')
     p.add_argument('--toy-res', type=int, default=16, help='toy image resolution')
     p.add_argument('--summary', action='store_true', help='print params and GFLOPs of --model and exit (meta device)')
@@ -1402,6 +1433,8 @@ def get_args(argv=None):
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.fid_every and not args.fid_ref:
+        p.error('--fid-every needs --fid-ref REF.npz (e.g. ADM\'s VIRTUAL_imagenet256_labeled.npz)')
     if toy and args.lambda_repa > 0:
         p.error('--lambda-repa needs ImageNet images: the toy set has no DINOv2 targets; use --lambda-repa 0')
     return args

@@ -946,3 +946,16 @@ def test_prepare_then_train(base, tmp_path):
     assert m.shape == (8, 32, 32) and img.shape == (3, 256, 256) and img.dtype == torch.uint8
     r = cat.train(cat.get_args(LATENT + ['--data', str(out), '--steps', '1', '--out', str(tmp_path / 'r')]))
     assert load(r['run_dir'])['config']['meta']['num_classes'] == 4
+
+
+def test_training_logs_fid_with_stand_in_detector(tmp_path):
+    det = _detector(tmp_path)
+    x, _ = make_toy(64, seed=5)
+    feats, _ = fid.detector_outputs(fid.load_detector(det), cat.to_uint8(x).numpy(), batch=32)
+    mu, sigma = fid.feature_stats(feats)
+    np.savez(tmp_path / 'ref.npz', mu=mu, sigma=sigma)
+    run = run_cat(TINY + ['--steps', '2', '--fid-every', '2', '--fid-n', '40', '--fid-ref', str(tmp_path / 'ref.npz'),
+                          '--fid-detector', det, '--out', str(tmp_path / 'r')])
+    rows = [json.loads(l) for l in open(os.path.join(run, 'metrics.jsonl'))]
+    fids = [r['fid'] for r in rows if 'fid' in r]
+    assert len(fids) == 1 and math.isfinite(fids[0]) and fids[0] > 0

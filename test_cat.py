@@ -959,3 +959,33 @@ def test_training_logs_fid_with_stand_in_detector(tmp_path):
     rows = [json.loads(l) for l in open(os.path.join(run, 'metrics.jsonl'))]
     fids = [r['fid'] for r in rows if 'fid' in r]
     assert len(fids) == 1 and math.isfinite(fids[0]) and fids[0] > 0
+
+
+# ---------------------------------------------------------------- fast paths equal the reference paths
+
+def test_grad_ckpt_gives_the_same_gradients():
+    G, D = tiny_G(), tiny_D()
+    z, c = torch.randn(3, G.z_dim), torch.tensor([0, 4, 9])
+    grads = []
+    for ckpt in (False, True):
+        G.grad_ckpt = D.grad_ckpt = ckpt
+        G.zero_grad(), D.zero_grad()
+        hs = G(z, c)
+        (D(cat.multiscale(hs), c).sum() + cat.consistency_loss(hs)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in [*G.parameters(), *D.parameters()] if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_bf16_autocast_step_on_cpu(tmp_path):
+    """The bf16 path (the GPU default) runs on CPU too; approximated R1/R2 in the same pass or in its own fp32 pass."""
+    for gp in ('bf16', 'fp32'):
+        bf16 = ['bf16' if a == 'fp32' else a for a in TINY]
+        run = run_cat(bf16 + ['--gp-precision', gp, '--steps', '2', '--out', str(tmp_path / gp)])
+        rows = [json.loads(l) for l in open(os.path.join(run, 'metrics.jsonl'))]
+        assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values())
+
+
+def test_bench_runs_on_cpu():
+    r = cat.bench(cat.get_args(['--model', 'T', '--bench', '--batch-size', '8', '--bench-steps', '2', '--bench-warmup', '1',
+                                '--lambda-repa', '0', '--precision', 'fp32']), out=lambda s: None)
+    assert r['ms_per_it'] > 0 and r['tflops'] > 0 and r['mfu'] is None and r['batch_per_device'] == 8

@@ -1321,7 +1321,7 @@ def summary(args, out=print):
         steps = PAPER_STEPS[args.model]
         flop = 2 * train * 512 * steps                 # 2 FLOPs per multiply-add
         hours = flop / (8 * 0.4 * PEAK_BF16_TFLOPS['H100'] * 1e12) / 3600
-        out(f"paper schedule: {steps} iterations x batch 512 = {flop / 1e21:.2f} ZFLOP; at 40% MFU on 8 H100 "
+        out(f"paper schedule: {steps} iterations x batch 512 = {flop / 1e18:.0f} EFLOP; at 40% MFU on 8 H100 "
             f"(989 TFLOP/s bf16 dense) {hours:.1f} h (model FLOPs only: data loading, DINOv2 and EMA excluded)")
     return dict(G_params=n_g, D_params=n_d, proj_params=n_proj, F_G=F_G, F_D=F_D)
 

@@ -84,6 +84,11 @@ def rope_2d(head_dim, n, n_cls=0, theta=10000.0):
     return ang.cos().float(), ang.sin().float()
 
 
+def rms_norm(x, norm):
+    """nn.RMSNorm with its weight in x's dtype, so that the fused kernel also runs on bf16 activations."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
+
+
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
@@ -121,7 +126,7 @@ class Attention(nn.Module):
     def forward(self, x, rope, segments=None):
         B, L, C = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        q, k = apply_rope(rms_norm(q, self.q_norm), *rope), apply_rope(rms_norm(k, self.k_norm), *rope)
         if segments is None or torch.is_tensor(segments):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=segments)
         else:
@@ -232,7 +237,7 @@ class Generator(nn.Module):
 
     def synthesis(self, w):
         """Returns [h_0, ..., h_K]: accumulated outputs h_k = o_0 + ... + o_k, each [B, C, res, res]."""
-        x = self.pos.expand(w.shape[0], -1, -1).to(w.dtype)
+        x = self.pos.expand(w.shape[0], -1, -1)        # fp32: the residual stream stays fp32 under autocast
         rope, hs, h, k = (self.rope_cos, self.rope_sin), [], 0, 0
         for i, block in enumerate(self.blocks):
             x = checkpoint(block, x, w, rope, use_reentrant=False) if self.grad_ckpt and torch.is_grad_enabled() else block(x, w, rope)

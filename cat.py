@@ -1219,7 +1219,8 @@ def train(args):
             log(f"warning: VAE '{args.vae or info['meta']['vae']}' unavailable: sample grids show latent channels 0-2.")
     toy_state = None
     if info['kind'] == 'toy' and rank == 0 and args.eval_every:
-        toy_state = (train_toy_classifier(res=info['res'], seed=args.seed), make_toy(2 * args.eval_n, seed=args.seed + 777, res=info['res'])[0])
+        real = make_toy(2 * args.eval_n, seed=args.seed + 777, res=info['res'])[0]      # held out: another seed
+        toy_state = (train_toy_classifier(res=info['res'], seed=args.seed), real)
     detector = None
     if args.fid_every and rank == 0:               # FID-5K of the EMA generator while training, as GAT logs it
         import fid
@@ -1235,13 +1236,21 @@ def train(args):
     def checkpoint(step):
         state = dict(format='cat', step=step, config=config, G=G.state_dict(), D=D.state_dict(), ema=ema.state_dict(),
                      opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict())
-        save_checkpoint(os.path.join(run_dir, 'latest.pt'), state)
+        latest = os.path.join(run_dir, 'latest.pt')
         if step % args.ckpt_every == 0 or step == args.steps:
-            save_checkpoint(os.path.join(run_dir, f'ckpt-{step:07d}.pt'), state)
+            path = os.path.join(run_dir, f'ckpt-{step:07d}.pt')
+            save_checkpoint(path, state)
+            try:                                      # latest.pt: a hard link to it, not a second write
+                os.link(path, latest + '.tmp')
+                os.replace(latest + '.tmp', latest)
+            except OSError:
+                save_checkpoint(latest, state)
             periodic = [p for p in sorted(glob.glob(os.path.join(run_dir, 'ckpt-*.pt')))
                         if not (args.milestone_every and int(p[-10:-3]) % args.milestone_every == 0)]
             for old in periodic[:-args.keep]:             # only after the new one is safely written
                 os.remove(old)
+        else:
+            save_checkpoint(latest, state)
 
     from tqdm import tqdm
     stop = Preemption(world)
@@ -1254,8 +1263,9 @@ def train(args):
         pending.append(st)
         done = step + 1
         stopping = stop.requested()
-        # every log interval (and before any checkpoint): one host sync, and the non-finite guard
-        if done % args.log_every == 0 or done == args.steps or done % args.latest_every == 0 or stopping:
+        save = done % args.latest_every == 0 or done % args.ckpt_every == 0 or done == args.steps or stopping
+        # every log interval and before every checkpoint: one host sync, and the non-finite guard
+        if done % args.log_every == 0 or save:
             vals = torch.stack(pending).mean(0).tolist()
             bad = [n for n, v in zip(names, vals) if not math.isfinite(v)]
             if bad:
@@ -1273,7 +1283,7 @@ def train(args):
             else:
                 fid_value = training_fid(ema, info, args, device, vae, detector)
                 log(f"fid {done}: fid{args.fid_n // 1000}k={fid_value:.3f}", dict(step=done, fid=fid_value, fid_n=args.fid_n))
-        if rank == 0 and (done % args.latest_every == 0 or done % args.ckpt_every == 0 or done == args.steps or stopping):
+        if rank == 0 and save:
             checkpoint(done)
         if stopping:
             log(f"stopped by signal after step {done}; checkpoint {run_dir}/latest.pt. Resume with the same command "

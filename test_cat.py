@@ -417,8 +417,10 @@ def test_retention_and_damaged_latest_fallback(tmp_path):
                           '--out', str(tmp_path / 'r')])
     names = sorted(os.listdir(run))
     assert [n for n in names if n.startswith('ckpt-')] == ['ckpt-0000004.pt', 'ckpt-0000006.pt', 'ckpt-0000007.pt', 'ckpt-0000008.pt']  # 4, 8: milestones
-    with open(os.path.join(run, 'latest.pt'), 'r+b') as f:              # a write cut short
-        f.truncate(500)
+    latest = os.path.join(run, 'latest.pt')
+    data = open(latest, 'rb').read()[:500]
+    os.remove(latest)                                                   # latest.pt is a hard link to ckpt-0000008.pt
+    open(latest, 'wb').write(data)                                      # a damaged copy (e.g. an interrupted rsync)
     assert cat.find_resume(run).endswith('ckpt-0000008.pt')
 
 

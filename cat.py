@@ -1220,7 +1220,16 @@ def train(args):
     toy_state = None
     if info['kind'] == 'toy' and rank == 0 and args.eval_every:
         real = make_toy(2 * args.eval_n, seed=args.seed + 777, res=info['res'])[0]      # held out: another seed
-        toy_state = (train_toy_classifier(res=info['res'], seed=args.seed), real)
+        path = os.path.join(run_dir, 'toy_classifier.pt')                              # cached per run
+        if os.path.exists(path):
+            clf = ToyClassifier(info['res'])
+            clf.load_state_dict(torch.load(path, map_location='cpu'))
+            clf.eval()
+        else:
+            clf = train_toy_classifier(res=info['res'], seed=args.seed)
+            log(f"toy classifier: {100 * clf.val_acc:.1f}% on held-out real toy images")
+            torch.save(clf.state_dict(), path)
+        toy_state = (clf, real)
     detector = None
     if args.fid_every and rank == 0:               # FID-5K of the EMA generator while training, as GAT logs it
         import fid

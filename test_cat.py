@@ -309,11 +309,22 @@ def test_torchrun_two_processes_match_one(tmp_path):
     one = run_cat(TINY + ['--steps', '2', '--out', str(tmp_path / 'one')])
     cd, c1 = load(tmp_path / 'ddp'), load(one)
     # Adam with beta1 = 0 moves each weight by about lr * sign(grad) on its first steps, so a gradient within
-    # round-off of 0 (the two runs reduce in different orders) may flip: allow a few such elements, each < 3 lr / step.
+    # round-off of 0 (the two runs reduce in different orders) may flip. D's head bias is such a weight: it cancels in
+    # d(real) - d(fake) (same class), so its gradient is pure round-off. Allow a few such elements, each < 2.5 lr / step.
+    lr = cat.get_args(TINY).lr
     for part in ('G', 'D'):
         diff = torch.cat([(cd[part][k] - c1[part][k]).abs().flatten() for k in c1[part]])
-        assert (diff > 1e-5).float().mean() < 0.005 and diff.max() < 2 * 3 * 2e-4, (part, diff.max())
+        assert (diff > 1e-5).float().mean() < 0.005 and diff.max() < 2 * 2 * 2.5 * lr, (part, diff.max())
     assert torch.allclose(cd['G']['w_avg'], c1['G']['w_avg'], atol=1e-6)
+    # exact resume under 2 processes: 2 steps + resume to 4 equals 4 straight steps, bit for bit
+    for extra in (['4', str(tmp_path / 'ddp'), '--resume'], ['4', str(tmp_path / 'ddp4')]):
+        args = cmd[:-4] + ['--steps', extra[0], '--out', *extra[1:]]
+        out = subprocess.run(args, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    ca, cb = load(tmp_path / 'ddp'), load(tmp_path / 'ddp4')
+    assert ca['step'] == cb['step'] == 4
+    for part in ('G', 'D', 'ema'):
+        assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
 
 
 # ---------------------------------------------------------------- reliability: preemption, guard, bad input, retention
@@ -1002,3 +1013,25 @@ def test_compiled_blocks_match_eager():
         blk.compile()
     assert torch.allclose(D(xs, c), want, atol=1e-5)
     assert set(D.state_dict()) == set(tiny_D(depth=1).state_dict())      # keys unchanged: checkpoints stay portable
+
+
+def test_toy_run_with_evaluator(tmp_path):
+    """A few toy steps with the evaluator: the toy line, the cached classifier, cross-scale metrics, the grid."""
+    run = run_cat(TINY + ['--steps', '2', '--eval-every', '2', '--eval-n', '100', '--out', str(tmp_path / 'r')])
+    log = open(os.path.join(run, 'log.txt')).read().splitlines()
+    assert log[-1].startswith('toy: class_acc=') and 'fd_floor=' in log[-1]
+    rows = [json.loads(l) for l in open(os.path.join(run, 'metrics.jsonl'))]
+    ev = [r for r in rows if 'class_acc' in r][0]
+    assert 0 <= ev['class_acc'] <= 1 and ev['fd'] > ev['fd_floor'] > 0 and all(f'delta_{k}' in ev for k in range(3))
+    assert os.path.exists(os.path.join(run, 'toy_classifier.pt')) and os.path.exists(os.path.join(run, 'samples-0000002.png'))
+
+
+def test_sample_then_fid_on_toy_checkpoint(single, tmp_path):
+    """sample.py's .npz of a toy checkpoint through fid.py with the stand-in detector, against real toy images."""
+    det = _detector(tmp_path)
+    x, _ = make_toy(64, seed=3)
+    np.savez(tmp_path / 'ref.npz', arr_0=cat.to_uint8(x).numpy())
+    r = _run(tmp_path, str(single), '--ref', str(tmp_path / 'ref.npz'), '--detector', det, '--json', str(tmp_path / 'm.json'))
+    assert r.returncode == 0, r.stderr
+    m = json.load(open(tmp_path / 'm.json'))
+    assert m['num_samples'] == 10 and math.isfinite(m['fid']) and m['fid'] > 0

@@ -107,6 +107,14 @@ class EqualLinear(nn.Module):
         return F.linear(x, self.weight * self.w_gain, self.bias * self.lr_mul)
 
 
+def init_linears(module):
+    """Xavier-uniform weights and zero biases for every nn.Linear (as DiT / GAT)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def normalize_2nd_moment(x, eps=1e-8):
     return x * (x.square().mean(dim=-1, keepdim=True) + eps).rsqrt()
 
@@ -219,10 +227,7 @@ class Generator(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears(self)
         for m in list(self.blocks) + list(self.heads):
             nn.init.xavier_uniform_(m.ada.weight, gain=0.1)    # small modulation at init (as GAT)
         nn.init.normal_(self.class_embed.weight)
@@ -329,10 +334,7 @@ class Discriminator(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears(self)
         nn.init.normal_(self.scale_embed, std=0.02)
         nn.init.normal_(self.cls, std=0.02)
         nn.init.normal_(self.class_embed.weight, std=0.02)

@@ -455,7 +455,9 @@ def repa_loss(pred_tokens, dino_cls, dino_patch):
 
 def cross_scale_metrics(hs):
     """delta_k, R_k, A_k of Eq. 1 from [h_0..h_K], per-sample values averaged over the batch.
-    x_k = r_k(h_k); r_K = bilinear upsampling to full resolution. Returns dict of lists (k = 0..K-1)."""
+    x_k = r_k(h_k); r_K = bilinear upsampling to full resolution. Returns dict of lists (k = 0..K-1).
+    Also delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw stage outputs (not in the paper): the quantity L_cons acts on,
+    including the detail that r_k pools away and Eq. 1 therefore cannot see."""
     full = hs[-1].shape[-1]
     up = lambda x: F.interpolate(x, size=(full, full), mode='bilinear', align_corners=False) if x.shape[-1] != full else x
     xs = [up(r_k(h.float(), k)).flatten(1) for k, h in enumerate(hs)]
@@ -463,7 +465,9 @@ def cross_scale_metrics(hs):
     delta = [((xK - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)]
     R = [((xs[k + 1] - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)]
     A = [F.cosine_similarity(xs[k + 1] - xs[k], xK - xs[k], dim=1).mean().item() for k in range(K)]
-    return dict(delta=delta, R=R, A=A)
+    hK = hs[-1].float().flatten(1)
+    delta_h = [((hK - hs[k].float().flatten(1)).norm(dim=1) / hK.norm(dim=1)).mean().item() for k in range(K)]
+    return dict(delta=delta, R=R, A=A, delta_h=delta_h)
 
 # ----------------------------------------------------------------------------------------------
 # Data: the prepared ImageNet latents (prepare_latents.py) and the built-in toy set.
@@ -1030,7 +1034,7 @@ def evaluate(ema, info, args, device, vae, toy_eval_state, step, run_dir):
         hs = generate(ema, z, c, all_stages=True)
     out = cross_scale_metrics(list(hs.float()))
     out = {f'{name}_{k}': v for name, vals in out.items() for k, v in enumerate(vals)}
-    for name in ('delta', 'R', 'A'):
+    for name in ('delta', 'R', 'A', 'delta_h'):
         out[name] = sum(out[f'{name}_{k}'] for k in range(K)) / K
     if info['kind'] == 'toy':
         clf, real = toy_eval_state
@@ -1302,7 +1306,7 @@ def train(args):
             break
     stop.restore()
     if rank == 0 and info['kind'] == 'toy' and last_eval is not None:
-        log("toy: " + ' '.join(f"{k}={last_eval[k]:.4f}" for k in ('class_acc', 'fd', 'fd_floor', 'delta', 'R', 'A')))
+        log("toy: " + ' '.join(f"{k}={last_eval[k]:.4f}" for k in ('class_acc', 'fd', 'fd_floor', 'delta', 'R', 'A', 'delta_h')))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -245,6 +245,12 @@ def test_cross_scale_metrics_identical_and_known():
     assert np.allclose(m['delta'], [3 / 4, 1 / 4, 2 / 4], atol=1e-6)
     assert np.allclose(m['R'], [2 / 4, 1 / 4, 2 / 4], atol=1e-6)
     assert np.allclose(m['A'], [1, -1, 1], atol=1e-6)
+    assert np.allclose(m['delta_h'], m['delta'], atol=1e-6)            # constant images: pooling loses nothing
+    hs = [torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16), torch.ones(1, 1, 16, 16)]
+    hs[0][..., ::2, :] = 1                                              # stripes: pool to the same mean as h_K ...
+    hs[0][..., 1::2, :] = -1
+    m = cat.cross_scale_metrics([hs[0] + 1, *hs[1:]])
+    assert m['delta'][0] < 1e-6 and abs(m['delta_h'][0] - 1) < 1e-6     # ... which Eq. 1's delta cannot see
 
 
 # ---------------------------------------------------------------- training loop

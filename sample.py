@@ -82,9 +82,9 @@ def analyze(G, args, device):
         hs = cat.generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)
     m = {name: v + [sum(v) / len(v)] for name, v in cat.cross_scale_metrics(list(hs.float())).items()}
     print(f'cross-scale metrics (Eq. 1) over {n} samples, psi {args.psi:g}:')
-    print(f"{'':6}" + ''.join(f'{col:>9}' for col in [f'k={k}' for k in range(cat.K)] + ['mean']))
+    print(f"{'':8}" + ''.join(f'{col:>9}' for col in [f'k={k}' for k in range(cat.K)] + ['mean']))
     for name, vals in m.items():
-        print(f'{name:6}' + ''.join(f'{v:9.4f}' for v in vals))
+        print(f'{name:8}' + ''.join(f'{v:9.4f}' for v in vals))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, psi=args.psi, n=n, **m), f, indent=1)

@@ -259,7 +259,8 @@ class Generator(nn.Module):
     def update_w_avg(self, w, c):
         """w_avg[c] <- lerp(w_avg[c], mean of this step's w of class c, 1 - beta), for the classes in the (global) batch."""
         sums = torch.zeros_like(self.w_avg).index_add_(0, c, w.float())
-        counts = torch.bincount(c, minlength=self.num_classes).float()
+        counts = torch.zeros(self.num_classes, device=c.device)                  # not bincount: it syncs on CUDA
+        counts.index_add_(0, c, torch.ones_like(c, dtype=torch.float))
         if dist.is_initialized():
             packed = torch.cat([sums, counts[:, None]], dim=1)
             dist.all_reduce(packed)
@@ -496,6 +497,8 @@ def load_dino(device, pretrained=True):
     except Exception as e:
         raise SystemExit(f"error: cannot load DINOv2 weights '{DINO_NAME}' ({type(e).__name__}): download them once "
                          f"with network access (timm caches them in the Hugging Face cache) or train with --lambda-repa 0.")
+    m.register_buffer('pixel_mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))     # ImageNet normalization
+    m.register_buffer('pixel_std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     return m.to(device).eval().requires_grad_(False)
 
 
@@ -820,9 +823,7 @@ def dino_features(dino, img, aug=None):
     """DINOv2 tokens [B, 1 + 256, 768] of uint8 crops: 256 -> 224 bicubic, ImageNet normalization, and the real
     latent's translation and flip (one latent pixel = 224 / 32 = 7 image pixels)."""
     x = F.interpolate(img.float() / 255, size=(224, 224), mode='bicubic', align_corners=False)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    x = (x - dino.pixel_mean) / dino.pixel_std
     if aug is not None:
         x = augment(x, aug, color=False, cutout=False, scale=224 // 32)
     return dino.forward_features(x)

@@ -1041,3 +1041,21 @@ def test_sample_then_fid_on_toy_checkpoint(single, tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.load(open(tmp_path / 'm.json'))
     assert m['num_samples'] == 10 and math.isfinite(m['fid']) and m['fid'] > 0
+
+
+def test_d_step_with_repa_trains_the_projector():
+    """The D step with REPA: a small randomly initialized timm DINOv2 (same interface, 16 x 16 patches at 224)."""
+    import timm
+    dino = timm.create_model(cat.DINO_NAME, pretrained=False, img_size=224, num_classes=0, depth=1, embed_dim=64,
+                             num_heads=2).eval().requires_grad_(False)
+    dino.register_buffer('pixel_mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+    dino.register_buffer('pixel_std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+    G = cat.Generator(depth=4, width=32, heads=2, channels=4, res=32, num_classes=5)
+    D = cat.Discriminator(depth=1, width=32, heads=2, channels=4, res=32, num_classes=5, cmap_dim=16, repa_dim=64)
+    args = cat.get_args(['--model', 'T', '--precision', 'fp32'])
+    step = cat.DStep(D, G, args, dino)
+    nz = cat.step_noise(0, 0, 4, G, torch.device('cpu'))
+    img = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8)
+    loss, st = step(torch.randn(4, 4, 32, 32), torch.tensor([0, 1, 2, 3]), img, nz)
+    loss.backward()
+    assert 0 < st['repa'] < 4 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in D.proj.parameters())

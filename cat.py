@@ -1470,7 +1470,7 @@ def get_args(argv=None):
     defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if toy or args.bench else 512, lambda_repa=0.0 if toy else 1.0,
                     lr=1e-3 if toy else 2e-4, ema_decay=0.99 if toy else 0.999,
                     precision='fp32' if toy and not torch.cuda.is_available() else 'bf16',
-                    log_every=50 if toy else 100, eval_every=200 if toy else 5000, eval_n=1000 if toy else 256,
+                    log_every=50 if toy else 100, eval_every=400 if toy else 5000, eval_n=1000 if toy else 256,
                     ckpt_every=1000 if toy else 10_000, latest_every=500 if toy else 1000)
     for k, v in defaults.items():
         if getattr(args, k) is None:

@@ -16,8 +16,8 @@ trajectory of the final output h_3.
 Reads top to bottom like the paper: configs -> generator -> discriminator ->
 objectives -> data -> training loop -> command line.
 """
-import argparse, contextlib, copy, glob, io, json, math, os, re, sys, time, warnings
-from dataclasses import dataclass, asdict
+import argparse, contextlib, copy, glob, io, json, math, os, re, sys, time
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -11,7 +11,7 @@ from PIL import Image
 
 import cat
 import fid
-from cat import ToyClassifier, frechet, make_toy, toy_eval, train_toy_classifier
+from cat import frechet, make_toy, toy_eval, train_toy_classifier
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)

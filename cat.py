@@ -16,7 +16,7 @@ trajectory of the final output h_3.
 Reads top to bottom like the paper: configs -> generator -> discriminator ->
 objectives -> data -> training loop -> command line.
 """
-import argparse, contextlib, copy, glob, io, json, math, os, re, sys, time
+import argparse, contextlib, copy, glob, io, json, math, os, re, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -587,8 +587,7 @@ class StepSampler:
 # 10 classes = (shape, base hue). Class identity lives in coarse shape + colour
 # (still visible after 4x area pooling); fine detail lives at the finest scale:
 # 1-px stripes or checker (period 2 px, random phase) and ~1.5 px soft edges.
-TOY_CLASSES = ('disk', 'square', 'ring', 'plus', 'hbar', 'vbar', 'triangle',
-               'diamond', 'xcross', 'frame')
+# classes 0..9: disk, square, ring, plus, horizontal bar, vertical bar, triangle, diamond, X-cross, frame
 TOY_HUES = (0, 216, 72, 288, 36, 252, 324, 144, 108, 180)  # degrees, per class
 
 
@@ -1328,15 +1327,20 @@ def count_macs(fn):
     return fc.get_total_flops() / 2
 
 
+def forward_macs(G, D):
+    """F_G and F_D of App. A.2: multiply-adds of one generator / discriminator forward pass per sample."""
+    c = torch.zeros(1, dtype=torch.long, device=G.pos.device)
+    return (count_macs(lambda: G(torch.randn(1, G.z_dim, device=c.device), c)),
+            count_macs(lambda: D(multiscale(torch.randn(1, D.channels, D.res, D.res, device=c.device)), c)))
+
+
 def summary(args, out=print):
     info = dict(channels=4, res=32, num_classes=1000)
     g_cfg, d_cfg = model_configs(args, info)
     d_cfg['repa_dim'] = 768
     with torch.device('meta'):
         G, D = Generator(**g_cfg), Discriminator(**d_cfg)
-        z, c = torch.randn(1, G.z_dim), torch.zeros(1, dtype=torch.long)
-        F_G = count_macs(lambda: G(z, c))
-        F_D = count_macs(lambda: D(multiscale(torch.randn(1, 4, 32, 32)), c))
+        F_G, F_D = forward_macs(G, D)
     n_g = sum(p.numel() for p in G.parameters())
     n_proj = sum(p.numel() for p in D.proj.parameters())
     n_d = sum(p.numel() for p in D.parameters()) - n_proj
@@ -1387,9 +1391,7 @@ def bench(args, out=print):
             torch.cuda.reset_peak_memory_stats()
     t = float(np.median(times[args.bench_warmup:]))
     with torch.device('meta'):
-        Gm, Dm = Generator(**g_cfg), Discriminator(**d_cfg)
-        F_G = count_macs(lambda: Gm(torch.randn(1, Gm.z_dim), torch.zeros(1, dtype=torch.long)))
-        F_D = count_macs(lambda: Dm(multiscale(torch.randn(1, 4, 32, 32)), torch.zeros(1, dtype=torch.long)))
+        F_G, F_D = forward_macs(Generator(**g_cfg), Discriminator(**d_cfg))
     tflops = 2 * (4 * F_G + 10.5 * F_D) * b / t / 1e12
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
@@ -1413,7 +1415,7 @@ def bench(args, out=print):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description='CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449)')
-    p.add_argument('--model', default='B', help='generator size: S, B, M, H (Table 6); T is for tests')
+    p.add_argument('--model', default=None, help='generator size: S, B, M, H (Table 6; default B, toy S); T is for tests')
     p.add_argument('--model-d', default=None, help='discriminator size (default: B for B/M/H, the paper); M = D-M/2 of Table 5')
     p.add_argument('--data', default=DEFAULT_DATA, help="prepared latents directory (prepare_latents.py), or 'toy'")
     p.add_argument('--out', default=None, help='run directory (default: runs/NNN-MODEL)')
@@ -1460,11 +1462,10 @@ def get_args(argv=None):
     p.add_argument('--d-attn', choices=['split', 'mask'], default='split',
                    help="block-diagonal attention: one fused call per scale, or one call with an explicit mask")
     args = p.parse_args(argv)
+    toy = args.data == 'toy'
+    args.model = args.model or ('S' if toy else 'B')       # the embedded default: small config, minutes on a CPU
     if args.model not in G_CONFIGS or (args.model_d or 'B') not in D_CONFIGS:
         p.error(f"unknown --model {args.model} / --model-d {args.model_d}: choose G from {list(G_CONFIGS)}, D from {list(D_CONFIGS)}")
-    toy = args.data == 'toy'
-    if toy and args.model == 'B' and '--model' not in ' '.join(argv or sys.argv):
-        args.model = 'S'                              # the embedded default: small config, minutes on a CPU
     # the toy run departs from Table 6 where a few hundred CPU steps need it: lr 1e-3 and EMA 0.99 (0.999 would
     # still be ~50% the initial weights after 700 steps), no REPA (no DINOv2 targets for toy images)
     defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if toy or args.bench else 512, lambda_repa=0.0 if toy else 1.0,

@@ -16,7 +16,7 @@ trajectory of the final output h_3.
 Reads top to bottom like the paper: configs -> generator -> discriminator ->
 objectives -> data -> training loop -> command line.
 """
-import argparse, contextlib, copy, glob, io, json, math, os, re, time
+import argparse, contextlib, copy, glob, io, json, math, os, re, sys, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +65,8 @@ D_FOR_G = {'T': 'T', 'S': 'S', 'B': 'B', 'M': 'B', 'H': 'B'}   # the paper: one 
 
 
 def sincos_2d(dim, n):
-    """Fixed 2D sin-cos embedding of an n x n grid, [n*n, dim] (MAE/DiT layout: half rows, half columns)."""
+    """Fixed 2D sin-cos embedding of an n x n grid, [n*n, dim]: the first half of the channels encodes the row, the
+    second half the column (MAE, DiT and GAT put the column first: the same embedding up to a channel permutation)."""
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
         out = pos.reshape(-1, 1).double() * omega
@@ -95,16 +96,18 @@ def apply_rope(x, cos, sin):
 
 
 class EqualLinear(nn.Module):
-    """Linear layer with equalized learning rate (StyleGAN): weights stored at N(0, 1/lr_mul^2), scaled at run time,
-    so Adam's effective step on this layer is lr * lr_mul."""
+    """Linear layer with equalized learning rate in GAT's form: the stored weight is xavier-uniform x 1/lr_mul and is
+    multiplied by lr_mul in the forward pass, so the used weight starts as a plain xavier-uniform one and Adam moves it
+    by about lr * lr_mul per step whatever the fan-in. (StyleGAN2's form, randn / lr_mul with a runtime gain
+    lr_mul / sqrt(fan_in), moves it sqrt(fan_in) times less.)"""
     def __init__(self, n_in, n_out, lr_mul=0.01):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_out, n_in) / lr_mul)
+        self.weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_out, n_in), gain=1 / lr_mul))
         self.bias = nn.Parameter(torch.zeros(n_out))
-        self.w_gain, self.lr_mul = lr_mul / math.sqrt(n_in), lr_mul
+        self.lr_mul = lr_mul
 
     def forward(self, x):
-        return F.linear(x, self.weight * self.w_gain, self.bias * self.lr_mul)
+        return F.linear(x, self.weight * self.lr_mul, self.bias * self.lr_mul)
 
 
 def init_linears(module):
@@ -230,7 +233,7 @@ class Generator(nn.Module):
         init_linears(self)
         for m in list(self.blocks) + list(self.heads):
             nn.init.xavier_uniform_(m.ada.weight, gain=0.1)    # small modulation at init (as GAT)
-        nn.init.normal_(self.class_embed.weight)
+        nn.init.normal_(self.class_embed.weight, std=0.02)     # as GAT: small, so Adam turns its direction quickly
 
     def style(self, z, c):
         """w = mapping([z, e(c)]), both normalized to unit second moment."""
@@ -362,26 +365,33 @@ class Discriminator(nn.Module):
         rope = (self.rope_cos, self.rope_sin)
         for block in self.blocks:
             x = checkpoint(block, x, rope, segments, use_reentrant=False) if self.grad_ckpt and torch.is_grad_enabled() else block(x, rope, segments)
-        cls = self.norm(x[:, [s for s, _ in self.segments]])                       # [B, K+1, width]
-        e = self.class_map(normalize_2nd_moment(self.class_embed(c)))               # [B, cmap_dim]
-        d = (self.head(cls) * e[:, None]).sum(-1).float()
+        with autocast('fp32', x.device):        # the logit in fp32: R1/R2 take differences of it at sigma = 0.01
+            cls = self.norm(x[:, [s for s, _ in self.segments]].to(self.head.weight.dtype))     # [B, K+1, width]
+            e = self.class_map(self.class_embed(c))               # [B, cmap_dim]; raw embedding, as GAT
+            d = (self.head(cls) * e[:, None]).sum(-1)
         if return_tokens:
             return d, x[:, self.segments[-1][0]:]
         return d
 
 # ----------------------------------------------------------------------------------------------
-# Augmentation (GAT's DiffAugment: color, translation, cutout, flip, probability 1). The same parameters
-# are applied to every stage of one sample (augment at full resolution, then r_k).
+# Augmentation: GAT's DiffAugment policy 'color,translation,cutout,flip', applied with probability 1 to every D
+# input of both steps (losses/diffaug.py, losses/Rp_PT_loss.py). The same parameters go to every stage of one
+# sample (augment at full resolution, then r_k).
 # ----------------------------------------------------------------------------------------------
 
 
 def draw_aug(n, res, g, device):
-    """Per-sample augmentation parameters from generator g."""
-    u = torch.rand(n, 6, generator=g, device=device)
-    r = res // 8
-    return dict(bright=u[:, 0] - 0.5, sat=u[:, 1] * 2, contrast=u[:, 2] + 0.5,
-                shift=torch.randint(-r, r + 1, (n, 2), generator=g, device=device),
-                cut=(u[:, 3:5] * res).long(), flip=u[:, 5] < 0.5)
+    """Per-sample augmentation parameters from generator g, with GAT's probabilities and sizes: colour on a random half
+    of the samples; translation by up to 1/8 of the side; a cutout square of half the side whose centre may sit
+    anywhere on the image (even on its border); a horizontal flip with probability 0.4. The flip must not be 0.5: at
+    0.5 D sees an image and its mirror image equally often, cannot tell them apart, and G may generate mirrored
+    content."""
+    u = torch.rand(n, 5, generator=g, device=device)
+    t, s = int(res * 0.125 + 0.5), int(res * 0.5 + 0.5)
+    return dict(color=u[:, 0] < 0.5, bright=u[:, 1] - 0.5, sat=u[:, 2] * 2, contrast=u[:, 3] + 0.5,
+                shift=torch.randint(-t, t + 1, (n, 2), generator=g, device=device),
+                cut=torch.randint(0, res + 1 - s % 2, (n, 2), generator=g, device=device) - s // 2,   # top-left corner
+                flip=u[:, 4] < 0.4)
 
 
 def _translate(x, shift):
@@ -396,23 +406,26 @@ def _translate(x, shift):
 
 
 def augment(x, a, color=True, cutout=True, scale=1):
-    """x [B, C, H, W] (or [n*B, ...] for n stacked stages, parameters repeated) -> augmented x.
-    scale: translation multiplier, for the images matching a latent (256 / 32 = 8 pixels per latent pixel)."""
+    """x [B, C, H, W] (or [n*B, ...] for n stacked stages, parameters repeated) -> augmented x. Colour as GAT's
+    rand_brightness_saturation_contrast: both means are taken before the brightness shift. Each image uses its own
+    means (GAT reuses the final stage's for the other stages, which would mix h_K into x_k).
+    scale: translation multiplier, for the images matching a latent (224 / 32 = 7 pixels per latent pixel)."""
     rep = x.shape[0] // a['flip'].shape[0]
     a = {k: v.repeat(rep, *[1] * (v.dim() - 1)) for k, v in a.items()}
     B, C, H, W = x.shape
     v = lambda t: t.to(x.dtype).view(B, 1, 1, 1)
     if color:
-        x = x + v(a['bright'])
-        m = x.mean(dim=1, keepdim=True)
-        x = (x - m) * v(a['sat']) + m
-        m = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - m) * v(a['contrast']) + m
+        m_pix, m_img = x.mean(dim=1, keepdim=True), x.mean(dim=(1, 2, 3), keepdim=True)
+        y = x + v(a['bright'])
+        y = (y - m_pix) * v(a['sat']) + m_pix
+        y = (y - m_img) * v(a['contrast']) + m_img
+        x = torch.where(a['color'].view(B, 1, 1, 1), y, x)
     x = _translate(x, a['shift'] * scale)
     if cutout:
-        ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
-        cy, cx = a['cut'][:, 0].view(B, 1, 1), a['cut'][:, 1].view(B, 1, 1)
-        hole = ((ys.view(1, H, 1) - cy).abs() < H // 4) & ((xs.view(1, 1, W) - cx).abs() < W // 4)
+        s = int(H * 0.5 + 0.5)
+        dy = torch.arange(H, device=x.device).view(1, H, 1) - a['cut'][:, 0].view(B, 1, 1)
+        dx = torch.arange(W, device=x.device).view(1, 1, W) - a['cut'][:, 1].view(B, 1, 1)
+        hole = (dy >= 0) & (dy < s) & (dx >= 0) & (dx < s)
         x = x * (~hole)[:, None].to(x.dtype)
     return torch.where(a['flip'].view(B, 1, 1, 1), x.flip(-1), x)
 
@@ -435,6 +448,28 @@ def approx_gp(d, d_perturbed, sigma):
     """Approximated R1/R2 (Seaweed-APT): mean over samples and scales of ((d(x) - d(x + sigma*eps)) / sigma)^2,
     whose expectation over eps is ||grad_x d||^2 for small sigma."""
     return ((d - d_perturbed) / sigma).square().mean()
+
+
+def approx_gp_pass(D, xs, eps, c, sigma, precision):
+    """Per-sample ((d(x) - d(x + sigma eps)) / sigma)^2, averaged over scales, from one D pass over [x; x + sigma eps]
+    under bf16 autocast ('bf16') or in full fp32 ('fp32': no autocast, no TF32). At sigma = 0.01 the difference is
+    about 1e-3 of the logit, so bf16 rounding of the activations dominates it (see the README)."""
+    n = xs[0].shape[0]
+    with autocast(precision, xs[0].device), full_fp32(precision == 'fp32'):
+        d = D([torch.cat([x, x + sigma * e]).float() for x, e in zip(xs, eps)], torch.cat([c, c]))
+    return ((d[:n] - d[n:]) / sigma).square().mean(1)
+
+
+def exact_gp(D, xs, c):
+    """What the approximated R1/R2 estimates: per sample, the mean over scales k of ||grad_x d_k||^2 (x = all scales;
+    with the block-diagonal mask only x_k counts), by double backprop in full fp32 with the math attention kernel."""
+    from torch.nn.attention import sdpa_kernel, SDPBackend
+    xs = [x.detach().float().requires_grad_(True) for x in xs]
+    with autocast('fp32', xs[0].device), full_fp32(), sdpa_kernel(SDPBackend.MATH):
+        d = D(xs, c)
+        sq = [g.flatten(1).square().sum(1) for k in range(d.shape[1])
+              for g in torch.autograd.grad(d[:, k].sum(), xs, create_graph=True)]
+    return sum(sq) / d.shape[1]
 
 
 def consistency_loss(hs, w=W_CONS, detach_anchor=False):
@@ -786,31 +821,31 @@ class DStep(nn.Module):
         xr, xf = multiscale(xr), multiscale(xf.chunk(K + 1))
         q = slice(None, None, 4)                                               # the GP quarter: every 4th sample
         nq = len(range(B)[q])
-        pr = [x[q] + a.gp_sigma * e[q] for x, e in zip(xr, nz['gp_r'])]
-        pf = [x[q] + a.gp_sigma * e[q] for x, e in zip(xf, nz['gp_f'])]
         repa = a.lambda_repa > 0
         if a.gp_precision == 'bf16' or a.precision == 'fp32':   # one pass: real, fake, perturbed quarter (App. A.2)
+            pr = [x[q] + a.gp_sigma * e[q] for x, e in zip(xr, nz['gp_r'])]
+            pf = [x[q] + a.gp_sigma * e[q] for x, e in zip(xf, nz['gp_f'])]
             with amp:
                 out = D([torch.cat(t) for t in zip(xr, xf, pr, pf)], torch.cat([c, c, c[q], c[q]]), return_tokens=repa)
             d, tok = out if repa else (out, None)
             d_real, d_fake, d_pr, d_pf = d.split([B, B, nq, nq])
             r1, r2 = approx_gp(d_real[q], d_pr, a.gp_sigma), approx_gp(d_fake[q], d_pf, a.gp_sigma)
-        else:                                      # --gp-precision fp32: the GP pair gets its own fp32 pass
+        else:                       # --gp-precision fp32: clean and perturbed quarter in their own full-fp32 pass
             with amp:
                 out = D([torch.cat(t) for t in zip(xr, xf)], torch.cat([c, c]), return_tokens=repa)
             d, tok = out if repa else (out, None)
             d_real, d_fake = d.split([B, B])
-            with torch.autocast(x_real.device.type, enabled=False):
-                xs = [torch.cat(t).float() for t in zip([x[q] for x in xr], [x[q] for x in xf], pr, pf)]
-                d_cr, d_cf, d_pr, d_pf = D(xs, torch.cat([c[q]] * 4)).split(nq)
-            r1, r2 = approx_gp(d_cr, d_pr, a.gp_sigma), approx_gp(d_cf, d_pf, a.gp_sigma)
+            sq = approx_gp_pass(D, [torch.cat([r[q], f[q]]) for r, f in zip(xr, xf)],
+                                [torch.cat([er[q], ef[q]]) for er, ef in zip(nz['gp_r'], nz['gp_f'])],
+                                torch.cat([c[q], c[q]]), a.gp_sigma, 'fp32')
+            r1, r2 = sq[:nq].mean(), sq[nq:].mean()
         adv = rpgan_d_loss(d_real, d_fake)
         loss = adv + a.gamma / 2 * (r1 + r2)
         stats = dict(loss_d=adv.detach(), r1=r1.detach(), r2=r2.detach(), d_real=d_real.detach().mean(),
                      d_fake=d_fake.detach().mean())
         if repa:
             with torch.no_grad(), amp:
-                f = dino_features(self.dino, img, nz['aug_dr'] if a.aug else None)
+                f = dino_features(self.dino, img, nz['aug_dr'] if a.aug else None, x_real.shape[-1])
             with amp:
                 lr = repa_loss(D.proj(tok[:B]), f[:, 0], f[:, 1:])
             loss = loss + a.lambda_repa * lr
@@ -818,13 +853,14 @@ class DStep(nn.Module):
         return loss, stats
 
 
-def dino_features(dino, img, aug=None):
+def dino_features(dino, img, aug=None, res=32):
     """DINOv2 tokens [B, 1 + 256, 768] of uint8 crops: 256 -> 224 bicubic, ImageNet normalization, and the real
-    latent's translation and flip (one latent pixel = 224 / 32 = 7 image pixels)."""
+    latent's translation and flip (one pixel of a res x res latent = 224 // res image pixels; GAT scales the shift by
+    res / 224 instead, a bug that leaves its DINOv2 targets almost unshifted)."""
     x = F.interpolate(img.float() / 255, size=(224, 224), mode='bicubic', align_corners=False)
     x = (x - dino.pixel_mean) / dino.pixel_std
     if aug is not None:
-        x = augment(x, aug, color=False, cutout=False, scale=224 // 32)
+        x = augment(x, aug, color=False, cutout=False, scale=224 // res)
     return dino.forward_features(x)
 
 
@@ -851,7 +887,25 @@ class GStep(nn.Module):
 
 
 def autocast(precision, device):
+    """bf16 autocast, or ('fp32') autocast off, also inside an outer autocast region. The meta device of --summary
+    has no autocast: a no-op there."""
+    if device.type == 'meta':
+        return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+
+
+@contextlib.contextmanager
+def full_fp32(enabled=True):
+    """Inside: fp32 matmuls and convolutions in full precision (TF32 off on CUDA); the previous flags are restored."""
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    old = [f.allow_tf32 for f in flags]
+    for f in flags if enabled else ():
+        f.allow_tf32 = False
+    try:
+        yield
+    finally:
+        for f, o in zip(flags, old):
+            f.allow_tf32 = o
 
 
 @torch.no_grad()
@@ -1075,8 +1129,8 @@ def train_step(m, x, c, img, nz, args):
     chunks = [(i * m.micro, (i + 1) * m.micro) for i in range(n_acc)]
     sync = lambda mod, i: contextlib.nullcontext() if m.world == 1 or i == n_acc - 1 else mod.no_sync()
     m.D.requires_grad_(True)
-    for i, (lo, hi) in enumerate(chunks):
-        with sync(m.d_step, i):
+    for i, (lo, hi) in enumerate(chunks):           # fp32 R1/R2: TF32 off for its backward too (bf16 parts unaffected)
+        with sync(m.d_step, i), full_fp32(args.gp_precision == 'fp32'):
             loss_d, st_d = m.d_step(x[lo:hi], c[lo:hi], None if img is None else img[lo:hi], take(nz, lo, hi))
             (loss_d / n_acc).backward()
     gn_d = torch.nn.utils.clip_grad_norm_(m.D.parameters(), args.clip)
@@ -1409,6 +1463,58 @@ def bench(args, out=print):
 
 
 # ----------------------------------------------------------------------------------------------
+# --gp-check: how well each precision path of the approximated R1/R2 estimates the exact penalty of a trained D.
+# ----------------------------------------------------------------------------------------------
+
+
+def gp_check(args, out=print, draws=8):
+    """For the D of checkpoint args.gp_check, on n = --batch-size real and fake samples (augmented as in training):
+    exact R1 / R2 (fp32 double backprop) against the approximated penalty averaged over `draws` perturbations, for
+    the bf16 and the fp32 path; ratio estimate / exact and cosine between their gradients w.r.t. D's parameters."""
+    ck = load_checkpoint(args.gp_check)
+    cfg, a = ck['config'], argparse.Namespace(**ck['config']['args'])
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    G, D = Generator(**cfg['G']).to(device), Discriminator(**cfg['D']).to(device)
+    G.load_state_dict(ck['G']), D.load_state_dict(ck['D'])
+    G.requires_grad_(False), D.requires_grad_(False)
+    n, g = args.batch_size, torch.Generator(device).manual_seed(args.seed)
+    info, ds = open_data(argparse.Namespace(**{**vars(a), 'lambda_repa': 0.0}))
+    if info['kind'] == 'toy':
+        x, c = ds[0][:n].to(device), ds[1][:n].to(device)
+    else:
+        m, c, _ = map(torch.stack, zip(*[ds[i] for i in range(n)]))
+        x = posterior_sample(m.to(device), torch.randn(n, G.channels, G.res, G.res, generator=g, device=device),
+                             info['scale'])
+        c = c.to(device)
+    with torch.no_grad():
+        fake = torch.cat(G(torch.randn(n, G.z_dim, generator=g, device=device), c))
+    if a.aug:
+        x, fake = augment(x, draw_aug(n, G.res, g, device)), augment(fake, draw_aug(n, G.res, g, device))
+    params = [p for name, p in D.named_parameters() if not name.startswith('proj.')]
+    D.requires_grad_(True)
+    flat = lambda loss: torch.cat([t.flatten() for t in torch.autograd.grad(loss, params, allow_unused=True,
+                                                                             materialize_grads=True)])
+    res = {}
+    for name, xs in (('R1', multiscale(x)), ('R2', multiscale(fake.chunk(K + 1)))):
+        exact = exact_gp(D, xs, c).mean()
+        g_exact = flat(exact)
+        res[name] = dict(exact=exact.item())
+        for prec in ('bf16', 'fp32'):
+            est, g_est = 0.0, 0.0
+            for _ in range(draws):
+                eps = [torch.randn(x.shape, generator=g, device=device) for x in xs]
+                e = approx_gp_pass(D, xs, eps, c, a.gp_sigma, prec).mean() / draws
+                est, g_est = est + e.item(), g_est + flat(e)
+            res[name][prec] = dict(ratio=est / exact.item(), cos=F.cosine_similarity(g_est, g_exact, dim=0).item())
+    out(f"gp-check {args.gp_check} (step {ck['step']}): {n} real / {n} fake samples, sigma {a.gp_sigma}, "
+        f"{draws} perturbations, {'augmented' if a.aug else 'no augmentation'}")
+    for name, r in res.items():
+        out(f"  {name}: exact {r['exact']:.4g} | bf16 path: {r['bf16']['ratio']:.3g} x exact, gradient cosine "
+            f"{r['bf16']['cos']:.3f} | fp32 path: {r['fp32']['ratio']:.3g} x exact, gradient cosine {r['fp32']['cos']:.3f}")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
@@ -1454,6 +1560,7 @@ def get_args(argv=None):
     p.add_argument('--toy-res', type=int, default=16, help='toy image resolution')
     p.add_argument('--summary', action='store_true', help='print params and GFLOPs of --model and exit (meta device)')
     p.add_argument('--bench', action='store_true', help='time training iterations on synthetic latents and exit')
+    p.add_argument('--gp-check', metavar='CKPT', help='exact vs approximated R1/R2 of the D in CKPT (both precisions)')
     p.add_argument('--bench-steps', type=int, default=10)
     p.add_argument('--bench-warmup', type=int, default=3)
     p.add_argument('--peak-tflops', type=float, default=None, help='device peak for MFU (default: known GPUs)')
@@ -1468,7 +1575,7 @@ def get_args(argv=None):
         p.error(f"unknown --model {args.model} / --model-d {args.model_d}: choose G from {list(G_CONFIGS)}, D from {list(D_CONFIGS)}")
     # the toy run departs from Table 6 where a few hundred CPU steps need it: lr 1e-3 and EMA 0.99 (0.999 would
     # still be ~50% the initial weights after 700 steps), no REPA (no DINOv2 targets for toy images)
-    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if toy or args.bench else 512, lambda_repa=0.0 if toy else 1.0,
+    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if toy or args.bench or args.gp_check else 512, lambda_repa=0.0 if toy else 1.0,
                     lr=1e-3 if toy else 2e-4, ema_decay=0.99 if toy else 0.999,
                     precision='fp32' if toy and not torch.cuda.is_available() else 'bf16',
                     log_every=50 if toy else 100, eval_every=350 if toy else 5000, eval_n=1000 if toy else 256,
@@ -1491,9 +1598,13 @@ def main(argv=None):
     if args.bench:
         bench(args)
         return
+    if args.gp_check:
+        gp_check(args)
+        return
     torch.set_float32_matmul_precision('high')
     train(args)
 
 
 if __name__ == '__main__':
+    sys.modules.setdefault('cat', sys.modules['__main__'])     # fid.py's `import cat` reuses this module
     main()

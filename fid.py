@@ -12,8 +12,9 @@ images arr_0; or a folder of png/jpg images, searched recursively.
 How this compares with ADM's TensorFlow evaluator (guided-diffusion/evaluations/evaluator.py): the detector is the
 same Inception-v3 graph of 2015-12-05, in the TorchScript port used by StyleGAN2-ADA/StyleGAN3/EDM (it emulates TF's
 bilinear resize to 299x299 internally). FID uses its 2048-d pool features with ADM's sqrtm safeguards; IS uses its
-logits without the output bias (as ADM and StyleGAN3) in chunks of 5000 (ADM); precision/recall use k = 3 nearest
-neighbour manifolds (ADM's ManifoldEstimator). FID is expected to agree with ADM's numbers to about 1%, but that
+logits without the output bias (as ADM and StyleGAN3) in chunks of 5000 and the remainder (ADM); precision/recall use
+k = 3 nearest neighbour manifolds (ADM's ManifoldEstimator; it computes distances in float16, we in float32). All
+metrics run with TF32 off. FID is expected to agree with ADM's numbers to about 1%, but that
 agreement was not measured here.
 """
 import argparse, itertools, json, os, warnings, zipfile
@@ -26,9 +27,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from cat import full_fp32
+
 DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
 DETECTOR_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'cat', 'inception-2015-12-05.pt')
-IS_SPLIT = 5000             # ADM computes IS over chunks of 5000 samples and averages
+IS_SPLIT = 5000             # ADM computes IS over consecutive chunks of 5000 samples (and the remainder)
 MAX_REF_FEATURES = 50000    # --save-ref keeps a random subset of this many features (float16) for precision/recall
 
 # ----------------------------------------------------------------------------------------------
@@ -59,13 +62,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(d @ d + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def inception_score(probs, splits=1):
-    """exp(mean_x KL(p(y|x) || p(y))) with p(y) the mean prediction, computed on `splits` equal chunks and averaged.
-    ADM uses chunks of 5000 (splits=10 for 50k samples); the command line does the same (N // 5000 splits)."""
+def inception_score(probs, split_size=IS_SPLIT):
+    """exp(mean_x KL(p(y|x) || p(y))) with p(y) the mean prediction, averaged over consecutive chunks of split_size
+    samples and the remainder as a last, smaller chunk: ADM's evaluator (12345 samples -> 5000, 5000, 2345)."""
+    p = np.asarray(probs, np.float64)
     scores = []
-    for p in np.array_split(np.asarray(probs, np.float64), splits):
-        py = p.mean(axis=0, keepdims=True)
-        kl = (scipy.special.xlogy(p, p) - scipy.special.xlogy(p, py)).sum(axis=1).mean()    # 0 log 0 = 0
+    for part in (p[i:i + split_size] for i in range(0, len(p), split_size)):
+        py = part.mean(axis=0, keepdims=True)
+        kl = (scipy.special.xlogy(part, part) - scipy.special.xlogy(part, py)).sum(axis=1).mean()    # 0 log 0 = 0
         scores.append(np.exp(kl))
     return float(np.mean(scores))
 
@@ -85,12 +89,14 @@ def precision_recall(real_feats, fake_feats, k=3, batch=5000, device='cpu'):
     """Improved precision and recall (Kynkaanniemi et al. 2019), as ADM's ManifoldEstimator: each set's manifold is
     the union of balls reaching every point's k-th nearest neighbour; precision = fraction of fake points inside the
     real manifold, recall = fraction of real points inside the fake manifold. Differences from ADM: Euclidean distances
-    from torch.cdist in float32 (ADM compares squared distances, also float32: the same decisions up to round-off), and
-    no option to clamp radii at a percentile (ADM has one, off in its evaluator)."""
+    from torch.cdist in float32 with TF32 off, where ADM computes the squared distances in float16 (float32 only when a
+    float16 result is not finite), so decisions at a ball's edge can differ; and no option to clamp radii at a
+    percentile (ADM has one, off in its evaluator)."""
     real = torch.as_tensor(np.asarray(real_feats), dtype=torch.float32, device=device)
     fake = torch.as_tensor(np.asarray(fake_feats), dtype=torch.float32, device=device)
-    precision = _covered(fake, real, knn_radii(real, k, batch), batch)
-    recall = _covered(real, fake, knn_radii(fake, k, batch), batch)
+    with full_fp32():
+        precision = _covered(fake, real, knn_radii(real, k, batch), batch)
+        recall = _covered(real, fake, knn_radii(fake, k, batch), batch)
     return precision, recall
 
 # ----------------------------------------------------------------------------------------------
@@ -120,10 +126,11 @@ def load_detector(path=None, device='cpu'):
 def detector_outputs(detector, images, batch=100, device='cpu'):
     """uint8 images [N, H, W, 3] (an array, or any iterable of [H, W, 3]) -> pool features float64 [N, 2048] and class
     probabilities float64 [N, C]. The Inception port exposes its output layer, so probabilities come from the same
-    pass: softmax(features @ W^T) without the bias, as ADM and StyleGAN3 compute IS. Other detectors: detector(x)."""
+    pass: softmax(features @ W^T) without the bias, as ADM and StyleGAN3 compute IS. Other detectors: detector(x).
+    TF32 is off inside (as StyleGAN3's calc_metrics.py), whatever the caller (cat.py's training loop) set."""
     W = getattr(getattr(detector, 'output', None), 'weight', None)
     it, feats, probs = iter(images), [], []
-    with tqdm(total=len(images) if hasattr(images, '__len__') else None, unit='img', leave=False, disable=None) as bar:
+    with full_fp32(), tqdm(total=len(images) if hasattr(images, '__len__') else None, unit='img', leave=False, disable=None) as bar:
         while chunk := list(itertools.islice(it, batch)):
             x = torch.from_numpy(np.stack(chunk)).to(device).permute(0, 3, 1, 2)      # uint8 NCHW, resized inside
             f = detector(x, return_features=True).float()
@@ -242,7 +249,7 @@ def main():
         save_ref(ref, args.save_ref)
     feats, probs = detector_outputs(detector, Images(args.samples), args.batch, args.device)
     m = dict(fid=frechet_distance(*feature_stats(feats), ref['mu'], ref['sigma']),
-             inception_score=inception_score(probs, splits=max(1, len(probs) // IS_SPLIT)), precision=None, recall=None)
+             inception_score=inception_score(probs), precision=None, recall=None)
     if ref['features'] is not None:
         m['precision'], m['recall'] = precision_recall(ref['features'], feats, device=args.device)
     print(f'{len(feats)} samples from {args.samples} vs {args.ref}')

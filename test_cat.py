@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import scipy.special
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -149,6 +150,48 @@ def test_ema_update():
     assert torch.equal(ema.w_avg, G.w_avg)
 
 
+@pytest.mark.parametrize('fan_in', [128, 2048])
+def test_equal_linear_adam_step_is_lr_times_lr_mul(fan_in):
+    """GAT's equalized lr: the used weight starts as a xavier-uniform one, and one AdamW step (betas as training) moves
+    it by lr * 0.01 per element whatever the fan-in (StyleGAN2's form would move it sqrt(fan_in) times less)."""
+    torch.manual_seed(0)
+    layer = cat.EqualLinear(fan_in, 64)
+    used = lambda: (layer.weight * layer.lr_mul).detach().clone()
+    w0, bound = used(), math.sqrt(6 / (fan_in + 64))
+    assert w0.abs().max() <= bound and w0.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0)
+    (layer(torch.randn(16, fan_in)) * torch.randn(16, 64)).sum().backward()
+    opt.step()
+    assert (used() - w0).abs().median().item() == pytest.approx(1e-3 * 0.01, rel=0.01)
+
+
+def test_class_embedding_inits_as_gat():
+    torch.manual_seed(0)
+    G = cat.Generator(depth=4, width=32, heads=2, channels=3, res=16, num_classes=1000)
+    D = cat.Discriminator(depth=1, width=32, heads=2, channels=3, res=16, num_classes=1000, cmap_dim=64, repa_dim=0)
+    assert G.class_embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert D.class_embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_d_class_projection_by_hand():
+    """d_k = <Linear(RMSNorm(cls_k)), e(c)>, e(c) = EqualLinear(SiLU(EqualLinear(embed[c]))) on the raw embedding
+    (GAT's LabelEmbedder: no second-moment normalization, so the embedding's scale matters)."""
+    D = tiny_D()
+    with torch.no_grad():
+        for p in D.class_map.parameters():
+            p.normal_()
+    xs, c, seen = rand_scales(), torch.tensor([1, 2, 3]), {}
+    D.norm.register_forward_hook(lambda mod, inp, out: seen.update(cls=out))
+    d = D(xs, c)
+    (W1, b1), (W2, b2) = [(m.weight * 0.01, m.bias * 0.01) for m in (D.class_map[0], D.class_map[2])]
+    e = F.silu(D.class_embed.weight[c] @ W1.T + b1) @ W2.T + b2
+    assert torch.allclose(d, ((seen['cls'] @ D.head.weight.T + D.head.bias) * e[:, None]).sum(-1), atol=1e-5)
+    with torch.no_grad():
+        D.class_embed.weight[2] *= 3
+    d3 = D(xs, c)
+    assert torch.allclose(d3[[0, 2]], d[[0, 2]]) and (d3[1] - d[1]).abs().min() > 1e-4
+
+
 # ---------------------------------------------------------------- objectives against hand computation
 
 def test_rpgan_losses_by_hand():
@@ -200,6 +243,39 @@ def test_approx_r1_matches_exact_r1_fp32():
     assert abs(approx / exact - 1) < 0.25, (approx, exact)
 
 
+def test_full_fp32_turns_tf32_off_and_restores():
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    old = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = True
+        with pytest.raises(ZeroDivisionError), cat.full_fp32():
+            assert [f.allow_tf32 for f in flags] == [False, False]
+            1 / 0
+        assert [f.allow_tf32 for f in flags] == [True, True]
+    finally:
+        for f, o in zip(flags, old):
+            f.allow_tf32 = o
+
+
+def test_d_logit_is_fp32_under_bf16_autocast():
+    D = tiny_D()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        d = D(rand_scales(), torch.tensor([1, 2, 3]))
+    assert d.dtype == torch.float32
+
+
+def test_fp32_penalty_estimates_exact_r1_of_a_trained_d(tmp_path):
+    """The trained regime: after a few dozen penalized D steps (bf16 autocast, gamma 1, fp32 penalty path), the fp32
+    approximated R1/R2 stays an estimate of the exact penalty (within 50 %) and its parameter gradient points the same
+    way (cosine > 0.8); --gp-check measures both paths."""
+    run = run_cat(TINY + ['--steps', '40', '--precision', 'bf16', '--gp-precision', 'fp32', '--out', str(tmp_path / 'r')])
+    res = cat.gp_check(cat.get_args(['--gp-check', os.path.join(run, 'latest.pt'), '--batch-size', '32']), draws=32)
+    for name in ('R1', 'R2'):
+        assert 0.5 < res[name]['fp32']['ratio'] < 1.5 and res[name]['fp32']['cos'] > 0.8, res
+        assert res[name]['bf16']['ratio'] > res[name]['fp32']['ratio'], res     # the bf16 path reads high
+
+
 def test_repa_loss_by_hand():
     t = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
     cls, patch = torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.0, 1.0], [-1.0, -1.0]]])
@@ -215,19 +291,65 @@ def test_r_k_is_area_downsampling():
     assert torch.allclose(xs[0].mean(), h.mean()) and torch.equal(xs[3], h)
 
 
+def _aug(n, **fixed):
+    """Parameters for n samples with nothing happening, then the given ones."""
+    a = dict(color=torch.zeros(n, dtype=torch.bool), bright=torch.zeros(n), sat=torch.ones(n), contrast=torch.ones(n),
+             shift=torch.zeros(n, 2, dtype=torch.long), cut=torch.full((n, 2), -100), flip=torch.zeros(n, dtype=torch.bool))
+    return {**a, **fixed}
+
+
 def test_augment_translation_flip_and_shared_params():
     x = torch.arange(16.0).view(1, 1, 4, 4)
-    a = dict(bright=torch.zeros(1), sat=torch.ones(1), contrast=torch.ones(1), shift=torch.tensor([[1, 0]]),
-             cut=torch.tensor([[0, 0]]), flip=torch.tensor([False]))
-    y = cat.augment(x, a, color=False, cutout=False)
+    y = cat.augment(x, _aug(1, shift=torch.tensor([[1, 0]])))
     assert torch.equal(y[0, 0, 1:], x[0, 0, :-1]) and y[0, 0, 0].abs().sum() == 0   # shifted down one row, zero fill
-    a['flip'] = torch.tensor([True])
-    assert torch.equal(cat.augment(x, a, color=False, cutout=False), y.flip(-1))
+    assert torch.equal(cat.augment(x, _aug(1, shift=torch.tensor([[1, 0]]), flip=torch.tensor([True]))), y.flip(-1))
     g = torch.Generator().manual_seed(0)
-    a = cat.draw_aug(3, 16, g, 'cpu')
-    hs = torch.randn(3, 2, 16, 16)
+    a = cat.draw_aug(64, 16, g, 'cpu')
+    hs = torch.randn(64, 2, 16, 16)
     stacked = cat.augment(torch.cat([hs, hs]), a)                       # two stages, same parameters per sample
-    assert torch.equal(stacked[:3], stacked[3:])
+    assert torch.equal(stacked[:64], stacked[64:]) and not torch.equal(stacked[:64], hs)
+
+
+def test_augment_colour_as_gat():
+    """GAT's rand_brightness_saturation_contrast: both means are taken before the brightness shift; only samples with
+    the colour flag change."""
+    x = torch.rand(2, 3, 8, 8)
+    y = cat.augment(x, _aug(2, color=torch.tensor([True, False]), bright=torch.full((2,), 0.3),
+                            sat=torch.full((2,), 1.5), contrast=torch.full((2,), 0.7)))
+    m_pix, m_img = x.mean(1, keepdim=True), x.mean((1, 2, 3), keepdim=True)
+    want = (((x + 0.3) - m_pix) * 1.5 + m_pix - m_img) * 0.7 + m_img
+    assert torch.allclose(y[0], want[0], atol=1e-6) and torch.equal(y[1], x[1])
+
+
+def test_augment_rates_and_sizes_as_gat():
+    """Over many draws: colour on half of the samples, flip with probability 0.4, translation up to 1/8 of the side,
+    and a cutout square of half the side whose centre lies anywhere in [0, res] (GAT's rand_cutout): at res 32 a
+    corner pixel is cut with probability (9/33)^2, the centre pixel with (16/33)^2."""
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    a = cat.draw_aug(n, 32, g, 'cpu')
+    assert a['flip'].float().mean().item() == pytest.approx(0.4, abs=0.015)
+    assert a['color'].float().mean().item() == pytest.approx(0.5, abs=0.015)
+    assert sorted(a['shift'].unique().tolist()) == list(range(-4, 5))
+    assert sorted(cat.draw_aug(500, 16, g, 'cpu')['shift'].unique().tolist()) == list(range(-2, 3))
+    holes = cat.augment(torch.ones(n, 1, 32, 32), _aug(n, cut=a['cut'])) == 0
+    area = holes.flatten(1).sum(1)
+    assert area.max() == 16 * 16 and area.min() >= 8 * 8
+    assert holes[:, 0, 0, 0].float().mean().item() == pytest.approx((9 / 33) ** 2, abs=0.01)
+    assert holes[:, 0, 16, 16].float().mean().item() == pytest.approx((16 / 33) ** 2, abs=0.015)
+
+
+def test_augmented_asymmetric_image_does_not_leak_its_mirror_image():
+    """D must see an asymmetric image more often as it is than mirrored, or G is free to generate mirrored content.
+    Averaged over many draws of the whole policy, a left-bright image stays left-bright: about (0.6 - 0.4) of its
+    left-right contrast survives (a flip probability of 0.5 would leave 0)."""
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., :8] = 1
+    n = 8000
+    y = cat.augment(x.expand(n, -1, -1, -1).contiguous(), cat.draw_aug(n, 16, torch.Generator().manual_seed(1), 'cpu'))
+    m = y.mean(0)
+    kept = (m[..., :8].mean() - m[..., 8:].mean()).item()
+    assert 0.1 < kept < 0.3, kept
 
 
 # ---------------------------------------------------------------- cross-scale metrics (Eq. 1)
@@ -545,7 +667,16 @@ def test_fid_inception_score():
     assert fid.inception_score(np.tile(np.array([[0.2, 0.5, 0.3]]), (20, 1))) == pytest.approx(1.0)
     onehot = np.eye(C)[np.repeat(np.arange(C), 4)]                 # equal counts per class
     assert fid.inception_score(onehot) == pytest.approx(C)
-    assert fid.inception_score(np.concatenate([onehot, onehot]), splits=2) == pytest.approx(C)
+    assert fid.inception_score(np.concatenate([onehot, onehot]), split_size=len(onehot)) == pytest.approx(C)
+
+
+def test_fid_inception_score_chunks_as_adm():
+    """ADM: consecutive chunks of 5000 and the remainder (12345 -> 5000, 5000, 2345), not N // 5000 equal chunks."""
+    p = scipy.special.softmax(3 * np.random.default_rng(6).standard_normal((12345, 1000)), axis=1)
+    score = lambda q: np.exp((q * (np.log(q) - np.log(q.mean(0, keepdims=True)))).sum(1).mean())
+    want = np.mean([score(p[:5000]), score(p[5000:10000]), score(p[10000:])])
+    assert fid.inception_score(p) == pytest.approx(want, rel=1e-12)
+    assert abs(np.mean([score(q) for q in np.array_split(p, 2)]) / want - 1) > 5e-3    # equal halves: 0.8 % off
 
 
 def test_fid_precision_recall():
@@ -602,6 +733,30 @@ def test_fid_detector_outputs_one_pass(tmp_path):
     assert np.allclose(feats, want_f, atol=1e-6)
     assert np.allclose(probs, want_p, atol=1e-6)
     assert np.allclose(fid.detector_outputs(det, iter(list(imgs)), batch=3)[0], feats, atol=1e-5)   # any iterable
+
+
+def test_fid_metrics_run_without_tf32(tmp_path):
+    """The detector pass and the distances run with TF32 off (as StyleGAN3's calc_metrics.py), even inside cat.py's
+    training loop, which turns it on; the caller's flags are restored."""
+    seen = []
+
+    class Probe(StandInDetector):
+        def forward(self, img, return_features: bool = False, no_output_bias: bool = False):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return super().forward(img, return_features, no_output_bias)
+
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    old = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = True
+        feats, _ = fid.detector_outputs(Probe(), np.zeros((6, 8, 8, 3), np.uint8), batch=4)
+        assert seen == [(False, False)] * 2 and [f.allow_tf32 for f in flags] == [True, True]
+        fid.precision_recall(feats, feats)
+        assert [f.allow_tf32 for f in flags] == [True, True]
+    finally:
+        for f, o in zip(flags, old):
+            f.allow_tf32 = o
 
 
 def test_fid_cli_end_to_end(tmp_path):

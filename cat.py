@@ -506,8 +506,11 @@ def cross_scale_metrics(hs):
     return dict(delta=delta, R=R, A=A, delta_h=delta_h)
 
 # ----------------------------------------------------------------------------------------------
-# Data: the prepared ImageNet latents (prepare_latents.py) and the built-in toy set.
+# Data: a dataset directory written by prepare_latents.py (SD-VAE latents, or images in pixel space), and the
+# built-in toy set. Real latents are drawn from the stored VAE posterior at each use.
 # ----------------------------------------------------------------------------------------------
+
+META_KEYS = ('format_version', 'N', 'num_classes', 'latent_shape', 'scaling_factor', 'vae', 'images')   # read here
 
 
 def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
@@ -520,7 +523,8 @@ def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
         if not required:
             return None
         raise SystemExit(f"error: cannot load the VAE '{name_or_path}' ({type(e).__name__}): download it once with "
-                         f"network access (huggingface_hub caches it) or pass a local save_pretrained directory with --vae.")
+                         f"network access (huggingface_hub caches it) or pass a local save_pretrained directory "
+                         f"with --vae.")
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -531,53 +535,91 @@ def load_dino(device, pretrained=True):
         m = timm.create_model(DINO_NAME, pretrained=pretrained, img_size=224, num_classes=0)
     except Exception as e:
         raise SystemExit(f"error: cannot load DINOv2 weights '{DINO_NAME}' ({type(e).__name__}): download them once "
-                         f"with network access (timm caches them in the Hugging Face cache) or train with --lambda-repa 0.")
+                         f"with network access (timm caches them in the Hugging Face cache) or train with "
+                         f"--lambda-repa 0.")
     m.register_buffer('pixel_mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))     # ImageNet normalization
     m.register_buffer('pixel_std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     return m.to(device).eval().requires_grad_(False)
 
 
-def check_data_dir(path):
-    """Validate a dataset directory and return its meta.json; one clear line on any problem."""
+def check_data_dir(path, patch=2):
+    """Validate a dataset directory completely before anything is built: every meta.json key cat.py reads, the
+    files against it, the labels, and the geometry (r / patch must give each of the four scales a token). Returns
+    meta.json; any problem is one line that names the fix."""
+    redo = f"re-run prepare_latents.py for '{path}'"
     if not os.path.isdir(path):
-        raise SystemExit(f"error: no dataset directory '{path}'. Make it with `python prepare_latents.py --imagenet "
-                         f"/path/to/ILSVRC2012/train --out {path}`, or try the built-in toy set with --data toy.")
+        raise SystemExit(f"error: no dataset directory '{path}'. Make one with `python prepare_latents.py --images "
+                         f"DIR --out {path}` (README: Train on your own data), or try the toy set with --data toy.")
     if not os.path.exists(os.path.join(path, 'meta.json')):
-        raise SystemExit(f"error: '{path}' has no meta.json, so it is not a finished dataset: re-run prepare_latents.py "
-                         f"with the same arguments to complete it.")
-    with open(os.path.join(path, 'meta.json')) as f:
-        meta = json.load(f)
-    if meta.get('format_version') != DATA_FORMAT_VERSION:
-        raise SystemExit(f"error: '{path}' has format_version {meta.get('format_version')}, this cat.py reads "
-                         f"{DATA_FORMAT_VERSION}: re-run prepare_latents.py.")
+        raise SystemExit(f"error: '{path}' has no meta.json, so it is not a finished dataset: re-run "
+                         f"prepare_latents.py with the same arguments to complete it.")
+    try:
+        with open(os.path.join(path, 'meta.json')) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise SystemExit(f"error: '{path}/meta.json' is not valid JSON ({e}): {redo}.")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise SystemExit(f"error: '{path}/meta.json' lacks {', '.join(map(repr, missing))}: {redo} (pixel data: "
+                         f"\"vae\": null, \"scaling_factor\": 1).")
+    if meta['format_version'] != DATA_FORMAT_VERSION:
+        raise SystemExit(f"error: '{path}' has format_version {meta['format_version']!r}, this cat.py reads "
+                         f"{DATA_FORMAT_VERSION}: {redo}.")
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+    shape = meta['latent_shape']
+    for key, ok, want in (('N', count(meta['N']), 'a positive integer'),
+                          ('num_classes', count(meta['num_classes']), 'a positive integer'),
+                          ('latent_shape', isinstance(shape, list) and len(shape) == 3 and all(map(count, shape))
+                           and shape[0] % 2 == 0 and shape[1] == shape[2], '[2C, r, r] (mean | std of C channels)'),
+                          ('scaling_factor', isinstance(meta['scaling_factor'], (int, float))
+                           and not isinstance(meta['scaling_factor'], bool) and meta['scaling_factor'] > 0,
+                           'a positive number'),
+                          ('vae', meta['vae'] is None or isinstance(meta['vae'], str), 'a VAE name or null (pixels)'),
+                          ('images', isinstance(meta['images'], bool), 'true or false')):
+        if not ok:
+            raise SystemExit(f"error: '{path}/meta.json' has {key} = {meta[key]!r}, expected {want}: {redo}.")
+    r, unit, pixels = shape[1], 2 ** K * patch, meta['vae'] is None
+    if r % unit:
+        raise SystemExit(f"error: '{path}' holds {r} x {r} {'images' if pixels else 'latents'}, but CAT's four scales "
+                         f"(r/8, r/4, r/2, r) with patch {patch} need r to be a multiple of {unit}: {redo} with "
+                         f"--resolution {unit if pixels else 8 * unit} (or a multiple of it).")
+    files = ['latents.npy', 'labels.npy'] + (['images.bin', 'images_index.npy'] if meta['images'] else [])
+    for name in files:
+        if not os.path.exists(os.path.join(path, name)):
+            raise SystemExit(f"error: '{path}' has no {name}, which its meta.json promises: {redo}.")
     lat = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r')
     lab = np.load(os.path.join(path, 'labels.npy'), mmap_mode='r')
     n, nc = meta['N'], meta['num_classes']
-    if lat.shape[0] != n or lab.shape != (n,) or list(lat.shape[1:]) != list(meta['latent_shape']) or lat.shape[1] % 2:
+    if lat.shape != (n, *shape) or lab.shape != (n,):
         raise SystemExit(f"error: '{path}' does not match its meta.json (latents {tuple(lat.shape)}, labels "
-                         f"{tuple(lab.shape)}, N={n}, latent_shape={meta['latent_shape']}): re-run prepare_latents.py.")
-    if n == 0 or lab.min() < 0 or lab.max() >= nc:
-        raise SystemExit(f"error: '{path}' has labels outside [0, {nc}) or no samples: re-run prepare_latents.py.")
+                         f"{tuple(lab.shape)}, N={n}, latent_shape={shape}): {redo}.")
+    if lab.min() < 0 or lab.max() >= nc:
+        raise SystemExit(f"error: '{path}' has labels outside [0, num_classes = {nc}) (from {lab.min()} to "
+                         f"{lab.max()}): {redo}, or fix num_classes in its meta.json.")
     return meta
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Memory-mapped posterior moments float16 [N, 2C, r, r] (mean | std), labels, and the 256 x 256 JPEG crops."""
-    def __init__(self, path, images=True):
-        self.path, self.meta = path, check_data_dir(path)
-        self.images = images and self.meta.get('images', False)
+    """Memory-mapped posterior moments float16 [N, 2C, r, r] (mean | std; pixel data: the image | 0), labels, and
+    with images=True the JPEG crops for REPA."""
+    def __init__(self, path, meta, images):
+        self.path, self.meta, self.images = path, meta, images
         self.latents = self.labels = self.blob = None      # opened lazily, once per DataLoader worker
 
     def __len__(self):
         return self.meta['N']
 
-    def __getitem__(self, i):
+    def open(self):
         if self.latents is None:
             self.latents = np.load(os.path.join(self.path, 'latents.npy'), mmap_mode='r')
             self.labels = np.load(os.path.join(self.path, 'labels.npy'), mmap_mode='r')
             if self.images:
                 self.index = np.load(os.path.join(self.path, 'images_index.npy'))
                 self.blob = np.memmap(os.path.join(self.path, 'images.bin'), dtype=np.uint8, mode='r')
+        return self
+
+    def __getitem__(self, i):
+        self.open()
         img = torch.empty(0, dtype=torch.uint8)
         if self.images:
             from PIL import Image
@@ -585,12 +627,49 @@ class LatentDataset(torch.utils.data.Dataset):
             img = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert('RGB')).copy()).permute(2, 0, 1)
         return torch.from_numpy(np.array(self.latents[i])), int(self.labels[i]), img
 
+    def pixels(self, idx):
+        """Pixel data: images idx as float [n, C, r, r] in [-1, 1] and their labels."""
+        self.open()
+        idx = np.sort(np.asarray(idx))
+        C = self.latents.shape[1] // 2
+        return torch.from_numpy(self.latents[idx, :C].astype(np.float32)), torch.from_numpy(self.labels[idx].copy())
+
+
+def open_data(args):
+    """-> info (kind 'toy' | 'pixel' | 'latent', N, channels, res, num_classes, scale, vae, meta), the data (toy
+    tensors or a LatentDataset) and notes to log. A data set without images turns REPA off, with a note, unless
+    --lambda-repa was given."""
+    if args.data == 'toy':
+        x, y = make_toy(args.toy_n, seed=args.seed, res=args.toy_res)
+        info = dict(kind='toy', N=len(y), channels=3, res=args.toy_res, num_classes=int(y.max()) + 1, scale=1.0,
+                    vae=None, meta=None)
+        return info, (x, y), []
+    meta, notes = check_data_dir(args.data), []
+    if args.lambda_repa > 0 and not meta['images']:
+        if args.repa_given:
+            raise SystemExit(f"error: '{args.data}' has no images for REPA (pixel data, or prepared with --no-images): "
+                             f"re-run prepare_latents.py without --no-images, or train with --lambda-repa 0.")
+        args.lambda_repa = 0.0
+        notes.append(f"REPA off: '{args.data}' has no images for DINOv2 (pass --lambda-repa to insist)")
+    info = dict(kind='pixel' if meta['vae'] is None else 'latent', N=meta['N'], channels=meta['latent_shape'][0] // 2,
+                res=meta['latent_shape'][1], num_classes=meta['num_classes'], scale=meta['scaling_factor'],
+                vae=meta['vae'], meta=meta)
+    return info, LatentDataset(args.data, meta, images=args.lambda_repa > 0), notes
+
+
+def posterior_sample(moments, eps, scale):
+    """Real latent x = (mean + std * eps) * scaling_factor, a fresh draw from the stored VAE posterior at each use
+    (pixel data: std = 0 and scaling_factor = 1, so x is the image)."""
+    C = moments.shape[1] // 2
+    return (moments[:, :C].float() + moments[:, C:].float() * eps) * scale
+
 
 class StepSampler:
     """Batch indices as a pure function of (seed, step): epoch-wise permutations, this rank's slice of the global
     batch. Resuming at any step replays the same data, and any world size sees the same global batches."""
     def __init__(self, n, global_batch, rank, world, seed, start, steps):
-        self.n, self.gb, self.rank, self.world, self.seed, self.start, self.steps = n, global_batch, rank, world, seed, start, steps
+        self.n, self.gb, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
+        self.start, self.steps = start, steps
         self._perm = (None, None)
 
     def perm(self, epoch):
@@ -613,6 +692,21 @@ class StepSampler:
 
     def __len__(self):
         return self.steps - self.start
+
+
+def real_batches(ds, info, sampler, device, workers):
+    """Yields this rank's (x, c, img) per step; x is the posterior (mean | std) for data sets, pixels for toy."""
+    if info['kind'] == 'toy':
+        x, y = ds[0].to(device), ds[1].to(device)
+        for idx in sampler:
+            idx = torch.tensor(idx, device=device)
+            yield x[idx], y[idx], None
+        return
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers,
+                                         pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
+                                         prefetch_factor=4 if workers else None)
+    for m, c, img in loader:
+        yield m.to(device, non_blocking=True), c.to(device, non_blocking=True), img.to(device, non_blocking=True)
 
 # ----------------------------------------------------------------------------------------------
 # The built-in toy set (--data toy): small class-conditional images in pixel space, so the whole pipeline
@@ -689,90 +783,6 @@ def make_toy(n, seed=0, res=16):
 
 
 # toy evaluator: a small classifier trained on the toy set itself, class accuracy and a Frechet distance in its features
-
-class ToyClassifier(nn.Module):
-    """Small CNN for toy images: 3 convs (first one strided down to 16x16), global average
-    pool, 128-d features."""
-
-    def __init__(self, res=16, dim=128):
-        super().__init__()
-        self.convs = nn.Sequential(
-            nn.Conv2d(3, 32, 3, stride=max(1, res // 16), padding=1), nn.SiLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU())
-        self.fc = nn.Sequential(nn.Linear(64, dim), nn.SiLU())
-        self.head = nn.Linear(dim, 10)
-
-    def features(self, x):
-        return self.fc(self.convs(x).mean((2, 3)))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def train_toy_classifier(res=16, seed=0, steps=300, batch=128, device='cpu'):
-    """Train a ToyClassifier on fresh toy data (seed+1000), validate on held-out seed+2000;
-    raises if val accuracy < 98 %. Leaves the global RNG untouched. Returns it in eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        clf = ToyClassifier(res).to(device)
-    x, y = make_toy(steps * batch, seed=seed + 1000, res=res)
-    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
-    clf.train()
-    for i in range(steps):
-        xb = x[i * batch:(i + 1) * batch]  # light augmentation: Gaussian noise, std 0..0.1
-        xb = xb + 0.1 * torch.rand(batch, 1, 1, 1, generator=g) * torch.randn(xb.shape, generator=g)
-        xb = xb.to(device)
-        loss = F.cross_entropy(clf(xb), y[i * batch:(i + 1) * batch].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    clf.eval()
-    vx, vy = make_toy(2000, seed=seed + 2000, res=res)
-    with torch.no_grad():
-        clf.val_acc = (clf(vx.to(device)).argmax(1).cpu() == vy).float().mean().item()
-    if clf.val_acc < 0.98:
-        raise RuntimeError(f'toy classifier val accuracy {clf.val_acc:.3f} < 0.98')
-    return clf
-
-
-def frechet(f1, f2):
-    """Frechet distance between Gaussians fitted to feature sets f1 [n, d], f2 [m, d] (float64)."""
-    f1, f2 = f1.double(), f2.double()
-    mu = f1.mean(0) - f2.mean(0)
-    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
-    e, v = torch.linalg.eigh(s1)
-    r1 = (v * e.clamp(min=0).sqrt()) @ v.T  # sqrt(S1)
-    m = r1 @ s2 @ r1
-    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
-    return float(mu @ mu + s1.trace() + s2.trace() - 2 * tr_sqrt)
-
-
-@torch.no_grad()
-def _clf_features(clf, x, bs=1000):
-    dev = next(clf.parameters()).device
-    out = [clf.features(x[i:i + bs].to(dev).float().clamp(-1, 1)) for i in range(0, len(x), bs)]
-    return torch.cat(out).cpu()
-
-
-@torch.no_grad()
-def toy_eval(clf, fake_x, fake_y, real_x):
-    """Judge n fakes against 2n reals real_x (use make_toy(2n, seed): both halves balanced).
-
-    class_acc: share of fakes that clf classifies as their conditioning label fake_y.
-    fd: Frechet distance in clf feature space, fakes vs reals A = real_x[:n].
-    fd_floor: the same for reals B = real_x[n:2n] vs A: the real-vs-real floor at equal n.
-    Fakes are clamped to [-1, 1] like the reals; use class-balanced fake_y."""
-    n = len(fake_x)
-    if len(real_x) < 2 * n:
-        raise ValueError(f'toy_eval needs 2n = {2 * n} real images, got {len(real_x)}')
-    ff, fa, fb = (_clf_features(clf, v) for v in (fake_x, real_x[:n], real_x[n:2 * n]))
-    pred = clf.head(ff.to(next(clf.parameters()).device)).argmax(1).cpu()
-    acc = (pred == fake_y.cpu()).float().mean().item()
-    return dict(class_acc=acc, fd=frechet(ff, fa), fd_floor=frechet(fb, fa))
 
 # ----------------------------------------------------------------------------------------------
 # One training iteration: a D step, then a G step (App. A.2). Each step is a small module so that DDP
@@ -914,200 +924,6 @@ def ema_update(ema, G, decay):
     for be, b in zip(ema.buffers(), G.buffers()):
         be.copy_(b)
 
-# ----------------------------------------------------------------------------------------------
-# Run management: DDP, checkpoints, logging, evaluation.
-# ----------------------------------------------------------------------------------------------
-
-
-def setup_ddp():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python cat.py` is a world of one."""
-    if 'RANK' not in os.environ:
-        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    backend = 'nccl' if torch.cuda.is_available() else 'gloo'
-    local = int(os.environ['LOCAL_RANK'])
-    if backend == 'nccl':
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend)
-    device = torch.device('cuda', local) if backend == 'nccl' else torch.device('cpu')
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def save_checkpoint(path, state):
-    """Atomic: a crash mid-write leaves the previous file intact."""
-    tmp = path + '.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location='cpu'):
-    """A CAT checkpoint dict, or one clear line (missing, truncated, not a CAT checkpoint)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint file '{path}'.")
-    try:
-        ck = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint '{path}' ({type(e).__name__}): truncated or not a torch file.")
-    if not isinstance(ck, dict) or ck.get('format') != 'cat' or 'config' not in ck:
-        raise SystemExit(f"error: '{path}' is not a CAT checkpoint (written by cat.py).")
-    return ck
-
-
-def checkpoints_in(run_dir):
-    """Checkpoint files of a run, newest first (latest.pt, then by step)."""
-    steps = sorted(glob.glob(os.path.join(run_dir, 'ckpt-*.pt')), reverse=True)
-    latest = os.path.join(run_dir, 'latest.pt')
-    return ([latest] if os.path.exists(latest) else []) + steps
-
-
-def find_resume(path):
-    """--resume FILE, or a run directory: its newest checkpoint that loads (a damaged latest.pt falls back)."""
-    if os.path.isfile(path):
-        return path
-    for p in checkpoints_in(path):
-        try:
-            load_checkpoint(p)
-            return p
-        except SystemExit as e:
-            print(f"warning: skipping {p}: {e}")
-    raise SystemExit(f"error: --resume {path}: no readable checkpoint there.")
-
-
-def new_run_dir(root, name):
-    os.makedirs(root, exist_ok=True)
-    ids = [int(m.group(1)) for d in os.listdir(root) if (m := re.match(r'(\d+)-', d))]
-    return os.path.join(root, f'{max(ids, default=-1) + 1:03d}-{name}')
-
-
-class Logger:
-    """Rank 0: stdout (through tqdm), log.txt and metrics.jsonl in the run directory."""
-    def __init__(self, run_dir, rank):
-        self.rank, self.run_dir = rank, run_dir
-        if rank == 0:
-            os.makedirs(run_dir, exist_ok=True)
-            self.txt, self.jsonl = open(os.path.join(run_dir, 'log.txt'), 'a'), open(os.path.join(run_dir, 'metrics.jsonl'), 'a')
-
-    def __call__(self, msg, metrics=None):
-        if self.rank != 0:
-            return
-        from tqdm import tqdm
-        tqdm.write(msg)
-        self.txt.write(msg + '\n')
-        self.txt.flush()
-        if metrics is not None:
-            self.jsonl.write(json.dumps(metrics) + '\n')
-            self.jsonl.flush()
-
-
-def to_uint8(x):
-    """[-1, 1] images [N, 3, H, W] -> uint8 [N, H, W, 3]."""
-    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def decode(x, info, vae=None):
-    """Generator output -> uint8 images: toy pixels directly; latents through the VAE (x / scaling_factor), or,
-    without a VAE, a false-colour view of latent channels 0..2."""
-    if info['kind'] == 'toy':
-        return to_uint8(x)
-    if vae is None:
-        x = x[:, :3] / x[:, :3].flatten(1).abs().amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
-        return to_uint8(F.interpolate(x, scale_factor=8, mode='nearest'))
-    return to_uint8(torch.cat([vae.decode(b.float() / info['scale']).sample for b in x.split(32)]))
-
-
-def save_grid(images, nrow, path):
-    """uint8 [N, H, W, 3] -> one PNG, nrow images per row."""
-    from PIL import Image
-    N, H, W, _ = images.shape
-    rows = -(-N // nrow)
-    grid = torch.zeros(rows * H, nrow * W, 3, dtype=torch.uint8)
-    for i in range(N):
-        grid[i // nrow * H:(i // nrow + 1) * H, i % nrow * W:(i % nrow + 1) * W] = images[i]
-    Image.fromarray(grid.numpy()).save(path)
-
-
-@torch.no_grad()
-def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
-    """EMA samples in batches: the final h_K, or every stage [h_0..h_K] stacked [K+1, N, C, R, R]."""
-    outs = []
-    for zb, cb in zip(z.split(batch), c.split(batch)):
-        hs = G(zb, cb, psi)
-        outs.append(torch.stack(hs) if all_stages else hs[-1])
-    return torch.cat(outs, dim=1 if all_stages else 0)
-
-# ----------------------------------------------------------------------------------------------
-# Training loop (Table 6): AdamW (0, 0.99), lr 2e-4, clip 1.0, EMA 0.999, bf16 autocast; D step then G step.
-# ----------------------------------------------------------------------------------------------
-
-
-def open_data(args):
-    """-> info (kind, channels, res, num_classes, scale, meta) and the dataset (LatentDataset, or toy tensors)."""
-    if args.data == 'toy':
-        x, y = make_toy(args.toy_n, seed=args.seed, res=args.toy_res)
-        info = dict(kind='toy', channels=3, res=args.toy_res, num_classes=int(y.max()) + 1, scale=1.0, meta=None)
-        return info, (x, y)
-    ds = LatentDataset(args.data, images=args.lambda_repa > 0)
-    m = ds.meta
-    if args.lambda_repa > 0 and not ds.images:
-        raise SystemExit(f"error: '{args.data}' has no images for REPA (prepared with --no-images): "
-                         f"re-run prepare_latents.py without it, or train with --lambda-repa 0.")
-    info = dict(kind='latent', channels=m['latent_shape'][0] // 2, res=m['latent_shape'][1],
-                num_classes=m['num_classes'], scale=m['scaling_factor'], meta=m)
-    return info, ds
-
-
-def real_batches(ds, info, sampler, device, workers):
-    """Yields this rank's (x, c, img) per step; x is the posterior (mean | std) for latents, pixels for toy."""
-    if info['kind'] == 'toy':
-        x, y = ds[0].to(device), ds[1].to(device)
-        for idx in sampler:
-            idx = torch.tensor(idx, device=device)
-            yield x[idx], y[idx], None
-        return
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == 'cuda',
-                                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-    for m, c, img in loader:
-        yield m.to(device, non_blocking=True), c.to(device, non_blocking=True), img.to(device, non_blocking=True)
-
-
-def model_configs(args, info):
-    g, d = G_CONFIGS[args.model], D_CONFIGS[args.model_d or D_FOR_G[args.model]]
-    common = dict(channels=info['channels'], res=info['res'], num_classes=info['num_classes'])
-    return (dict(depth=g.depth, width=g.width, heads=g.heads, **common),
-            dict(depth=d.depth, width=d.width, heads=d.heads, cmap_dim=d.cmap, repa_dim=768 if args.lambda_repa > 0 else 0,
-                 mask=not args.no_mask, **common))
-
-
-@torch.no_grad()
-def evaluate(ema, info, args, device, vae, toy_eval_state, step, run_dir):
-    """Cross-scale metrics (Eq. 1) on EMA samples, a sample grid, and for toy runs class accuracy and FD."""
-    g = torch.Generator().manual_seed(args.seed + 12345)
-    n = args.eval_n
-    z = torch.randn(n, ema.z_dim, generator=g).to(device)
-    c = (torch.arange(n) % info['num_classes']).to(device)
-    with autocast(args.precision, device):
-        hs = generate(ema, z, c, all_stages=True)
-    out = cross_scale_metrics(list(hs.float()))
-    out = {f'{name}_{k}': v for name, vals in out.items() for k, v in enumerate(vals)}
-    for name in ('delta', 'R', 'A', 'delta_h'):
-        out[name] = sum(out[f'{name}_{k}'] for k in range(K)) / K
-    if info['kind'] == 'toy':
-        clf, real = toy_eval_state
-        out.update(toy_eval(clf, hs[-1].float().clamp(-1, 1).cpu(), c.cpu(), real))
-        nc = info['num_classes']                                       # grid: one row per class, 10 seeds
-        idx = torch.arange(nc * 10).view(10, nc).t().reshape(-1)
-        imgs = decode(hs[-1][idx].float(), info)
-        save_grid(F.interpolate(imgs.permute(0, 3, 1, 2).float(), scale_factor=4).byte().permute(0, 2, 3, 1), 10,
-                  os.path.join(run_dir, f'samples-{step:07d}.png'))
-    else:
-        save_grid(decode(hs[-1][:32].float(), info, vae), 8, os.path.join(run_dir, f'samples-{step:07d}.png'))
-    return out
-
-
-def posterior_sample(moments, eps, scale):
-    """Real latent x = (mean + std * eps) * scaling_factor, a fresh draw from the stored VAE posterior at each use."""
-    C = moments.shape[1] // 2
-    return (moments[:, :C].float() + moments[:, C:].float() * eps) * scale
-
 
 @dataclass
 class Models:
@@ -1178,6 +994,292 @@ def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained_dino=True):
     return Models(G, D, ema, opt_g, opt_d, d_step, g_step, world, micro)
 
 
+def model_configs(args, info):
+    """G and D constructor arguments for --model / --model-d and the data (channels, resolution, classes)."""
+    g, d = G_CONFIGS[args.model], D_CONFIGS[args.model_d or D_FOR_G[args.model]]
+    common = dict(channels=info['channels'], res=info['res'], num_classes=info['num_classes'])
+    return (dict(depth=g.depth, width=g.width, heads=g.heads, **common),
+            dict(depth=d.depth, width=d.width, heads=d.heads, cmap_dim=d.cmap,
+                 repa_dim=768 if args.lambda_repa > 0 else 0, mask=not args.no_mask, **common))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop (Table 6): DDP through torchrun, run directory and resume, checkpoints, logging, evaluation.
+# ----------------------------------------------------------------------------------------------
+
+CKPT_VERSION = 2            # 2: GAT's form of the equalized-lr weights (version-1 weights would load but mean else)
+
+
+def setup_ddp():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python cat.py` is a world of one."""
+    if 'RANK' not in os.environ:
+        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+    local = int(os.environ['LOCAL_RANK'])
+    if backend == 'nccl':
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend)
+    device = torch.device('cuda', local) if backend == 'nccl' else torch.device('cpu')
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def save_checkpoint(path, state):
+    """Atomic: a crash mid-write leaves the previous file intact."""
+    tmp = path + '.tmp'
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """A CAT checkpoint dict, or one clear line (missing, truncated, not a CAT checkpoint, too old)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint file '{path}'.")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint '{path}' ({type(e).__name__}): truncated or not a torch file.")
+    if not isinstance(ck, dict) or ck.get('format') != 'cat' or 'config' not in ck:
+        raise SystemExit(f"error: '{path}' is not a CAT checkpoint (written by cat.py).")
+    if ck.get('version', 1) < CKPT_VERSION:
+        raise SystemExit(f"error: '{path}' was written by an older cat.py whose equalized-lr layers store their "
+                         f"weights in another form: retrain it with this version.")
+    return ck
+
+
+def checkpoints_in(run_dir):
+    """Checkpoint files of a run, newest first (latest.pt, then by step)."""
+    steps = sorted(glob.glob(os.path.join(run_dir, 'ckpt-*.pt')), reverse=True)
+    latest = os.path.join(run_dir, 'latest.pt')
+    return ([latest] if os.path.exists(latest) else []) + steps
+
+
+def find_resume(path):
+    """--resume FILE, or a run directory: its newest checkpoint that loads (a damaged latest.pt falls back)."""
+    if os.path.isfile(path):
+        return path
+    for p in checkpoints_in(path):
+        try:
+            load_checkpoint(p)
+            return p
+        except SystemExit as e:
+            print(f"warning: skipping {p}: {e}")
+    raise SystemExit(f"error: --resume {path}: no readable checkpoint there.")
+
+
+def resolve_run(args, info, g_cfg, d_cfg, rank, world):
+    """-> (run directory, checkpoint to resume or None): --resume FILE or DIR (a directory without a checkpoint yet
+    starts there), else --out or a new runs/NNN-NAME; the same choice on every rank."""
+    ck = None
+    if args.resume:
+        src = args.resume if args.resume != 'auto' else (args.out or '')
+        if not src:
+            raise SystemExit("error: --resume without a path needs --out RUN_DIR.")
+        if os.path.isdir(src) and not checkpoints_in(src):
+            print(f"--resume: no checkpoint in {src} yet, starting a new run there")
+            run_dir = args.out or src
+        else:
+            path = find_resume(src)
+            ck = load_checkpoint(path)
+            ck['path'] = path
+            run_dir = args.out or (src if os.path.isdir(src) else os.path.dirname(path))
+            if ck['config']['G'] != g_cfg or ck['config']['D'] != d_cfg:
+                a = ck['config']['args']
+                raise SystemExit(f"error: {path} holds a different model (--model {a['model']}, --model-d "
+                                 f"{a['model_d']}, data {a['data']}): resume with the same --model, --model-d, --data "
+                                 f"and options.")
+    else:
+        run_dir = args.out or new_run_dir('runs', 'toy' if info['kind'] == 'toy' else args.model)
+        if rank == 0 and checkpoints_in(run_dir):
+            raise SystemExit(f"error: {run_dir} already holds a run: add --resume to continue it, or pick a new --out.")
+    if world > 1:                                   # every rank writes logs / reads checkpoints of rank 0's choice
+        obj = [run_dir]
+        dist.broadcast_object_list(obj, src=0)
+        run_dir = obj[0]
+    return run_dir, ck
+
+
+def new_run_dir(root, name):
+    os.makedirs(root, exist_ok=True)
+    ids = [int(m.group(1)) for d in os.listdir(root) if (m := re.match(r'(\d+)-', d))]
+    return os.path.join(root, f'{max(ids, default=-1) + 1:03d}-{name}')
+
+
+def write_checkpoint(run_dir, state, args):
+    """latest.pt, and at multiples of --ckpt-every (and the last step) ckpt-STEP.pt with latest.pt as a hard link to
+    it (one write, not two). Kept: the --keep newest periodic ones and every multiple of --milestone-every; older
+    ones are deleted only after the new one is written."""
+    step, latest = state['step'], os.path.join(run_dir, 'latest.pt')
+    if step % args.ckpt_every and step != args.steps:
+        save_checkpoint(latest, state)
+        return
+    path = os.path.join(run_dir, f'ckpt-{step:07d}.pt')
+    save_checkpoint(path, state)
+    try:
+        os.link(path, latest + '.tmp')
+        os.replace(latest + '.tmp', latest)
+    except OSError:
+        save_checkpoint(latest, state)
+    periodic = [p for p in sorted(glob.glob(os.path.join(run_dir, 'ckpt-*.pt')))
+                if not (args.milestone_every and int(p[-10:-3]) % args.milestone_every == 0)]
+    for old in periodic[:-args.keep]:
+        os.remove(old)
+
+
+class Logger:
+    """Rank 0: stdout (through tqdm), log.txt and metrics.jsonl in the run directory."""
+    def __init__(self, run_dir, rank):
+        self.rank, self.run_dir = rank, run_dir
+        if rank == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            self.txt = open(os.path.join(run_dir, 'log.txt'), 'a')
+            self.jsonl = open(os.path.join(run_dir, 'metrics.jsonl'), 'a')
+
+    def __call__(self, msg, metrics=None):
+        if self.rank != 0:
+            return
+        from tqdm import tqdm
+        tqdm.write(msg)
+        self.txt.write(msg + '\n')
+        self.txt.flush()
+        if metrics is not None:
+            self.jsonl.write(json.dumps(metrics) + '\n')
+            self.jsonl.flush()
+
+
+def to_uint8(x):
+    """[-1, 1] images [N, 3, H, W] -> uint8 [N, H, W, 3]."""
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def decode(x, info, vae=None):
+    """Generator output -> uint8 images [N, H, W, 3]: pixel data directly; latents through the VAE
+    (x / scaling_factor), or, without a VAE, a false-colour view of latent channels 0..2."""
+    if info['kind'] != 'latent':
+        return to_uint8(x)
+    if vae is None:
+        x = x[:, :3] / x[:, :3].flatten(1).abs().amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
+        return to_uint8(F.interpolate(x, scale_factor=8, mode='nearest'))
+    return to_uint8(torch.cat([vae.decode(b.float() / info['scale']).sample for b in x.split(32)]))
+
+
+def enlarge(images, size=64):
+    """uint8 [N, H, W, 3] -> nearest-neighbour enlarged to at least `size` pixels, for pictures of small images."""
+    f = max(1, size // images.shape[1])
+    return images.repeat_interleave(f, 1).repeat_interleave(f, 2)
+
+
+def save_grid(images, nrow, path):
+    """uint8 [N, H, W, 3] -> one PNG, nrow images per row."""
+    from PIL import Image
+    N, H, W, _ = images.shape
+    rows = -(-N // nrow)
+    grid = torch.zeros(rows * H, nrow * W, 3, dtype=torch.uint8)
+    for i in range(N):
+        grid[i // nrow * H:(i // nrow + 1) * H, i % nrow * W:(i % nrow + 1) * W] = images[i]
+    Image.fromarray(grid.numpy()).save(path)
+
+
+@torch.no_grad()
+def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
+    """EMA samples in batches: the final h_K, or every stage [h_0..h_K] stacked [K+1, N, C, R, R]."""
+    outs = []
+    for zb, cb in zip(z.split(batch), c.split(batch)):
+        hs = G(zb, cb, psi)
+        outs.append(torch.stack(hs) if all_stages else hs[-1])
+    return torch.cat(outs, dim=1 if all_stages else 0)
+
+
+class Evaluation:
+    """Rank 0's view of training, every --eval-every steps on a fixed set of EMA samples (class c = i mod classes):
+    the cross-scale metrics of Eq. 1, a sample grid (pixel data: one row per class; latents: decoded), and for pixel
+    data the data set's own classifier (fid.py): class accuracy and a Frechet distance in its features. With
+    --fid-every, FID of fid_n samples against --fid-ref."""
+    def __init__(self, args, info, ds, device, run_dir, log):
+        import fid
+        self.args, self.info, self.device, self.run_dir, self.fid = args, info, device, run_dir, fid
+        self.vae = self.clf = self.detector = None
+        if info['kind'] == 'latent':
+            self.vae = load_vae(args.vae or info['vae'], device, required=False)
+            if self.vae is None:
+                log(f"warning: VAE '{args.vae or info['vae']}' unavailable: sample grids show latent channels 0-2.")
+        else:
+            self.clf, self.reals = self.data_classifier(ds, log)
+        if args.fid_every:
+            try:
+                self.detector = fid.load_detector(args.fid_detector, device)
+            except SystemExit as e:
+                log(f"warning: {e} FID during training is off.")
+
+    def data_classifier(self, ds, log):
+        """fid.SmallClassifier on the training images (toy: fresh toy images, >= 98 % required on held-out ones),
+        cached in the run directory; and 2n held-out real images for the Frechet distance."""
+        a, info, path = self.args, self.info, os.path.join(self.run_dir, 'classifier.pt')
+        n, res, nc = a.eval_n, info['res'], info['num_classes']
+        if info['kind'] == 'toy':
+            train = make_toy(300 * 128, seed=a.seed + 1000, res=res)
+            val, reals = make_toy(2000, seed=a.seed + 2000, res=res), make_toy(2 * n, seed=a.seed + 777, res=res)[0]
+        else:                                # a seeded split of the data set: up to 2000 held out, 2n for the FD
+            perm = torch.randperm(info['N'], generator=torch.Generator().manual_seed(a.seed + 777)).numpy()
+            hold = min(2000, info['N'] // 10)
+            train, val = ds.pixels(perm[hold:hold + 300 * 128]), ds.pixels(perm[:hold])
+            reals = ds.pixels(perm[:2 * min(n, info['N'] // 2)])[0]
+        if os.path.exists(path):
+            clf = self.fid.SmallClassifier(res, nc, info['channels'])
+            clf.load_state_dict(torch.load(path, map_location='cpu'))
+            return clf.eval(), reals
+        clf = self.fid.train_classifier(*train, nc, val, seed=a.seed)
+        log(f"data set classifier: {100 * clf.val_acc:.1f}% on {len(val[1])} held-out real images")
+        if info['kind'] == 'toy' and clf.val_acc < 0.98:
+            raise RuntimeError(f'toy classifier val accuracy {clf.val_acc:.3f} < 0.98')
+        torch.save(clf.state_dict(), path)
+        return clf, reals
+
+    def due(self, step):
+        return self.args.eval_every and (step % self.args.eval_every == 0 or step == self.args.steps)
+
+    @torch.no_grad()
+    def __call__(self, ema, step):
+        a, info = self.args, self.info
+        g = torch.Generator().manual_seed(a.seed + 12345)
+        z = torch.randn(a.eval_n, ema.z_dim, generator=g).to(self.device)
+        c = (torch.arange(a.eval_n) % info['num_classes']).to(self.device)
+        with autocast(a.precision, self.device):
+            hs = generate(ema, z, c, all_stages=True)
+        out = {f'{name}_{k}': v for name, vals in cross_scale_metrics(list(hs.float())).items()
+               for k, v in enumerate(vals)}
+        for name in ('delta', 'R', 'A', 'delta_h'):
+            out[name] = sum(out[f'{name}_{k}'] for k in range(K)) / K
+        x = hs[-1].float()
+        if self.clf is not None:
+            n = len(self.reals) // 2
+            out.update(self.fid.classifier_metrics(self.clf, x[:n].cpu(), c[:n].cpu(), self.reals))
+            nc = info['num_classes']                          # one row per class (at most 16), up to 10 seeds
+            rows, cols = min(nc, 16), min(10, len(x) // nc)
+            idx = (torch.arange(rows)[:, None] + nc * torch.arange(cols)[None]).flatten()
+            save_grid(enlarge(decode(x[idx], info)), cols, os.path.join(self.run_dir, f'samples-{step:07d}.png'))
+        else:
+            save_grid(decode(x[:32], info, self.vae), 8, os.path.join(self.run_dir, f'samples-{step:07d}.png'))
+        return out
+
+    def fid_due(self, step):
+        return self.detector is not None and (step % self.args.fid_every == 0 or step == self.args.steps)
+
+    @torch.no_grad()
+    def fid_score(self, ema):
+        """FID of fid_n EMA samples (uniform random classes, fixed seed) against the --fid-ref statistics."""
+        a, info = self.args, self.info
+        if info['kind'] == 'latent' and self.vae is None:
+            return None
+        g = torch.Generator().manual_seed(a.seed + 999)
+        z = torch.randn(a.fid_n, ema.z_dim, generator=g)
+        c = torch.randint(0, info['num_classes'], (a.fid_n,), generator=g)
+        images = []
+        for zb, cb in zip(z.split(256), c.split(256)):
+            with autocast(a.precision, self.device):
+                images.append(decode(ema(zb.to(self.device), cb.to(self.device))[-1].float(), info, self.vae))
+        return self.fid.fid_from_images(torch.cat(images).numpy(), a.fid_ref, self.detector, self.device)
+
+
 class Preemption:
     """SIGTERM / SIGINT / SIGUSR1 (SLURM's warning) set a flag; every rank stops after the same iteration. With
     several processes the flags are summed over a CPU (gloo) group without blocking: a signal seen during step s
@@ -1210,161 +1312,86 @@ class Preemption:
         return False
 
 
-@torch.no_grad()
-def training_fid(ema, info, args, device, vae, detector):
-    """FID of fid_n EMA samples (uniform random classes, fixed seed) against the --fid-ref statistics."""
-    import fid
-    g = torch.Generator().manual_seed(args.seed + 999)
-    z = torch.randn(args.fid_n, ema.z_dim, generator=g)
-    c = torch.randint(0, info['num_classes'], (args.fid_n,), generator=g)
-    images = []
-    for zb, cb in zip(z.split(256), c.split(256)):
-        with autocast(args.precision, device):
-            images.append(decode(ema(zb.to(device), cb.to(device))[-1].float(), info, vae))
-    return fid.fid_from_images(torch.cat(images).numpy(), args.fid_ref, detector, device)
-
-
 def train(args):
     rank, world, device = setup_ddp()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.batch_size % world or (args.batch_size // world) % (args.micro_batch or args.batch_size // world):
-        raise SystemExit(f"error: --batch-size {args.batch_size} must split evenly over {world} processes and into "
-                         f"micro-batches of {args.micro_batch}: pick sizes that divide.")
     b = args.batch_size // world
     micro = args.micro_batch or b
+    if args.batch_size % world or b % micro:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split evenly over {world} processes and into "
+                         f"micro-batches of {args.micro_batch}: pick sizes that divide.")
     if micro % 4:
-        raise SystemExit(f"error: the per-process micro-batch ({micro}) must be a multiple of 4 (R1/R2 use every 4th sample).")
-    info, ds = open_data(args)
+        raise SystemExit(f"error: the per-process micro-batch ({micro}) must be a multiple of 4 (R1/R2 use every 4th "
+                         f"sample).")
+    info, ds, notes = open_data(args)
     g_cfg, d_cfg = model_configs(args, info)
-
-    # run directory and resume
-    ck = None
-    if args.resume:
-        src = args.resume if args.resume != 'auto' else (args.out or '')
-        if not src:
-            raise SystemExit("error: --resume without a path needs --out RUN_DIR.")
-        if os.path.isdir(src) and not checkpoints_in(src):
-            print(f"--resume: no checkpoint in {src} yet, starting a new run there")
-        else:
-            path = find_resume(src)
-            ck = load_checkpoint(path)
-        run_dir = args.out or (src if os.path.isdir(src) else os.path.dirname(path))
-    if ck is not None:
-        if ck['config']['G'] != g_cfg or ck['config']['D'] != d_cfg:
-            raise SystemExit(f"error: {path} holds a different model (--model {ck['config']['args']['model']}, "
-                             f"--model-d {ck['config']['args']['model_d']}, data {ck['config']['args']['data']}): "
-                             f"resume with the same --model, --model-d, --data and options.")
-    elif not args.resume:
-        run_dir = args.out or new_run_dir('runs', 'toy' if info['kind'] == 'toy' else args.model)
-        if rank == 0 and checkpoints_in(run_dir):
-            raise SystemExit(f"error: {run_dir} already holds a run: add --resume to continue it, or pick a new --out.")
-    if world > 1:                                   # every rank writes logs / reads checkpoints of rank 0's choice
-        obj = [run_dir]
-        dist.broadcast_object_list(obj, src=0)
-        run_dir = obj[0]
+    run_dir, ck = resolve_run(args, info, g_cfg, d_cfg, rank, world)
     log = Logger(run_dir, rank)
-
+    if device.type == 'cpu' and args.model not in ('S', 'T'):
+        notes.append(f"note: G-{args.model}/2 is sized for GPUs; for a small data set on the CPU see the README's "
+                     f"'Train on your own data' (--model S --batch-size 64 --lr 1e-3 --ema-decay 0.99 --steps N)")
+    for line in notes:
+        log(line)
     m = build(args, g_cfg, d_cfg, device, world, ck)
-    G, D, ema, opt_g, opt_d = m.G, m.D, m.ema, m.opt_g, m.opt_d
     start = 0 if ck is None else ck['step']
     if ck is not None:
-        log(f"resumed from {path} at step {start}")
-    n_data = len(ds[1]) if info['kind'] == 'toy' else len(ds)
-    sampler = StepSampler(n_data, args.batch_size, rank, world, args.seed, start, args.steps)
-    batches = real_batches(ds, info, sampler, device, args.workers)
-    vae = None
-    if info['kind'] == 'latent' and rank == 0 and args.eval_every:
-        vae = load_vae(args.vae or info['meta']['vae'], device, required=False)
-        if vae is None:
-            log(f"warning: VAE '{args.vae or info['meta']['vae']}' unavailable: sample grids show latent channels 0-2.")
-    toy_state = None
-    if info['kind'] == 'toy' and rank == 0 and args.eval_every:
-        real = make_toy(2 * args.eval_n, seed=args.seed + 777, res=info['res'])[0]      # held out: another seed
-        path = os.path.join(run_dir, 'toy_classifier.pt')                              # cached per run
-        if os.path.exists(path):
-            clf = ToyClassifier(info['res'])
-            clf.load_state_dict(torch.load(path, map_location='cpu'))
-            clf.eval()
-        else:
-            clf = train_toy_classifier(res=info['res'], seed=args.seed)
-            log(f"toy classifier: {100 * clf.val_acc:.1f}% on held-out real toy images")
-            torch.save(clf.state_dict(), path)
-        toy_state = (clf, real)
-    detector = None
-    if args.fid_every and rank == 0:               # FID-5K of the EMA generator while training, as GAT logs it
-        import fid
-        try:
-            detector = fid.load_detector(args.fid_detector, device)
-        except SystemExit as e:
-            log(f"warning: {e} FID during training is off.")
-    config = dict(G=g_cfg, D=d_cfg, args=vars(args), data={k: v for k, v in info.items() if k != 'meta'}, meta=info['meta'])
-    if rank == 0:
-        log(f"run {run_dir}: G {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f}M "
-            f"params, {world} process(es) x batch {b} (micro {micro}), {args.precision}, device {device}")
-
-    def checkpoint(step):
-        state = dict(format='cat', step=step, config=config, G=G.state_dict(), D=D.state_dict(), ema=ema.state_dict(),
-                     opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict())
-        latest = os.path.join(run_dir, 'latest.pt')
-        if step % args.ckpt_every == 0 or step == args.steps:
-            path = os.path.join(run_dir, f'ckpt-{step:07d}.pt')
-            save_checkpoint(path, state)
-            try:                                      # latest.pt: a hard link to it, not a second write
-                os.link(path, latest + '.tmp')
-                os.replace(latest + '.tmp', latest)
-            except OSError:
-                save_checkpoint(latest, state)
-            periodic = [p for p in sorted(glob.glob(os.path.join(run_dir, 'ckpt-*.pt')))
-                        if not (args.milestone_every and int(p[-10:-3]) % args.milestone_every == 0)]
-            for old in periodic[:-args.keep]:             # only after the new one is safely written
-                os.remove(old)
-        else:
-            save_checkpoint(latest, state)
+        log(f"resumed from {ck['path']} at step {start}")
+    batches = real_batches(ds, info, StepSampler(info['N'], args.batch_size, rank, world, args.seed, start, args.steps),
+                           device, args.workers)
+    evaluation = Evaluation(args, info, ds, device, run_dir, log) if rank == 0 and (args.eval_every or args.fid_every) \
+        else None
+    config = dict(G=g_cfg, D=d_cfg, args=vars(args), data={k: v for k, v in info.items() if k != 'meta'},
+                  meta=info['meta'])
+    log(f"run {run_dir}: G {sum(p.numel() for p in m.G.parameters()) / 1e6:.2f}M, D "
+        f"{sum(p.numel() for p in m.D.parameters()) / 1e6:.2f}M params, {world} process(es) x batch {b} (micro "
+        f"{micro}), {args.precision}, device {device}, {args.workers} data workers")
 
     from tqdm import tqdm
     stop = Preemption(world)
     pending, t0, last_eval, done = [], time.time(), None, start
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, dynamic_ncols=True):
         moments, c, img = next(batches)
-        nz = take(step_noise(args.seed, step, args.batch_size, G, device), rank * b, (rank + 1) * b)
+        nz = take(step_noise(args.seed, step, args.batch_size, m.G, device), rank * b, (rank + 1) * b)
         x = moments if info['kind'] == 'toy' else posterior_sample(moments, nz['eps'], info['scale'])
         names, st = train_step(m, x, c, img, nz, args)
         pending.append(st)
-        done = step + 1
-        stopping = stop.requested()
+        done, stopping = step + 1, stop.requested()
         save = done % args.latest_every == 0 or done % args.ckpt_every == 0 or done == args.steps or stopping
-        # every log interval and before every checkpoint: one host sync, and the non-finite guard
-        if done % args.log_every == 0 or save:
+        if done % args.log_every == 0 or save:         # one host sync per interval, and the non-finite guard
             vals = torch.stack(pending).mean(0).tolist()
             bad = [n for n, v in zip(names, vals) if not math.isfinite(v)]
             if bad:
                 raise SystemExit(f"error: non-finite {', '.join(bad)} within steps {done - len(pending) + 1}-{done}: "
-                                 f"stopped; the last checkpoint ({run_dir}/latest.pt) is from before them and untouched.")
+                                 f"stopped; the last checkpoint ({run_dir}/latest.pt) is from before them and "
+                                 f"untouched.")
             metrics = dict(step=done, **dict(zip(names, vals)), sec_per_it=(time.time() - t0) / len(pending))
             pending, t0 = [], time.time()
             log(f"step {done}: " + ' '.join(f"{k}={v:.4g}" for k, v in metrics.items() if k != 'step'), metrics)
-        if rank == 0 and args.eval_every and (done % args.eval_every == 0 or done == args.steps):
-            last_eval = evaluate(ema, info, args, device, vae, toy_state, done, run_dir)
+        if evaluation and evaluation.due(done):
+            last_eval = evaluation(m.ema, done)
             log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in last_eval.items()), dict(step=done, **last_eval))
-        if detector is not None and (done % args.fid_every == 0 or done == args.steps):
-            if info['kind'] == 'latent' and vae is None:
+        if evaluation and evaluation.fid_due(done):
+            score = evaluation.fid_score(m.ema)
+            if score is None:
                 log("warning: no VAE to decode samples: FID skipped.")
             else:
-                fid_value = training_fid(ema, info, args, device, vae, detector)
-                log(f"fid {done}: fid{args.fid_n // 1000}k={fid_value:.3f}", dict(step=done, fid=fid_value, fid_n=args.fid_n))
+                log(f"fid {done}: fid{args.fid_n // 1000}k={score:.3f}", dict(step=done, fid=score, fid_n=args.fid_n))
         if rank == 0 and save:
-            checkpoint(done)
+            write_checkpoint(run_dir, dict(format='cat', version=CKPT_VERSION, step=done, config=config,
+                                           G=m.G.state_dict(), D=m.D.state_dict(), ema=m.ema.state_dict(),
+                                           opt_g=m.opt_g.state_dict(), opt_d=m.opt_d.state_dict()), args)
         if stopping:
             log(f"stopped by signal after step {done}; checkpoint {run_dir}/latest.pt. Resume with the same command "
                 f"plus --resume {run_dir}")
             break
     stop.restore()
-    if rank == 0 and info['kind'] == 'toy' and last_eval is not None:
-        log("toy: " + ' '.join(f"{k}={last_eval[k]:.4f}" for k in ('class_acc', 'fd', 'fd_floor', 'delta', 'R', 'A', 'delta_h')))
+    if info['kind'] == 'toy' and last_eval is not None:
+        log("toy: " + ' '.join(f"{k}={last_eval[k]:.4f}" for k in
+                               ('class_acc', 'fd', 'fd_floor', 'delta', 'R', 'A', 'delta_h')))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return dict(run_dir=run_dir, G=G, D=D, ema=ema, eval=last_eval, step=done)
+    return dict(run_dir=run_dir, G=m.G, D=m.D, ema=m.ema, eval=last_eval, step=done)
 
 # ----------------------------------------------------------------------------------------------
 # --summary: parameters and GFLOPs (multiply-adds per sample, the paper's convention) on the meta device.
@@ -1478,14 +1505,13 @@ def gp_check(args, out=print, draws=8):
     G.load_state_dict(ck['G']), D.load_state_dict(ck['D'])
     G.requires_grad_(False), D.requires_grad_(False)
     n, g = args.batch_size, torch.Generator(device).manual_seed(args.seed)
-    info, ds = open_data(argparse.Namespace(**{**vars(a), 'lambda_repa': 0.0}))
+    info, ds, _ = open_data(argparse.Namespace(**{**vars(a), 'lambda_repa': 0.0}))
     if info['kind'] == 'toy':
         x, c = ds[0][:n].to(device), ds[1][:n].to(device)
     else:
-        m, c, _ = map(torch.stack, zip(*[ds[i] for i in range(n)]))
-        x = posterior_sample(m.to(device), torch.randn(n, G.channels, G.res, G.res, generator=g, device=device),
-                             info['scale'])
-        c = c.to(device)
+        items = [ds[i] for i in range(n)]
+        m, c = torch.stack([t[0] for t in items]).to(device), torch.tensor([t[1] for t in items], device=device)
+        x = posterior_sample(m, torch.randn(n, G.channels, G.res, G.res, generator=g, device=device), info['scale'])
     with torch.no_grad():
         fake = torch.cat(G(torch.randn(n, G.z_dim, generator=g, device=device), c))
     if a.aug:
@@ -1541,13 +1567,13 @@ def get_args(argv=None):
     p.add_argument('--no-aug', dest='aug', action='store_false', help='turn DiffAugment off')
     p.add_argument('--ema-decay', type=float, default=None, help='EMA of G (0.999; toy 0.99)')
     p.add_argument('--clip', type=float, default=1.0, help='gradient clipping norm')
-    p.add_argument('--precision', choices=['bf16', 'fp32'], default=None, help='autocast dtype (bf16; toy on CPU: fp32)')
+    p.add_argument('--precision', choices=['bf16', 'fp32'], default=None, help='autocast dtype (bf16; no CUDA: fp32)')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--workers', type=int, default=8, help='DataLoader workers per process')
+    p.add_argument('--workers', type=int, default=None, help='DataLoader workers per process (8; no CUDA: 0)')
     p.add_argument('--vae', default=None, help='VAE for sample grids (default: the one named in the dataset meta)')
     p.add_argument('--log-every', type=int, default=None)
     p.add_argument('--eval-every', type=int, default=None, help='EMA sample grid + cross-scale metrics (+ toy metrics)')
-    p.add_argument('--eval-n', type=int, default=None, help='samples per evaluation')
+    p.add_argument('--eval-n', type=int, default=None, help='samples per evaluation (1000)')
     p.add_argument('--ckpt-every', type=int, default=None, help='periodic checkpoint interval (kept: --keep newest)')
     p.add_argument('--latest-every', type=int, default=None, help='latest.pt refresh interval')
     p.add_argument('--keep', type=int, default=3, help='periodic checkpoints kept (besides latest.pt and milestones)')
@@ -1569,18 +1595,29 @@ def get_args(argv=None):
     p.add_argument('--d-attn', choices=['split', 'mask'], default='split',
                    help="block-diagonal attention: one fused call per scale, or one call with an explicit mask")
     args = p.parse_args(argv)
-    toy = args.data == 'toy'
+    toy, cuda = args.data == 'toy', torch.cuda.is_available()
     args.model = args.model or ('S' if toy else 'B')       # the embedded default: small config, minutes on a CPU
     if args.model not in G_CONFIGS or (args.model_d or 'B') not in D_CONFIGS:
-        p.error(f"unknown --model {args.model} / --model-d {args.model_d}: choose G from {list(G_CONFIGS)}, D from {list(D_CONFIGS)}")
-    # the toy run departs from Table 6 where a few hundred CPU steps need it: lr 1e-3 and EMA 0.99 (0.999 would
-    # still be ~50% the initial weights after 700 steps), no REPA (no DINOv2 targets for toy images)
-    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if toy or args.bench or args.gp_check else 512, lambda_repa=0.0 if toy else 1.0,
-                    lr=1e-3 if toy else 2e-4, ema_decay=0.99 if toy else 0.999,
-                    precision='fp32' if toy and not torch.cuda.is_available() else 'bf16',
-                    log_every=50 if toy else 100, eval_every=350 if toy else 5000, eval_n=1000 if toy else 256,
-                    ckpt_every=1000 if toy else 10_000, latest_every=500 if toy else 1000)
+        p.error(f"unknown --model {args.model} / --model-d {args.model_d}: choose G from {list(G_CONFIGS)}, "
+                f"D from {list(D_CONFIGS)}")
+    args.repa_given = args.lambda_repa is not None
+    # The toy run departs from Table 6 where a few hundred CPU steps need it: lr 1e-3 and EMA 0.99 (0.999 would
+    # still be ~50% the initial weights after 700 steps), no REPA (no DINOv2 targets for toy images). Without CUDA:
+    # fp32 (bf16 autocast on a CPU is slow), data loading in the main process, and --bench without DINOv2.
+    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if toy or args.bench or args.gp_check else 512,
+                    lambda_repa=0.0 if toy or (args.bench and not cuda) else 1.0, lr=1e-3 if toy else 2e-4,
+                    ema_decay=0.99 if toy else 0.999, precision='bf16' if cuda else 'fp32', workers=8 if cuda else 0,
+                    eval_n=1000)
     for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    # Cadence: the toy's own; otherwise from the run length (10 evaluations, 5 kept checkpoints), at most Table 6's
+    # ImageNet cadence, so a short run on a small data set shows progress within minutes.
+    n = args.steps
+    cadence = (dict(log_every=50, eval_every=350, ckpt_every=1000, latest_every=500) if toy else
+               dict(log_every=min(100, max(1, n // 100)), eval_every=min(5000, max(1, n // 10)),
+                    ckpt_every=min(10_000, max(1, n // 5)), latest_every=min(1000, max(1, n // 20))))
+    for k, v in cadence.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.fid_every and not args.fid_ref:
@@ -1601,7 +1638,6 @@ def main(argv=None):
     if args.gp_check:
         gp_check(args)
         return
-    torch.set_float32_matmul_precision('high')
     train(args)
 
 

@@ -7,7 +7,8 @@ FID, Inception Score, precision and recall of ADM-format samples (the paper repo
 
 Samples: an ADM .npz, arr_0 uint8 [N, H, W, 3] (or a folder of images). Reference: an .npz with mu/sigma (FID) and,
 for precision/recall, features (written by --save-ref) or images arr_0 (as ADM's reference batches have); an .npz of
-images arr_0; or a folder of png/jpg images, searched recursively.
+images arr_0; a CAT dataset directory (its training images: pixel data, or the crops stored for REPA); or a folder
+of png/jpg images, searched recursively.
 
 How this compares with ADM's TensorFlow evaluator (guided-diffusion/evaluations/evaluator.py): the detector is the
 same Inception-v3 graph of 2015-12-05, in the TorchScript port used by StyleGAN2-ADA/StyleGAN3/EDM (it emulates TF's
@@ -23,6 +24,7 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
@@ -148,10 +150,18 @@ def _npy_header(f):
 
 
 class Images:
-    """uint8 [H, W, 3] images of a folder of png/jpg (recursive, sorted) or of an .npz's arr_0, read lazily: the .npz
-    is streamed, as ADM's sample files (50k images of 256^2, about 10 GB) need not fit in memory."""
+    """uint8 [H, W, 3] images of a folder of png/jpg (recursive, sorted), of a CAT dataset directory (its training
+    images: pixel data, or the JPEG crops of latent data), or of an .npz's arr_0, read lazily: the .npz is streamed,
+    as ADM's sample files (50k images of 256^2, about 10 GB) need not fit in memory."""
     def __init__(self, path):
-        self.path, self.files = path, None
+        self.path, self.files, self.data = path, None, None
+        if os.path.exists(os.path.join(path, 'meta.json')):
+            from cat import LatentDataset, check_data_dir
+            meta = check_data_dir(path)
+            if meta['vae'] is not None and not meta['images']:
+                raise SystemExit(f'fid.py: dataset {path} holds latents without images (prepared with --no-images)')
+            self.data, self.shape = LatentDataset(path, meta, images=meta['images']), (meta['N'],)
+            return
         if os.path.isdir(path):
             self.files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names
                                 if n.lower().endswith(('.png', '.jpg', '.jpeg')))
@@ -169,6 +179,12 @@ class Images:
         return self.shape[0]
 
     def __iter__(self):
+        if self.data is not None:
+            for i in range(len(self)):
+                m, _, img = self.data[i]
+                yield img.permute(1, 2, 0).numpy() if self.data.images else \
+                    (m[:m.shape[0] // 2].float() * 127.5 + 128).clamp(0, 255).byte().permute(1, 2, 0).numpy()
+            return
         if self.files is not None:
             yield from (np.asarray(Image.open(f).convert('RGB')) for f in self.files)
             return
@@ -221,6 +237,77 @@ def fid_from_images(images, ref_path, detector, device='cpu', batch=100):
     ref = load_ref(ref_path)
     mu, sigma = feature_stats(detector_outputs(detector, images, batch, device)[0])
     return frechet_distance(mu, sigma, ref['mu'], ref['sigma'])
+
+# ----------------------------------------------------------------------------------------------
+# A data set's own classifier as the detector, for small pixel-space data (the toy set, your own): the share of
+# samples classified as their class, and the Frechet distance in its 128-d features
+# ----------------------------------------------------------------------------------------------
+
+
+class SmallClassifier(nn.Module):
+    """3 convs (the first strided down to 16 x 16 or less), global average pool, 128-d features, a linear head."""
+    def __init__(self, res=16, num_classes=10, channels=3, dim=128):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, stride=max(1, res // 16), padding=1), nn.SiLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU())
+        self.fc = nn.Sequential(nn.Linear(64, dim), nn.SiLU())
+        self.head = nn.Linear(dim, num_classes)
+
+    def features(self, x):
+        return self.fc(self.convs(x).mean((2, 3)))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_classifier(x, y, num_classes, val, steps=300, batch=128, seed=0):
+    """A SmallClassifier trained on images x [N, C, R, R] in [-1, 1] with labels y (batches in order, cycling
+    through seeded shuffles when N < steps * batch; light Gaussian noise), Adam with a one-cycle schedule; in eval
+    mode, its accuracy on val = (x, y) in .val_acc. Leaves the global RNG untouched."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clf = SmallClassifier(x.shape[-1], num_classes, x.shape[1])
+    order = torch.arange(steps * batch)
+    if len(x) < steps * batch:
+        perm = torch.Generator().manual_seed(seed + 1)
+        order = torch.cat([torch.randperm(len(x), generator=perm) for _ in range(-(-steps * batch // len(x)))])
+    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
+    clf.train()
+    for i in range(steps):
+        idx = order[i * batch:(i + 1) * batch]
+        xb = x[idx].float()
+        xb = xb + 0.1 * torch.rand(batch, 1, 1, 1, generator=g) * torch.randn(xb.shape, generator=g)
+        loss = F.cross_entropy(clf(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    clf.eval()
+    with torch.no_grad():
+        clf.val_acc = (clf(val[0].float()).argmax(1) == val[1]).float().mean().item()
+    return clf
+
+
+@torch.no_grad()
+def classifier_metrics(clf, fake_x, fake_y, real_x):
+    """n fakes [n, C, R, R] in [-1, 1] with their classes fake_y, judged against 2n reals real_x:
+    class_acc: the share classified as their class; class_acc_flip: the same for the mirrored fakes (on a data set
+    with asymmetric classes it stays low unless G draws mirror images); fd: Frechet distance in the classifier's
+    features, fakes vs real_x[:n]; fd_floor: real_x[n:2n] vs real_x[:n], the real-vs-real floor at equal n."""
+    n = len(fake_x)
+    if len(real_x) < 2 * n:
+        raise ValueError(f'classifier_metrics needs 2n = {2 * n} real images, got {len(real_x)}')
+    feats = lambda x: torch.cat([clf.features(b.float().clamp(-1, 1)) for b in x.split(1000)]).double().numpy()
+    acc = lambda x: (torch.cat([clf(b.float().clamp(-1, 1)) for b in x.split(1000)]).argmax(1) == fake_y).float()
+    ff, fa, fb = feats(fake_x), feats(real_x[:n]), feats(real_x[n:2 * n])
+    return dict(class_acc=acc(fake_x).mean().item(), class_acc_flip=acc(fake_x.flip(-1)).mean().item(),
+                fd=frechet_distance(*feature_stats(ff), *feature_stats(fa)),
+                fd_floor=frechet_distance(*feature_stats(fb), *feature_stats(fa)))
+
 
 # ----------------------------------------------------------------------------------------------
 # Command line

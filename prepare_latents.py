@@ -1,23 +1,29 @@
 """
-ImageNet folder -> CAT dataset directory: SD-VAE posterior (mean, std) of the 256x256 ADM center crops,
-labels, and the crops themselves as JPEG (for D-side REPA).
+Class-folder image tree -> CAT dataset directory: SD-VAE posterior (mean, std) of the center crops, labels, and the
+crops themselves as JPEG (for D-side REPA); or, with --vae none, the images themselves (pixel space).
 
     python prepare_latents.py --imagenet /data/ILSVRC2012/train --out data/imagenet256
     torchrun --nproc_per_node=8 prepare_latents.py --imagenet /data/ILSVRC2012/train --out data/imagenet256
+    python prepare_latents.py --images my_pngs/ --resolution 16 --vae none --out data/mine16     # pixel space
 
-Full ImageNet recipe: the second line, on one node with a local disk for --out (several nodes work too if
+--imagenet is the ImageNet recipe (256 x 256, SD-VAE); --images takes any tree with one folder per class, at any
+--resolution. Full ImageNet: the second line, on one node with a local disk for --out (several nodes work too if
 --out is on a shared file system). Throughput per GPU: not measured here (tqdm shows rank 0's images/s).
 Interrupt it at any point and run the same command again: finished chunks are kept, the rest is encoded.
 
 Output (format_version 1, read by cat.py; meta.json is written last, cat.py refuses a directory without it):
-    latents.npy       float16 [N, 8, 32, 32]: channels [:4] posterior mean, [4:] posterior std, unscaled
+    latents.npy       float16 [N, 2C, r, r]: channels [:C] posterior mean, [C:] posterior std, unscaled (SD-VAE:
+                      C = 4, r = R / 8); pixel space (--vae none): the image in [-1, 1] and std 0, C = 3, r = R
     labels.npy        int64 [N]: index of the class folder in sorted folder names
-    images.bin        the 256x256 RGB crops, each a JPEG (PIL, quality 95, 4:4:4 chroma: no chroma blur for
-    images_index.npy  DINOv2), concatenated; image i = images.bin[index[i]:index[i+1]], index int64 [N+1]
-    meta.json         format_version, vae, scaling_factor, resolution, latent_shape, num_classes,
-                      class_names, N, images, skipped, ...
+    images.bin        the R x R RGB crops, each a JPEG (PIL, quality 95, 4:4:4 chroma: no chroma blur for
+    images_index.npy  DINOv2), concatenated; image i = images.bin[index[i]:index[i+1]], index int64 [N+1];
+                      not written for pixel space (the images are latents.npy) or with --no-images
+    meta.json         format_version, vae (null: pixel space), scaling_factor, resolution, crop, latent_shape,
+                      num_classes, class_names, N, images, skipped, ...
     skipped.txt       unreadable files (path, reason) and empty class folders
 Samples follow the file list (sorted class folders, sorted files within), minus skipped files.
+--crop center (default) is ADM's center crop; --crop resize is a plain resize to R x R, for images that are already
+(nearly) square at about R, where cropping would only lose their border.
 
 Disk use per image: latents 8*32*32*2 B = 16 KiB; JPEG q95 4:4:4 of a crop measured here at 44 KB and 64 KB
 on two detailed photos (not ImageNet); for ImageNet ~35-50 KB is an estimate, not measured here.
@@ -34,7 +40,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from cat import load_vae, DEFAULT_DATA, DATA_FORMAT_VERSION, DEFAULT_VAE
 
-RESOLUTION = 256
 JPEG_QUALITY = 95
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm'}
 OUTPUTS = ('meta.json', 'latents.npy', 'labels.npy', 'images.bin', 'images_index.npy', 'skipped.txt')
@@ -43,7 +48,7 @@ OUTPUTS = ('meta.json', 'latents.npy', 'labels.npy', 'images.bin', 'images_index
 #                               Reading images                                  #
 #################################################################################
 
-def center_crop_arr(img, size=RESOLUTION):
+def center_crop_arr(img, size=256):
     """ADM's center crop: halve with BOX while the short side is >= 2*size, BICUBIC to short side = size
     (this also upscales small images), crop the center. Returns uint8 [size, size, 3]."""
     while min(img.size) >= 2 * size:
@@ -75,10 +80,16 @@ def list_images(root):
     return classes, files, labels
 
 
+def resize_arr(img, size):
+    """A plain BICUBIC resize to size x size (the aspect ratio is not kept). Returns uint8 [size, size, 3]."""
+    return np.asarray(img.resize((size, size), resample=Image.BICUBIC))
+
+
 class ImageFiles(Dataset):
-    """Item i -> (i, crop uint8 [256, 256, 3] or None, JPEG bytes, reason for a skip or '')."""
-    def __init__(self, root, files, jpeg):
-        self.root, self.files, self.jpeg = root, files, jpeg
+    """Item i -> (i, crop uint8 [R, R, 3] or None, JPEG bytes, reason for a skip or '')."""
+    def __init__(self, root, files, jpeg, resolution, crop):
+        self.root, self.files, self.jpeg, self.resolution = root, files, jpeg, resolution
+        self.crop = center_crop_arr if crop == 'center' else resize_arr
 
     def __len__(self):
         return len(self.files)
@@ -86,7 +97,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i):
         try:
             with Image.open(os.path.join(self.root, self.files[i])) as img:
-                crop = center_crop_arr(to_rgb(img))
+                crop = self.crop(to_rgb(img), self.resolution)
             buf = io.BytesIO()
             if self.jpeg:
                 Image.fromarray(crop).save(buf, format='JPEG', quality=JPEG_QUALITY, subsampling=0)
@@ -116,11 +127,13 @@ def save_atomic(path, write):
     os.replace(tmp, path)
 
 
-def check_latents(lat, labels, num_classes, where):
+def check_latents(lat, labels, num_classes, where, pixels=False):
     C = lat.shape[1] // 2
     if not np.isfinite(lat).all():
         fail(f'non-finite latents in {where}')
-    if not (lat[:, C:] > 0).all():
+    if pixels and not (lat[:, C:] == 0).all():
+        fail(f'pixel data with a non-zero std channel in {where}')
+    if not pixels and not (lat[:, C:] > 0).all():
         fail(f'posterior std <= 0 (fp16 underflow?) in {where}')
     if len(labels) and not (0 <= labels.min() and labels.max() < num_classes):
         fail(f'labels outside [0, {num_classes}) in {where}')
@@ -129,17 +142,24 @@ def check_latents(lat, labels, num_classes, where):
 def plan_run(args):
     """Rank 0: check the input and output, list the files (saved in parts/files.json so a re-run uses the
     same list), or refuse. Returns the saved plan."""
-    out, parts = args.out, os.path.join(args.out, 'parts')
-    if not os.path.isdir(args.imagenet):
-        fail(f'--imagenet {args.imagenet} is not a directory')
-    classes, files, labels = list_images(args.imagenet)
+    out, parts, src = args.out, os.path.join(args.out, 'parts'), args.source
+    if not os.path.isdir(src):
+        fail(f'{src} is not a directory')
+    classes, files, labels = list_images(src)
     if not classes:
-        fail(f'--imagenet {args.imagenet} has no class sub-folders (expected one folder per class)')
+        fail(f'{src} has no class sub-folders (expected one folder per class)')
     if not files:
-        fail(f'--imagenet {args.imagenet} has class folders but no image files ({", ".join(sorted(IMAGE_EXTS))})')
-    vae = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae
-    plan = dict(imagenet=os.path.abspath(args.imagenet), vae=vae, precision=args.precision, chunk=args.chunk,
-                images=not args.no_images, classes=classes, files=files, labels=labels)
+        fail(f'{src} has class folders but no image files ({", ".join(sorted(IMAGE_EXTS))})')
+    pixels = args.vae.lower() == 'none'
+    vae = None if pixels else os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae
+    r = args.resolution // (1 if pixels else 8)                   # training resolution: the image, or the latent
+    if r < 16 or r % 16:
+        fail(f'--resolution {args.resolution} gives {r} x {r} {"images" if pixels else "latents"}, but CAT\'s four '
+             f'scales (1/8 ... 1) with patch 2 need a multiple of 16: use --resolution '
+             f'{"16, 32, 64" if pixels else "128, 256, 512"}, ...')
+    plan = dict(source=os.path.abspath(src), vae=vae, resolution=args.resolution, crop=args.crop,
+                precision=args.precision, chunk=args.chunk, images=not (args.no_images or pixels), classes=classes,
+                files=files, labels=labels)
     saved_path = os.path.join(parts, 'files.json')
     saved = json.load(open(saved_path)) if os.path.exists(saved_path) else None
     complete = os.path.exists(os.path.join(out, 'meta.json'))
@@ -166,8 +186,11 @@ def plan_run(args):
 
 
 def encode(vae, x, precision):
-    """uint8 [B, 256, 256, 3] -> float16 [B, 2C, r, r]: posterior mean and std of the VAE at [-1, 1]."""
+    """uint8 [B, R, R, 3] -> float16 [B, 2C, r, r]: posterior mean and std of the VAE at [-1, 1]; without a VAE
+    (pixel space) the image itself in [-1, 1] and std 0."""
     x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    if vae is None:
+        return torch.cat([x, torch.zeros_like(x)], 1).half().cpu().numpy()
     with torch.autocast(x.device.type, torch.bfloat16, enabled=precision == 'bf16'):
         posterior = vae.encode(x).latent_dist
     return torch.cat([posterior.mean, posterior.std], 1).half().cpu().numpy()
@@ -178,10 +201,10 @@ def load(path, key):
         return part[key]
 
 
-def write_part(path, latents, labels, jpegs, skipped, num_classes, shape):
+def write_part(path, latents, labels, jpegs, skipped, num_classes, shape, pixels):
     latents = np.concatenate(latents) if latents else np.zeros((0, *shape), np.float16)  # all files skipped
     labels = np.array(labels, dtype=np.int64)
-    check_latents(latents, labels, num_classes, os.path.basename(path))
+    check_latents(latents, labels, num_classes, os.path.basename(path), pixels)
     save_atomic(path, lambda f: np.savez(f, latents=latents, labels=labels,
                                          jpeg=np.frombuffer(b''.join(jpegs), np.uint8),
                                          jpeg_sizes=np.array([len(j) for j in jpegs], np.int64),
@@ -195,7 +218,7 @@ def assemble(out, plan, part_paths, scaling_factor):
     counts = [len(load(p, 'labels')) for p in part_paths]
     N, shape = sum(counts), load(part_paths[0], 'latents').shape[1:]
     if N == 0:
-        fail(f'no image under {plan["imagenet"]} could be read, see the skipped lines above')
+        fail(f'no image under {plan["source"]} could be read, see the skipped lines above')
     latents = np.lib.format.open_memmap(tmp('latents.npy'), 'w+', np.float16, (N, *shape))
     labels, index = np.empty(N, np.int64), np.zeros(N + 1, np.int64)
     with open(tmp('images.bin') if plan['images'] else os.devnull, 'wb') as images:
@@ -215,7 +238,7 @@ def assemble(out, plan, part_paths, scaling_factor):
     if not len(latents) == len(labels) == len(index) - 1 == len(plan['files']) - len(skipped):
         fail('sample counts do not match after assembly')
     for s in range(0, N, 10000):
-        check_latents(latents[s:s + 10000], labels[s:s + 10000], num_classes, 'latents.npy')
+        check_latents(latents[s:s + 10000], labels[s:s + 10000], num_classes, 'latents.npy', plan['vae'] is None)
     if plan['images'] and (index[-1] != os.path.getsize(tmp('images.bin')) or not (np.diff(index) > 0).all()):
         fail('images_index.npy does not match images.bin')
     os.replace(tmp('latents.npy'), os.path.join(out, 'latents.npy'))
@@ -225,13 +248,13 @@ def assemble(out, plan, part_paths, scaling_factor):
         save_atomic(os.path.join(out, 'images_index.npy'), lambda f: np.save(f, index))
 
     empty = [plan['classes'][c] for c in sorted(set(range(num_classes)) - set(plan['labels']))]
-    report = [f'{os.path.join(plan["imagenet"], f)}\t{reason}' for f, reason in skipped]
-    report += [f'{os.path.join(plan["imagenet"], c)}\tempty class folder' for c in empty]
+    report = [f'{os.path.join(plan["source"], f)}\t{reason}' for f, reason in skipped]
+    report += [f'{os.path.join(plan["source"], c)}\tempty class folder' for c in empty]
     save_atomic(os.path.join(out, 'skipped.txt'), lambda f: f.write(''.join(r + '\n' for r in report).encode()))
     meta = dict(format_version=DATA_FORMAT_VERSION, vae=plan['vae'], scaling_factor=float(scaling_factor),
-                resolution=RESOLUTION, latent_shape=list(shape), num_classes=num_classes,
+                resolution=plan['resolution'], crop=plan['crop'], latent_shape=list(shape), num_classes=num_classes,
                 class_names=plan['classes'], N=N, images=plan['images'], skipped=len(skipped),
-                empty_classes=empty, precision=plan['precision'], source=plan['imagenet'],
+                empty_classes=empty, precision=plan['precision'], source=plan['source'],
                 jpeg=dict(quality=JPEG_QUALITY, subsampling='4:4:4') if plan['images'] else None)
     save_atomic(os.path.join(out, 'meta.json'), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     shutil.rmtree(os.path.join(out, 'parts'))
@@ -276,11 +299,12 @@ def main(args):
     mine = todo[rank::world]
     spans = [(c * chunk, min((c + 1) * chunk, N_files)) for c in mine]
     batches = [list(range(s, min(s + args.batch, end))) for start, end in spans for s in range(start, end, args.batch)]
-    loader = DataLoader(ImageFiles(plan['imagenet'], plan['files'], plan['images']), batch_sampler=batches,
-                        num_workers=args.workers, collate_fn=collate)
-    vae = load_vae(plan['vae'], device)
-    r = RESOLUTION // 2 ** (len(vae.config.block_out_channels) - 1)
-    shape = (2 * vae.config.latent_channels, r, r)
+    loader = DataLoader(ImageFiles(plan['source'], plan['files'], plan['images'], plan['resolution'], plan['crop']),
+                        batch_sampler=batches, num_workers=args.workers, collate_fn=collate)
+    pixels = plan['vae'] is None
+    vae = None if pixels else load_vae(plan['vae'], device)
+    r = plan['resolution'] // (1 if pixels else 2 ** (len(vae.config.block_out_channels) - 1))
+    shape = (6, r, r) if pixels else (2 * vae.config.latent_channels, r, r)
     bar = tqdm(total=sum(e - s for s, e in spans), unit='img', disable=rank != 0, dynamic_ncols=True,
                desc=f'encoding ({world} rank{"s" if world > 1 else ""}, rank 0 shown)')
     latents, labels, jpegs, skipped, written = [], [], [], [], 0
@@ -298,7 +322,7 @@ def main(args):
             bar.update(len(idx))
             c = idx[0] // chunk
             if idx[-1] == min((c + 1) * chunk, N_files) - 1:  # chunk complete
-                write_part(part_paths[c], latents, labels, jpegs, skipped, num_classes, shape)
+                write_part(part_paths[c], latents, labels, jpegs, skipped, num_classes, shape, pixels)
                 latents, labels, jpegs, skipped, written = [], [], [], [], written + 1
                 if written == args.stop_after_chunks:  # tests only: die like a killed process
                     print(f'stopping after {written} chunks', flush=True)
@@ -310,21 +334,28 @@ def main(args):
         missing = [p for p in part_paths if not os.path.exists(p)]
         if missing:
             fail(f'{len(missing)} chunks missing in {parts}; run the same command again')
-        assemble(args.out, plan, part_paths, vae.config.scaling_factor)
+        assemble(args.out, plan, part_paths, 1.0 if pixels else vae.config.scaling_factor)
     if ddp:
         dist.destroy_process_group()
 
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
-    parser.add_argument('--imagenet', required=True, help='folder with one sub-folder per class (ILSVRC2012 train)')
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument('--imagenet', dest='source', help='ILSVRC2012 train folder: the ImageNet recipe (256, SD-VAE)')
+    src.add_argument('--images', dest='source', help='any folder with one sub-folder of images per class')
     parser.add_argument('--out', default=DEFAULT_DATA, help=f'dataset directory to write (default {DEFAULT_DATA})')
-    parser.add_argument('--vae', default=DEFAULT_VAE, help='diffusers name (sd-vae-ft-ema / -ft-mse) or a local save_pretrained dir')
+    parser.add_argument('--resolution', type=int, default=256, help='image side R after cropping (default 256)')
+    parser.add_argument('--crop', choices=['center', 'resize'], default='center',
+                        help="'center': ADM's center crop; 'resize': plain resize to R x R (images already about R)")
+    parser.add_argument('--vae', default=DEFAULT_VAE,
+                        help="diffusers name (sd-vae-ft-ema / -ft-mse), a local save_pretrained dir, or 'none' (pixels)")
     parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='encoder precision')
     parser.add_argument('--batch', type=int, default=64, help='encoder batch per rank')
     parser.add_argument('--workers', type=int, default=8, help='image-decoding DataLoader workers per rank')
     parser.add_argument('--chunk', type=int, default=10000, help='images per resumable chunk')
     parser.add_argument('--no-images', action='store_true', help='store no JPEG crops (no REPA)')
-    parser.add_argument('--overwrite', action='store_true', help='replace a complete output or an unfinished one with other settings')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace a complete output or an unfinished one with other settings')
     parser.add_argument('--stop-after-chunks', type=int, default=0, help=argparse.SUPPRESS)
     main(parser.parse_args())

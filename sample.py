@@ -1,14 +1,16 @@
 """
-One-step samples from a CAT checkpoint: an ADM-format .npz (arr_0, uint8 [N, H, W, 3]) for FID-50K and a grid PNG.
+One-step samples from a CAT checkpoint: an ADM-format .npz (arr_0 uint8 [N, H, W, 3], arr_1 the classes) for
+FID-50K and a grid PNG. Latent checkpoints decode through their data set's VAE; pixel-space ones (the toy set, data
+prepared with --vae none) need none, and their small images are enlarged in the PNGs (not in the .npz).
 
     python sample.py --ckpt runs/000-H/latest.pt                         # 50,000 EMA samples next to the checkpoint
     torchrun --nproc_per_node=8 sample.py --ckpt CKPT --num-samples 50000 --psi 0.85   # the same images, 8 GPUs
-    python sample.py --ckpt CKPT --num 0 --stages --interp --analyze     # research views only, no .npz
+    python sample.py --ckpt CKPT --num-samples 0 --stages --interp --analyze   # research views only, no .npz
 
 Sample i draws its z, and by default its class, from its own seed (seed * 1_000_003 + i), and each process takes a
 contiguous run of --batch-sized batches, so the .npz is the same image for image whatever the number of processes
 (for the same --batch). Ranks write their parts next to --out (a filesystem all ranks share); rank 0 joins them.
-Under torchrun write --num as --num-samples: torchrun's own parser rejects '--num' as ambiguous (--numa-binding).
+--num is an alias of --num-samples, except under torchrun, whose own parser takes '--num' for --numa-binding.
 
 Truncation, --psi, is StyleGAN's: w <- w_avg[c] + psi (w - w_avg[c]); psi = 1 none, psi = 0 the class mean w_avg[c].
 GAT's generator lerps the other way: its truncation_psi p computes w.lerp(w_avg[c], p), i.e.
@@ -42,24 +44,19 @@ def sample_inputs(idx, args, z_dim, num_classes):
     return z, torch.tensor(c)
 
 
-def decode(h, info, vae):
-    return cat.decode(h.float(), info, vae)
-
-
-def enlarge(images, info):
-    """Toy images are 16 px: x4 nearest for PNGs (the .npz keeps the true size)."""
-    return images.repeat_interleave(4, 1).repeat_interleave(4, 2) if info['kind'] == 'toy' else images
-
-
-def write_npz(path, parts):
-    """ADM-format .npz (arr_0), streamed part by part so no process holds all N images; atomic."""
+def write_npz(path, parts, labels):
+    """ADM-format .npz: arr_0 the images, streamed part by part so no process holds all N, and arr_1 their classes
+    (as ADM's class-conditional sample files); atomic."""
     n, shape = sum(len(p) for p in parts), parts[0].shape[1:]
     tmp = path + '.tmp'
-    with zipfile.ZipFile(tmp, 'w', allowZip64=True) as zf, zf.open('arr_0.npy', 'w', force_zip64=True) as f:
-        np.lib.format.write_array_header_1_0(f, dict(descr='|u1', fortran_order=False, shape=(n, *shape)))
-        for p in parts:
-            for i in range(0, len(p), 1024):
-                f.write(np.ascontiguousarray(p[i:i + 1024]).tobytes())
+    with zipfile.ZipFile(tmp, 'w', allowZip64=True) as zf:
+        with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, dict(descr='|u1', fortran_order=False, shape=(n, *shape)))
+            for p in parts:
+                for i in range(0, len(p), 1024):
+                    f.write(np.ascontiguousarray(p[i:i + 1024]).tobytes())
+        with zf.open('arr_1.npy', 'w') as f:
+            np.lib.format.write_array(f, np.asarray(labels, np.int64))
     os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------------------------
@@ -71,7 +68,7 @@ def stages(G, args, info, vae, device, path):
     z, c = sample_inputs(range(8), args, G.z_dim, G.num_classes)
     with cat.autocast(args.precision, device):
         hs = cat.generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)  # [K+1, 8, C, R, R]
-    cat.save_grid(enlarge(decode(hs.transpose(0, 1).flatten(0, 1), info, vae), info), hs.shape[0], path)
+    cat.save_grid(cat.enlarge(cat.decode(hs.transpose(0, 1).flatten(0, 1).float(), info, vae)), hs.shape[0], path)
     print(f'wrote {path} (rows: samples 0-7, columns: h_0..h_{cat.K})')
 
 
@@ -99,7 +96,7 @@ def interp(G, args, info, vae, device, path, steps=8):
         w = G.truncate(G.style(z, c), c, args.psi).float()
         t = torch.linspace(0, 1, steps, device=device)[None, :, None]
         h = G.synthesis(w[0::2, None].lerp(w[1::2, None], t).flatten(0, 1))[-1]
-    cat.save_grid(enlarge(decode(h, info, vae), info), steps, path)
+    cat.save_grid(cat.enlarge(cat.decode(h.float(), info, vae)), steps, path)
     print(f'wrote {path} (rows: samples 0>1, 2>3, 4>5, 6>7 in {steps} steps)')
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +114,7 @@ def sample_npz(G, args, info, vae, device, rank, world, out):
         z, c = sample_inputs(idx, args, G.z_dim, G.num_classes)
         with cat.autocast(args.precision, device):
             h = G(z.to(device), c.to(device), args.psi)[-1]
-        mine.append(decode(h, info, vae))
+        mine.append(cat.decode(h.float(), info, vae))
         pbar.update(min(len(idx) * world, pbar.total - pbar.n))   # ranks run in step: rank 0's rate x world
     pbar.close()
     mine = torch.cat(mine).numpy() if len(mine) else None
@@ -127,9 +124,9 @@ def sample_npz(G, args, info, vae, device, rank, world, out):
         dist.barrier()
     if rank == 0:
         parts = [mine] + [np.load(part(r), mmap_mode='r') for r in range(1, world) if len(runs[r])]
-        write_npz(out, parts)
+        write_npz(out, parts, sample_inputs(range(args.num), args, G.z_dim, G.num_classes)[1].numpy())
         grid = os.path.splitext(out)[0] + '.png'
-        cat.save_grid(enlarge(torch.from_numpy(np.concatenate([p[:64] for p in parts])[:64]), info), 8, grid)
+        cat.save_grid(cat.enlarge(torch.from_numpy(np.concatenate([p[:64] for p in parts])[:64])), 8, grid)
         for r in range(1, world):
             if len(runs[r]):
                 os.remove(part(r))
@@ -140,8 +137,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description='One-step samples from a CAT checkpoint: ADM .npz + grid PNG.')
     p.add_argument('--ckpt', required=True, help='checkpoint written by cat.py (latest.pt, ckpt-*.pt)')
     p.add_argument('--weights', choices=['ema', 'raw'], default='ema', help="EMA generator, or the raw 'G'")
-    p.add_argument('--num', '--num-samples', dest='num', type=int, default=50_000,
-                   help='number of samples (0: no .npz, research views only); under torchrun spell it --num-samples')
+    p.add_argument('--num-samples', '--num', dest='num', type=int, default=50_000,
+                   help='number of samples (0: no .npz, research views only); --num is an alias (not under torchrun)')
     p.add_argument('--batch', type=int, default=256, help='samples per forward pass, per process')
     p.add_argument('--psi', type=float, default=1.0, help='truncation, StyleGAN convention: 1 none, 0 w_avg[c]')
     p.add_argument('--seed', type=int, default=0, help='sample i draws z (and a random class) from seed * 1_000_003 + i')
@@ -156,12 +153,12 @@ def get_args(argv=None):
     p.add_argument('--vae', help="VAE for latent checkpoints, hub name or local directory (default: the dataset's)")
     p.add_argument('--stages', action='store_true', help='PNG of h_0..h_K (columns) of the first 8 samples (rows)')
     p.add_argument('--analyze', action='store_true',
-                   help='print delta_k, R_k, A_k (Eq. 1) over the first min(--num, 1000) samples (1000 with --num 0)')
+                   help='print delta_k, R_k, A_k (Eq. 1) over the first min(--num-samples, 1000) samples (1000 if 0)')
     p.add_argument('--json', help='with --analyze: also write the metrics to this JSON file')
     p.add_argument('--interp', action='store_true', help='PNG of 4 rows x 8 steps interpolating w (Fig. 10)')
     args = p.parse_args(argv)
     if args.num < 0 or args.batch < 1:
-        p.error('--num must be >= 0 and --batch >= 1')
+        p.error('--num-samples must be >= 0 and --batch >= 1')
     if args.json and not args.analyze:
         p.error('--json needs --analyze')
     return args

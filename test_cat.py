@@ -12,7 +12,7 @@ from PIL import Image
 
 import cat
 import fid
-from cat import frechet, make_toy, toy_eval, train_toy_classifier
+from cat import make_toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
@@ -457,11 +457,11 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 # ---------------------------------------------------------------- reliability: preemption, guard, bad input, retention
 
-def make_latent_dir(path, n=16, num_classes=4, images=False, meta_edits=None, n_lat=None):
+def make_latent_dir(path, n=16, num_classes=4, images=False, meta_edits=None, n_lat=None, res=32):
     """A dataset directory in prepare_latents.py's format (format_version 1), random content."""
     os.makedirs(path, exist_ok=True)
     g = np.random.default_rng(0)
-    lat = np.concatenate([g.normal(size=(n_lat or n, 4, 32, 32)), np.full((n_lat or n, 4, 32, 32), 0.5)], 1)
+    lat = np.concatenate([g.normal(size=(n_lat or n, 4, res, res)), np.full((n_lat or n, 4, res, res), 0.5)], 1)
     np.save(os.path.join(path, 'latents.npy'), lat.astype(np.float16))
     np.save(os.path.join(path, 'labels.npy'), np.arange(n) % num_classes)
     if images:
@@ -473,8 +473,8 @@ def make_latent_dir(path, n=16, num_classes=4, images=False, meta_edits=None, n_
             blobs.append(buf.getvalue())
         np.save(os.path.join(path, 'images_index.npy'), np.cumsum([0] + [len(b) for b in blobs]))
         open(os.path.join(path, 'images.bin'), 'wb').write(b''.join(blobs))
-    meta = dict(format_version=1, vae='stabilityai/sd-vae-ft-ema', scaling_factor=0.18215, resolution=256,
-                latent_shape=[8, 32, 32], num_classes=num_classes, class_names=[f'c{i}' for i in range(num_classes)],
+    meta = dict(format_version=1, vae='stabilityai/sd-vae-ft-ema', scaling_factor=0.18215, resolution=8 * res,
+                latent_shape=[8, res, res], num_classes=num_classes, class_names=[f'c{i}' for i in range(num_classes)],
                 N=n, images=images)
     meta.update(meta_edits or {})
     json.dump(meta, open(os.path.join(path, 'meta.json'), 'w'))
@@ -487,7 +487,7 @@ LATENT = ['--model', 'T', '--batch-size', '8', '--precision', 'fp32', '--eval-ev
 
 def test_latent_dataset_training_step(tmp_path):
     data = make_latent_dir(tmp_path / 'data')
-    ds = cat.LatentDataset(str(data), images=False)
+    ds = cat.LatentDataset(str(data), cat.check_data_dir(str(data)), images=False)
     m, c, img = ds[3]
     assert m.shape == (8, 32, 32) and m.dtype == torch.float16 and c == 3 and img.numel() == 0
     x = cat.posterior_sample(m[None], torch.ones(1, 4, 32, 32), 0.18215)
@@ -498,17 +498,28 @@ def test_latent_dataset_training_step(tmp_path):
 
 @pytest.mark.parametrize('problem,msg', [
     ('missing', 'no dataset directory'), ('no_meta', 'no meta.json'), ('shape', 'does not match its meta.json'),
-    ('labels', 'labels outside'), ('version', 'format_version')])
+    ('labels', r'labels outside \[0, num_classes = 2\)'), ('version', 'format_version'),
+    ('no_vae_key', "lacks 'vae'"), ('geometry', r'8 x 8 images.*multiple of 16.*--resolution 16'),
+    ('bad_type', "N = '16', expected a positive integer"), ('no_images', 'has no images.bin')])
 def test_bad_dataset_is_one_clear_line(tmp_path, problem, msg):
+    """Every problem of a dataset directory is found before anything is built: one line, nothing written."""
     d = str(tmp_path / 'data')
     if problem != 'missing':
         make_latent_dir(d, **{'no_meta': {}, 'shape': dict(n_lat=12), 'labels': dict(meta_edits=dict(num_classes=2)),
-                              'version': dict(meta_edits=dict(format_version=99))}[problem])
+                              'version': dict(meta_edits=dict(format_version=99)), 'no_vae_key': {},
+                              'geometry': dict(res=8, meta_edits=dict(vae=None, scaling_factor=1)),
+                              'bad_type': dict(meta_edits=dict(N='16')),
+                              'no_images': dict(meta_edits=dict(images=True))}[problem])
     if problem == 'no_meta':
         os.remove(os.path.join(d, 'meta.json'))
-    with pytest.raises(SystemExit, match=msg):
+    if problem == 'no_vae_key':
+        meta = json.load(open(os.path.join(d, 'meta.json')))
+        del meta['vae']
+        json.dump(meta, open(os.path.join(d, 'meta.json'), 'w'))
+    with pytest.raises(SystemExit, match=msg) as e:
         cat.train(cat.get_args(LATENT + ['--data', d, '--steps', '1', '--out', str(tmp_path / 'r')]))
-    assert not os.path.exists(tmp_path / 'r' / 'latest.pt')
+    assert str(e.value).startswith('error: ') and '\n' not in str(e.value)
+    assert not os.path.exists(tmp_path / 'r')
 
 
 def test_bad_cli_values(tmp_path):
@@ -602,26 +613,26 @@ def test_toy_make_deterministic_balanced():
     assert counts.max() - counts.min() <= 1
 
 
-def test_toy_frechet():
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(4000, 8, generator=g)
-    assert abs(frechet(a, a)) < 1e-6
-    b = torch.randn(4000, 8, generator=g) * 2 + 1  # exact: 8 * 1 + 8 * (1 + 4 - 2 * 2) = 16
-    assert abs(frechet(a, b) - 16) < 1.0
-
-
-def test_toy_classifier_and_eval():
-    torch.manual_seed(0)
-    clf = train_toy_classifier(res=16, seed=0, steps=150)
+def test_data_classifier_and_metrics():
+    """fid.py's small classifier, trained on toy images: it separates good samples from blurred and noisy ones, and the
+    mirrored-sample accuracy tells an asymmetric class from its mirror image."""
+    clf = fid.train_classifier(*make_toy(150 * 128, seed=1000), 10, make_toy(2000, seed=2000), steps=150)
     assert clf.val_acc >= 0.98 and not clf.training
     assert clf.features(torch.zeros(2, 3, 16, 16)).shape == (2, 128)
     real, _ = make_toy(400, seed=7)
     fx, fy = make_toy(200, seed=8)
-    good = toy_eval(clf, fx, fy, real)
-    assert good['class_acc'] > 0.98
-    noise = toy_eval(clf, torch.rand(200, 3, 16, 16) * 2 - 1, fy, real)
-    blur = toy_eval(clf, F.interpolate(F.avg_pool2d(fx, 4), scale_factor=4.0, mode='bilinear'), fy, real)
+    good = fid.classifier_metrics(clf, fx, fy, real)
+    assert good['class_acc'] > 0.98 and good['class_acc_flip'] > 0.9           # toy shapes are mirror-symmetric
+    noise = fid.classifier_metrics(clf, torch.rand(200, 3, 16, 16) * 2 - 1, fy, real)
+    blur = fid.classifier_metrics(clf, F.interpolate(F.avg_pool2d(fx, 4), scale_factor=4.0, mode='bilinear'), fy, real)
     assert noise['fd'] > blur['fd'] > 2 * good['fd_floor'] and good['fd'] < 3 * good['fd_floor'] + 1
+    # an asymmetric data set: the class is which side a bar is on; mirrored samples land in the other class
+    x = -torch.ones(400, 3, 16, 16)
+    y = torch.arange(400) % 2
+    x[y == 0, :, :, :5], x[y == 1, :, :, -5:] = 1, 1
+    clf = fid.train_classifier(x, y, 2, (x[:100], y[:100]), steps=50, batch=32)
+    m = fid.classifier_metrics(clf, x[:100], y[:100], x[100:300])
+    assert m['class_acc'] == 1 and m['class_acc_flip'] == 0 and abs(m['fd']) < 1e-2
 
 
 # ================================================================ fid.py
@@ -945,11 +956,15 @@ def test_prepare_refusals(tree, base, tmp_path):
     # the same checks in-process (a subprocess each would cost seconds)
     sys.path.insert(0, HERE)
     from prepare_latents import plan_run
-    opts = lambda imagenet, out, vae=vae, **kw: argparse.Namespace(**{**dict(
-        imagenet=str(imagenet), out=str(out), vae=str(vae), precision='fp32', chunk=3, no_images=False,
-        overwrite=False), **kw})
-    with pytest.raises(SystemExit, match='error: --imagenet .* is not a directory'):
+    opts = lambda source, out, vae=vae, **kw: argparse.Namespace(**{**dict(
+        source=str(source), out=str(out), vae=str(vae), resolution=256, crop='center', precision='fp32', chunk=3,
+        no_images=False, overwrite=False), **kw})
+    with pytest.raises(SystemExit, match='error: .*nope is not a directory'):
         plan_run(opts(tmp_path / 'nope', tmp_path / 'x'))
+    with pytest.raises(SystemExit, match=r'--resolution 64 gives 8 x 8 latents.*multiple of 16'):
+        plan_run(opts(root, tmp_path / 'x', resolution=64))
+    with pytest.raises(SystemExit, match=r'--resolution 8 gives 8 x 8 images.*multiple of 16'):
+        plan_run(opts(root, tmp_path / 'x', resolution=8, vae='none'))
     (tmp_path / 'flat').mkdir()
     Image.new('RGB', (8, 8)).save(tmp_path / 'flat/a.JPEG')
     with pytest.raises(SystemExit, match='no class sub-folders'):
@@ -1016,7 +1031,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope='module')
 def single(ckpt):
     """10 samples in batches of 4 (the last one partial), one process, default output path."""
-    run_sample('--ckpt', ckpt, '--num', 10, '--batch', 4)
+    run_sample('--ckpt', ckpt, '--num-samples', 10, '--batch', 4)
     return os.path.join(os.path.dirname(ckpt), 'samples-0000001-ema-psi1-seed0-10.npz')
 
 
@@ -1047,8 +1062,8 @@ def test_sample_class_order():
 
 def test_sample_class_balanced_matches_classes(ckpt, tmp_path):
     """--class-balanced gives sample i class i % 10: samples 3 and 13 equal those of --classes 3."""
-    run_sample('--ckpt', ckpt, '--num', 14, '--batch', 7, '--class-balanced', '--out', tmp_path / 'cb.npz')
-    run_sample('--ckpt', ckpt, '--num', 14, '--batch', 7, '--classes', 3, '--out', tmp_path / 'c3.npz')
+    run_sample('--ckpt', ckpt, '--num-samples', 14, '--batch', 7, '--class-balanced', '--out', tmp_path / 'cb.npz')
+    run_sample('--ckpt', ckpt, '--num-samples', 14, '--batch', 7, '--classes', 3, '--out', tmp_path / 'c3.npz')
     cb, c3 = load_npz(tmp_path / 'cb.npz'), load_npz(tmp_path / 'c3.npz')
     assert np.array_equal(cb[[3, 13]], c3[[3, 13]])
     assert not np.array_equal(cb[0], c3[0])                                    # same z, class 0 vs 3
@@ -1057,10 +1072,10 @@ def test_sample_class_balanced_matches_classes(ckpt, tmp_path):
 def test_sample_refuses_to_overwrite(ckpt, tmp_path):
     out = tmp_path / 'old.npz'
     out.write_bytes(b'old samples')
-    r = run_sample('--ckpt', ckpt, '--num', 2, '--out', out, ok=False)
+    r = run_sample('--ckpt', ckpt, '--num-samples', 2, '--out', out, ok=False)
     assert r.stderr.strip().count('\n') == 0 and 'exists' in r.stderr and '--overwrite' in r.stderr
     assert out.read_bytes() == b'old samples' and not (tmp_path / 'old.png').exists()
-    run_sample('--ckpt', ckpt, '--num', 2, '--out', out, '--overwrite')
+    run_sample('--ckpt', ckpt, '--num-samples', 2, '--out', out, '--overwrite')
     assert load_npz(out).shape == (2, 16, 16, 3)
 
 
@@ -1069,7 +1084,7 @@ def test_sample_bad_checkpoints(ckpt, tmp_path):
     (tmp_path / 'half.pt').write_bytes(data[:len(data) // 2])
     torch.save({'model': {}}, tmp_path / 'other.pt')
     for name, msg in [('half.pt', 'truncated'), ('other.pt', 'not a CAT checkpoint')]:
-        r = run_sample('--ckpt', tmp_path / name, '--num', 2, '--out', tmp_path / 'x.npz', ok=False)
+        r = run_sample('--ckpt', tmp_path / name, '--num-samples', 2, '--out', tmp_path / 'x.npz', ok=False)
         assert r.stderr.strip().startswith('error:') and r.stderr.strip().count('\n') == 0 and msg in r.stderr
     assert sorted(os.listdir(tmp_path)) == ['half.pt', 'other.pt']                # nothing written
 
@@ -1077,7 +1092,7 @@ def test_sample_bad_checkpoints(ckpt, tmp_path):
 def test_sample_research_views(ckpt, single, tmp_path):
     """--num 0: no .npz; stages grid 8 rows x 4 stages, its h_3 column = the samples; interp 4 x 8; Eq. 1 table."""
     out, js = tmp_path / 'r.npz', tmp_path / 'm.json'
-    r = run_sample('--ckpt', ckpt, '--num', 0, '--batch', 4, '--stages', '--interp', '--analyze', '--json', js,
+    r = run_sample('--ckpt', ckpt, '--num-samples', 0, '--batch', 4, '--stages', '--interp', '--analyze', '--json', js,
                    '--out', out)
     assert not out.exists()
     stages = np.asarray(Image.open(tmp_path / 'r-stages.png'))
@@ -1105,9 +1120,9 @@ def test_sample_latent_checkpoint_uses_vae(ckpt, tmp_path):
     ck['config']['data'].update(kind='latent', scale=0.18215)
     ck['config']['meta'] = dict(vae=str(vae_dir))
     torch.save(ck, tmp_path / 'latent.pt')
-    run_sample('--ckpt', tmp_path / 'latent.pt', '--num', 3, '--out', tmp_path / 'l.npz')
+    run_sample('--ckpt', tmp_path / 'latent.pt', '--num-samples', 3, '--out', tmp_path / 'l.npz')
     assert load_npz(tmp_path / 'l.npz').shape == (3, 32, 32, 3)                     # 16 x 16 latents, VAE upsamples x2
-    r = run_sample('--ckpt', tmp_path / 'latent.pt', '--num', 3, '--out', tmp_path / 'm.npz', '--vae',
+    r = run_sample('--ckpt', tmp_path / 'latent.pt', '--num-samples', 3, '--out', tmp_path / 'm.npz', '--vae',
                    tmp_path / 'nowhere', ok=False)
     assert r.stderr.strip().splitlines()[-1].startswith("error: cannot load the VAE")      # diffusers may warn first
 
@@ -1115,7 +1130,7 @@ def test_sample_latent_checkpoint_uses_vae(ckpt, tmp_path):
 def test_prepare_then_train(base, tmp_path):
     """cat.py trains on what prepare_latents.py wrote (with REPA's images read from images.bin)."""
     out, _ = base
-    ds = cat.LatentDataset(str(out), images=True)
+    ds = cat.LatentDataset(str(out), cat.check_data_dir(str(out)), images=True)
     m, c, img = ds[0]
     assert m.shape == (8, 32, 32) and img.shape == (3, 256, 256) and img.dtype == torch.uint8
     r = cat.train(cat.get_args(LATENT + ['--data', str(out), '--steps', '1', '--out', str(tmp_path / 'r')]))
@@ -1184,7 +1199,7 @@ def test_toy_run_with_evaluator(tmp_path):
     rows = [json.loads(l) for l in open(os.path.join(run, 'metrics.jsonl'))]
     ev = [r for r in rows if 'class_acc' in r][0]
     assert 0 <= ev['class_acc'] <= 1 and ev['fd'] > ev['fd_floor'] > 0 and all(f'delta_{k}' in ev for k in range(3))
-    assert os.path.exists(os.path.join(run, 'toy_classifier.pt')) and os.path.exists(os.path.join(run, 'samples-0000002.png'))
+    assert os.path.exists(os.path.join(run, 'classifier.pt')) and os.path.exists(os.path.join(run, 'samples-0000002.png'))
 
 
 def test_sample_then_fid_on_toy_checkpoint(single, tmp_path):

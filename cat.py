@@ -1146,140 +1146,6 @@ class Logger:
             self.jsonl.flush()
 
 
-def to_uint8(x):
-    """[-1, 1] images [N, 3, H, W] -> uint8 [N, H, W, 3]."""
-    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def decode(x, info, vae=None):
-    """Generator output -> uint8 images [N, H, W, 3]: pixel data directly; latents through the VAE
-    (x / scaling_factor), or, without a VAE, a false-colour view of latent channels 0..2."""
-    if info['kind'] != 'latent':
-        return to_uint8(x)
-    if vae is None:
-        x = x[:, :3] / x[:, :3].flatten(1).abs().amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
-        return to_uint8(F.interpolate(x, scale_factor=8, mode='nearest'))
-    return to_uint8(torch.cat([vae.decode(b.float() / info['scale']).sample for b in x.split(32)]))
-
-
-def enlarge(images, size=64):
-    """uint8 [N, H, W, 3] -> nearest-neighbour enlarged to at least `size` pixels, for pictures of small images."""
-    f = max(1, size // images.shape[1])
-    return images.repeat_interleave(f, 1).repeat_interleave(f, 2)
-
-
-def save_grid(images, nrow, path):
-    """uint8 [N, H, W, 3] -> one PNG, nrow images per row."""
-    from PIL import Image
-    N, H, W, _ = images.shape
-    rows = -(-N // nrow)
-    grid = torch.zeros(rows * H, nrow * W, 3, dtype=torch.uint8)
-    for i in range(N):
-        grid[i // nrow * H:(i // nrow + 1) * H, i % nrow * W:(i % nrow + 1) * W] = images[i]
-    Image.fromarray(grid.numpy()).save(path)
-
-
-@torch.no_grad()
-def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
-    """EMA samples in batches: the final h_K, or every stage [h_0..h_K] stacked [K+1, N, C, R, R]."""
-    outs = []
-    for zb, cb in zip(z.split(batch), c.split(batch)):
-        hs = G(zb, cb, psi)
-        outs.append(torch.stack(hs) if all_stages else hs[-1])
-    return torch.cat(outs, dim=1 if all_stages else 0)
-
-
-class Evaluation:
-    """Rank 0's view of training, every --eval-every steps on a fixed set of EMA samples (class c = i mod classes):
-    the cross-scale metrics of Eq. 1, a sample grid (pixel data: one row per class; latents: decoded), and for pixel
-    data the data set's own classifier (fid.py): class accuracy and a Frechet distance in its features. With
-    --fid-every, FID of fid_n samples against --fid-ref."""
-    def __init__(self, args, info, ds, device, run_dir, log):
-        import fid
-        self.args, self.info, self.device, self.run_dir, self.fid = args, info, device, run_dir, fid
-        self.vae = self.clf = self.detector = None
-        if info['kind'] == 'latent':
-            self.vae = load_vae(args.vae or info['vae'], device, required=False)
-            if self.vae is None:
-                log(f"warning: VAE '{args.vae or info['vae']}' unavailable: sample grids show latent channels 0-2.")
-        else:
-            self.clf, self.reals = self.data_classifier(ds, log)
-        if args.fid_every:
-            try:
-                self.detector = fid.load_detector(args.fid_detector, device)
-            except SystemExit as e:
-                log(f"warning: {e} FID during training is off.")
-
-    def data_classifier(self, ds, log):
-        """fid.SmallClassifier on the training images (toy: fresh toy images, >= 98 % required on held-out ones),
-        cached in the run directory; and 2n held-out real images for the Frechet distance."""
-        a, info, path = self.args, self.info, os.path.join(self.run_dir, 'classifier.pt')
-        n, res, nc = a.eval_n, info['res'], info['num_classes']
-        if info['kind'] == 'toy':
-            train = make_toy(300 * 128, seed=a.seed + 1000, res=res)
-            val, reals = make_toy(2000, seed=a.seed + 2000, res=res), make_toy(2 * n, seed=a.seed + 777, res=res)[0]
-        else:                                # a seeded split of the data set: up to 2000 held out, 2n for the FD
-            perm = torch.randperm(info['N'], generator=torch.Generator().manual_seed(a.seed + 777)).numpy()
-            hold = min(2000, info['N'] // 10)
-            train, val = ds.pixels(perm[hold:hold + 300 * 128]), ds.pixels(perm[:hold])
-            reals = ds.pixels(perm[:2 * min(n, info['N'] // 2)])[0]
-        if os.path.exists(path):
-            clf = self.fid.SmallClassifier(res, nc, info['channels'])
-            clf.load_state_dict(torch.load(path, map_location='cpu'))
-            return clf.eval(), reals
-        clf = self.fid.train_classifier(*train, nc, val, seed=a.seed)
-        log(f"data set classifier: {100 * clf.val_acc:.1f}% on {len(val[1])} held-out real images")
-        if info['kind'] == 'toy' and clf.val_acc < 0.98:
-            raise RuntimeError(f'toy classifier val accuracy {clf.val_acc:.3f} < 0.98')
-        torch.save(clf.state_dict(), path)
-        return clf, reals
-
-    def due(self, step):
-        return self.args.eval_every and (step % self.args.eval_every == 0 or step == self.args.steps)
-
-    @torch.no_grad()
-    def __call__(self, ema, step):
-        a, info = self.args, self.info
-        g = torch.Generator().manual_seed(a.seed + 12345)
-        z = torch.randn(a.eval_n, ema.z_dim, generator=g).to(self.device)
-        c = (torch.arange(a.eval_n) % info['num_classes']).to(self.device)
-        with autocast(a.precision, self.device):
-            hs = generate(ema, z, c, all_stages=True)
-        out = {f'{name}_{k}': v for name, vals in cross_scale_metrics(list(hs.float())).items()
-               for k, v in enumerate(vals)}
-        for name in ('delta', 'R', 'A', 'delta_h'):
-            out[name] = sum(out[f'{name}_{k}'] for k in range(K)) / K
-        x = hs[-1].float()
-        if self.clf is not None:
-            n = len(self.reals) // 2
-            out.update(self.fid.classifier_metrics(self.clf, x[:n].cpu(), c[:n].cpu(), self.reals))
-            nc = info['num_classes']                          # one row per class (at most 16), up to 10 seeds
-            rows, cols = min(nc, 16), min(10, len(x) // nc)
-            idx = (torch.arange(rows)[:, None] + nc * torch.arange(cols)[None]).flatten()
-            save_grid(enlarge(decode(x[idx], info)), cols, os.path.join(self.run_dir, f'samples-{step:07d}.png'))
-        else:
-            save_grid(decode(x[:32], info, self.vae), 8, os.path.join(self.run_dir, f'samples-{step:07d}.png'))
-        return out
-
-    def fid_due(self, step):
-        return self.detector is not None and (step % self.args.fid_every == 0 or step == self.args.steps)
-
-    @torch.no_grad()
-    def fid_score(self, ema):
-        """FID of fid_n EMA samples (uniform random classes, fixed seed) against the --fid-ref statistics."""
-        a, info = self.args, self.info
-        if info['kind'] == 'latent' and self.vae is None:
-            return None
-        g = torch.Generator().manual_seed(a.seed + 999)
-        z = torch.randn(a.fid_n, ema.z_dim, generator=g)
-        c = torch.randint(0, info['num_classes'], (a.fid_n,), generator=g)
-        images = []
-        for zb, cb in zip(z.split(256), c.split(256)):
-            with autocast(a.precision, self.device):
-                images.append(decode(ema(zb.to(self.device), cb.to(self.device))[-1].float(), info, self.vae))
-        return self.fid.fid_from_images(torch.cat(images).numpy(), a.fid_ref, self.detector, self.device)
-
-
 class Preemption:
     """SIGTERM / SIGINT / SIGUSR1 (SLURM's warning) set a flag; every rank stops after the same iteration. With
     several processes the flags are summed over a CPU (gloo) group without blocking: a signal seen during step s
@@ -1338,8 +1204,10 @@ def train(args):
         log(f"resumed from {ck['path']} at step {start}")
     batches = real_batches(ds, info, StepSampler(info['N'], args.batch_size, rank, world, args.seed, start, args.steps),
                            device, args.workers)
-    evaluation = Evaluation(args, info, ds, device, run_dir, log) if rank == 0 and (args.eval_every or args.fid_every) \
-        else None
+    evaluation = None
+    if rank == 0 and (args.eval_every or args.fid_every):
+        from sample import Evaluation             # sample grids, Eq. 1 and the classifier metrics on EMA samples
+        evaluation = Evaluation(args, info, ds, device, run_dir, log)
     config = dict(G=g_cfg, D=d_cfg, args=vars(args), data={k: v for k, v in info.items() if k != 'meta'},
                   meta=info['meta'])
     log(f"run {run_dir}: G {sum(p.numel() for p in m.G.parameters()) / 1e6:.2f}M, D "
@@ -1490,57 +1358,6 @@ def bench(args, out=print):
 
 
 # ----------------------------------------------------------------------------------------------
-# --gp-check: how well each precision path of the approximated R1/R2 estimates the exact penalty of a trained D.
-# ----------------------------------------------------------------------------------------------
-
-
-def gp_check(args, out=print, draws=8):
-    """For the D of checkpoint args.gp_check, on n = --batch-size real and fake samples (augmented as in training):
-    exact R1 / R2 (fp32 double backprop) against the approximated penalty averaged over `draws` perturbations, for
-    the bf16 and the fp32 path; ratio estimate / exact and cosine between their gradients w.r.t. D's parameters."""
-    ck = load_checkpoint(args.gp_check)
-    cfg, a = ck['config'], argparse.Namespace(**ck['config']['args'])
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    G, D = Generator(**cfg['G']).to(device), Discriminator(**cfg['D']).to(device)
-    G.load_state_dict(ck['G']), D.load_state_dict(ck['D'])
-    G.requires_grad_(False), D.requires_grad_(False)
-    n, g = args.batch_size, torch.Generator(device).manual_seed(args.seed)
-    info, ds, _ = open_data(argparse.Namespace(**{**vars(a), 'lambda_repa': 0.0}))
-    if info['kind'] == 'toy':
-        x, c = ds[0][:n].to(device), ds[1][:n].to(device)
-    else:
-        items = [ds[i] for i in range(n)]
-        m, c = torch.stack([t[0] for t in items]).to(device), torch.tensor([t[1] for t in items], device=device)
-        x = posterior_sample(m, torch.randn(n, G.channels, G.res, G.res, generator=g, device=device), info['scale'])
-    with torch.no_grad():
-        fake = torch.cat(G(torch.randn(n, G.z_dim, generator=g, device=device), c))
-    if a.aug:
-        x, fake = augment(x, draw_aug(n, G.res, g, device)), augment(fake, draw_aug(n, G.res, g, device))
-    params = [p for name, p in D.named_parameters() if not name.startswith('proj.')]
-    D.requires_grad_(True)
-    flat = lambda loss: torch.cat([t.flatten() for t in torch.autograd.grad(loss, params, allow_unused=True,
-                                                                             materialize_grads=True)])
-    res = {}
-    for name, xs in (('R1', multiscale(x)), ('R2', multiscale(fake.chunk(K + 1)))):
-        exact = exact_gp(D, xs, c).mean()
-        g_exact = flat(exact)
-        res[name] = dict(exact=exact.item())
-        for prec in ('bf16', 'fp32'):
-            est, g_est = 0.0, 0.0
-            for _ in range(draws):
-                eps = [torch.randn(x.shape, generator=g, device=device) for x in xs]
-                e = approx_gp_pass(D, xs, eps, c, a.gp_sigma, prec).mean() / draws
-                est, g_est = est + e.item(), g_est + flat(e)
-            res[name][prec] = dict(ratio=est / exact.item(), cos=F.cosine_similarity(g_est, g_exact, dim=0).item())
-    out(f"gp-check {args.gp_check} (step {ck['step']}): {n} real / {n} fake samples, sigma {a.gp_sigma}, "
-        f"{draws} perturbations, {'augmented' if a.aug else 'no augmentation'}")
-    for name, r in res.items():
-        out(f"  {name}: exact {r['exact']:.4g} | bf16 path: {r['bf16']['ratio']:.3g} x exact, gradient cosine "
-            f"{r['bf16']['cos']:.3f} | fp32 path: {r['fp32']['ratio']:.3g} x exact, gradient cosine {r['fp32']['cos']:.3f}")
-    return res
-
-
-# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
@@ -1586,7 +1403,6 @@ def get_args(argv=None):
     p.add_argument('--toy-res', type=int, default=16, help='toy image resolution')
     p.add_argument('--summary', action='store_true', help='print params and GFLOPs of --model and exit (meta device)')
     p.add_argument('--bench', action='store_true', help='time training iterations on synthetic latents and exit')
-    p.add_argument('--gp-check', metavar='CKPT', help='exact vs approximated R1/R2 of the D in CKPT (both precisions)')
     p.add_argument('--bench-steps', type=int, default=10)
     p.add_argument('--bench-warmup', type=int, default=3)
     p.add_argument('--peak-tflops', type=float, default=None, help='device peak for MFU (default: known GPUs)')
@@ -1604,7 +1420,7 @@ def get_args(argv=None):
     # The toy run departs from Table 6 where a few hundred CPU steps need it: lr 1e-3 and EMA 0.99 (0.999 would
     # still be ~50% the initial weights after 700 steps), no REPA (no DINOv2 targets for toy images). Without CUDA:
     # fp32 (bf16 autocast on a CPU is slow), data loading in the main process, and --bench without DINOv2.
-    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if toy or args.bench or args.gp_check else 512,
+    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if toy or args.bench else 512,
                     lambda_repa=0.0 if toy or (args.bench and not cuda) else 1.0, lr=1e-3 if toy else 2e-4,
                     ema_decay=0.99 if toy else 0.999, precision='bf16' if cuda else 'fp32', workers=8 if cuda else 0,
                     eval_n=1000)
@@ -1634,9 +1450,6 @@ def main(argv=None):
         return
     if args.bench:
         bench(args)
-        return
-    if args.gp_check:
-        gp_check(args)
         return
     train(args)
 

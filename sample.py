@@ -24,11 +24,157 @@ import argparse, json, os, zipfile
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import cat
+import fid
 
 SEED_STRIDE = 1_000_003     # sample i of --seed s uses the seed s * SEED_STRIDE + i
+
+
+# ----------------------------------------------------------------------------------------------
+# Images: EMA samples, decoding (VAE or pixels), grids
+# ----------------------------------------------------------------------------------------------
+
+
+def to_uint8(x):
+    """[-1, 1] images [N, 3, H, W] -> uint8 [N, H, W, 3]."""
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def decode(x, info, vae=None):
+    """cat.Generator output -> uint8 images [N, H, W, 3]: pixel data directly; latents through the VAE
+    (x / scaling_factor), or, without a VAE, a false-colour view of latent channels 0..2."""
+    if info['kind'] != 'latent':
+        return to_uint8(x)
+    if vae is None:
+        x = x[:, :3] / x[:, :3].flatten(1).abs().amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
+        return to_uint8(F.interpolate(x, scale_factor=8, mode='nearest'))
+    return to_uint8(torch.cat([vae.decode(b.float() / info['scale']).sample for b in x.split(32)]))
+
+
+def enlarge(images, size=64):
+    """uint8 [N, H, W, 3] -> nearest-neighbour enlarged to at least `size` pixels, for pictures of small images."""
+    f = max(1, size // images.shape[1])
+    return images.repeat_interleave(f, 1).repeat_interleave(f, 2)
+
+
+def save_grid(images, nrow, path):
+    """uint8 [N, H, W, 3] -> one PNG, nrow images per row."""
+    from PIL import Image
+    N, H, W, _ = images.shape
+    rows = -(-N // nrow)
+    grid = torch.zeros(rows * H, nrow * W, 3, dtype=torch.uint8)
+    for i in range(N):
+        grid[i // nrow * H:(i // nrow + 1) * H, i % nrow * W:(i % nrow + 1) * W] = images[i]
+    Image.fromarray(grid.numpy()).save(path)
+
+
+@torch.no_grad()
+def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
+    """EMA samples in batches: the final h_K, or every stage [h_0..h_K] stacked [cat.K+1, N, C, R, R]."""
+    outs = []
+    for zb, cb in zip(z.split(batch), c.split(batch)):
+        hs = G(zb, cb, psi)
+        outs.append(torch.stack(hs) if all_stages else hs[-1])
+    return torch.cat(outs, dim=1 if all_stages else 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training-time evaluation (cat.py's --eval-every / --fid-every)
+# ----------------------------------------------------------------------------------------------
+
+
+class Evaluation:
+    """Rank 0's view of training, every --eval-every steps on a fixed set of EMA samples (class c = i mod classes):
+    the cross-scale metrics of Eq. 1, a sample grid (pixel data: one row per class; latents: decoded), and for pixel
+    data the data set's own classifier (fid.py): class accuracy and a Frechet distance in its features. With
+    --fid-every, FID of fid_n samples against --fid-ref."""
+    def __init__(self, args, info, ds, device, run_dir, log):
+        self.args, self.info, self.device, self.run_dir = args, info, device, run_dir
+        self.vae = self.clf = self.detector = None
+        if info['kind'] == 'latent':
+            self.vae = cat.load_vae(args.vae or info['vae'], device, required=False)
+            if self.vae is None:
+                log(f"warning: VAE '{args.vae or info['vae']}' unavailable: sample grids show latent channels 0-2.")
+        else:
+            self.clf, self.reals = self.data_classifier(ds, log)
+        if args.fid_every:
+            try:
+                self.detector = fid.load_detector(args.fid_detector, device)
+            except SystemExit as e:
+                log(f"warning: {e} FID during training is off.")
+
+    def data_classifier(self, ds, log):
+        """fid.SmallClassifier on the training images (toy: fresh toy images, >= 98 % required on held-out ones),
+        cached in the run directory; and 2n held-out real images for the Frechet distance."""
+        a, info, path = self.args, self.info, os.path.join(self.run_dir, 'classifier.pt')
+        n, res, nc = a.eval_n, info['res'], info['num_classes']
+        if info['kind'] == 'toy':
+            train = cat.make_toy(300 * 128, seed=a.seed + 1000, res=res)
+            val, reals = cat.make_toy(2000, seed=a.seed + 2000, res=res), cat.make_toy(2 * n, seed=a.seed + 777, res=res)[0]
+        else:                                # a seeded split of the data set: up to 2000 held out, 2n for the FD
+            perm = torch.randperm(info['N'], generator=torch.Generator().manual_seed(a.seed + 777)).numpy()
+            hold = min(2000, info['N'] // 10)
+            train, val = ds.pixels(perm[hold:hold + 300 * 128]), ds.pixels(perm[:hold])
+            reals = ds.pixels(perm[:2 * min(n, info['N'] // 2)])[0]
+        if os.path.exists(path):
+            clf = fid.SmallClassifier(res, nc, info['channels'])
+            clf.load_state_dict(torch.load(path, map_location='cpu'))
+            return clf.eval(), reals
+        clf = fid.train_classifier(*train, nc, val, seed=a.seed)
+        log(f"data set classifier: {100 * clf.val_acc:.1f}% on {len(val[1])} held-out real images")
+        if info['kind'] == 'toy' and clf.val_acc < 0.98:
+            raise RuntimeError(f'toy classifier val accuracy {clf.val_acc:.3f} < 0.98')
+        torch.save(clf.state_dict(), path)
+        return clf, reals
+
+    def due(self, step):
+        return self.args.eval_every and (step % self.args.eval_every == 0 or step == self.args.steps)
+
+    @torch.no_grad()
+    def __call__(self, ema, step):
+        a, info = self.args, self.info
+        g = torch.Generator().manual_seed(a.seed + 12345)
+        z = torch.randn(a.eval_n, ema.z_dim, generator=g).to(self.device)
+        c = (torch.arange(a.eval_n) % info['num_classes']).to(self.device)
+        with cat.autocast(a.precision, self.device):
+            hs = generate(ema, z, c, all_stages=True)
+        out = {f'{name}_{k}': v for name, vals in cat.cross_scale_metrics(list(hs.float())).items()
+               for k, v in enumerate(vals)}
+        for name in ('delta', 'R', 'A', 'delta_h'):
+            out[name] = sum(out[f'{name}_{k}'] for k in range(cat.K)) / cat.K
+        x = hs[-1].float()
+        if self.clf is not None:
+            n = len(self.reals) // 2
+            out.update(fid.classifier_metrics(self.clf, x[:n].cpu(), c[:n].cpu(), self.reals))
+            nc = info['num_classes']                          # one row per class (at most 16), up to 10 seeds
+            rows, cols = min(nc, 16), min(10, len(x) // nc)
+            idx = (torch.arange(rows)[:, None] + nc * torch.arange(cols)[None]).flatten()
+            save_grid(enlarge(decode(x[idx], info)), cols, os.path.join(self.run_dir, f'samples-{step:07d}.png'))
+        else:
+            save_grid(decode(x[:32], info, self.vae), 8, os.path.join(self.run_dir, f'samples-{step:07d}.png'))
+        return out
+
+    def fid_due(self, step):
+        return self.detector is not None and (step % self.args.fid_every == 0 or step == self.args.steps)
+
+    @torch.no_grad()
+    def fid_score(self, ema):
+        """FID of fid_n EMA samples (uniform random classes, fixed seed) against the --fid-ref statistics."""
+        a, info = self.args, self.info
+        if info['kind'] == 'latent' and self.vae is None:
+            return None
+        g = torch.Generator().manual_seed(a.seed + 999)
+        z = torch.randn(a.fid_n, ema.z_dim, generator=g)
+        c = torch.randint(0, info['num_classes'], (a.fid_n,), generator=g)
+        images = []
+        for zb, cb in zip(z.split(256), c.split(256)):
+            with cat.autocast(a.precision, self.device):
+                images.append(decode(ema(zb.to(self.device), cb.to(self.device))[-1].float(), info, self.vae))
+        return fid.fid_from_images(torch.cat(images).numpy(), a.fid_ref, self.detector, self.device)
+
 
 
 def sample_inputs(idx, args, z_dim, num_classes):
@@ -67,8 +213,8 @@ def write_npz(path, parts, labels):
 def stages(G, args, info, vae, device, path):
     z, c = sample_inputs(range(8), args, G.z_dim, G.num_classes)
     with cat.autocast(args.precision, device):
-        hs = cat.generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)  # [K+1, 8, C, R, R]
-    cat.save_grid(cat.enlarge(cat.decode(hs.transpose(0, 1).flatten(0, 1).float(), info, vae)), hs.shape[0], path)
+        hs = generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)  # [K+1, 8, C, R, R]
+    save_grid(enlarge(decode(hs.transpose(0, 1).flatten(0, 1).float(), info, vae)), hs.shape[0], path)
     print(f'wrote {path} (rows: samples 0-7, columns: h_0..h_{cat.K})')
 
 
@@ -76,7 +222,7 @@ def analyze(G, args, device):
     n = min(args.num or 1000, 1000)
     z, c = sample_inputs(range(n), args, G.z_dim, G.num_classes)
     with cat.autocast(args.precision, device):
-        hs = cat.generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)
+        hs = generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)
     m = {name: v + [sum(v) / len(v)] for name, v in cat.cross_scale_metrics(list(hs.float())).items()}
     print(f'cross-scale metrics (Eq. 1) over {n} samples, psi {args.psi:g}:')
     print(f"{'':8}" + ''.join(f'{col:>9}' for col in [f'k={k}' for k in range(cat.K)] + ['mean']))
@@ -96,8 +242,86 @@ def interp(G, args, info, vae, device, path, steps=8):
         w = G.truncate(G.style(z, c), c, args.psi).float()
         t = torch.linspace(0, 1, steps, device=device)[None, :, None]
         h = G.synthesis(w[0::2, None].lerp(w[1::2, None], t).flatten(0, 1))[-1]
-    cat.save_grid(cat.enlarge(cat.decode(h.float(), info, vae)), steps, path)
+    save_grid(enlarge(decode(h.float(), info, vae)), steps, path)
     print(f'wrote {path} (rows: samples 0>1, 2>3, 4>5, 6>7 in {steps} steps)')
+
+def curves(runs, path):
+    """Fig. 4's layout from training logs: delta_k, R_k, A_k (and delta_h_k, not in the paper) of every evaluation in
+    each run's metrics.jsonl against the iteration; one colour per stage k, one line style per run (solid, dashed,
+    ...). R_{K-1} = delta_{K-1} and A_{K-1} = 1 by definition and are left out. runs: 'RUN_DIR' or 'RUN_DIR=label'."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --curves draws with matplotlib, which is not installed: pip install matplotlib (the "
+                         "numbers themselves are in each run's metrics.jsonl).")
+    panels = [('delta', cat.K, 'distance to the final stage $\\delta_k$'), ('R', cat.K - 1, 'rewrite $R_k$'),
+              ('A', cat.K - 1, 'rewrite alignment $A_k$'), ('delta_h', cat.K, '$\\delta^h_k$ on raw $h_k$ (not in the paper)')]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for run, style in zip(runs, ['-', '--', ':', '-.']):
+        run_dir, _, label = run.partition('=')
+        metrics = os.path.join(run_dir, 'metrics.jsonl')
+        if not os.path.exists(metrics):
+            raise SystemExit(f"error: {metrics} not found: --curves takes run directories written by cat.py.")
+        rows = [r for r in map(json.loads, open(metrics)) if 'delta_0' in r]
+        for ax, (name, n, title) in zip(axes, panels):
+            for k in range(n):
+                ax.plot([r['step'] for r in rows], [r[f'{name}_{k}'] for r in rows], style, color=f'C{k}')
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel('iteration')
+        axes[-1].plot([], [], style, color='gray', label=label or os.path.basename(run_dir))
+    for k in range(cat.K):
+        axes[-1].plot([], [], color=f'C{k}', label=f'stage k = {k}')
+    fig.legend(*axes[-1].get_legend_handles_labels(), loc='lower center', ncol=8, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    print(f'wrote {path}')
+
+def gp_check(ckpt, n=64, seed=0, draws=8, out=print):
+    """For the D of checkpoint ckpt, on n real and n fake samples (augmented as in training):
+    exact R1 / R2 (fp32 double backprop) against the approximated penalty averaged over `draws` perturbations, for
+    the bf16 and the fp32 path; ratio estimate / exact and cosine between their gradients w.r.t. D's parameters."""
+    ck = cat.load_checkpoint(ckpt)
+    cfg, a = ck['config'], argparse.Namespace(**ck['config']['args'])
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    G, D = cat.Generator(**cfg['G']).to(device), cat.Discriminator(**cfg['D']).to(device)
+    G.load_state_dict(ck['G']), D.load_state_dict(ck['D'])
+    G.requires_grad_(False), D.requires_grad_(False)
+    g = torch.Generator(device).manual_seed(seed)
+    info, ds, _ = cat.open_data(argparse.Namespace(**{**vars(a), 'lambda_repa': 0.0}))
+    if info['kind'] == 'toy':
+        x, c = ds[0][:n].to(device), ds[1][:n].to(device)
+    else:
+        items = [ds[i] for i in range(n)]
+        m, c = torch.stack([t[0] for t in items]).to(device), torch.tensor([t[1] for t in items], device=device)
+        x = cat.posterior_sample(m, torch.randn(n, G.channels, G.res, G.res, generator=g, device=device), info['scale'])
+    with torch.no_grad():
+        fake = torch.cat(G(torch.randn(n, G.z_dim, generator=g, device=device), c))
+    if a.aug:
+        x, fake = cat.augment(x, cat.draw_aug(n, G.res, g, device)), cat.augment(fake, cat.draw_aug(n, G.res, g, device))
+    params = [p for name, p in D.named_parameters() if not name.startswith('proj.')]
+    D.requires_grad_(True)
+    flat = lambda loss: torch.cat([t.flatten() for t in torch.autograd.grad(loss, params, allow_unused=True,
+                                                                             materialize_grads=True)])
+    res = {}
+    for name, xs in (('R1', cat.multiscale(x)), ('R2', cat.multiscale(fake.chunk(cat.K + 1)))):
+        exact = cat.exact_gp(D, xs, c).mean()
+        g_exact = flat(exact)
+        res[name] = dict(exact=exact.item())
+        for prec in ('bf16', 'fp32'):
+            est, g_est = 0.0, 0.0
+            for _ in range(draws):
+                eps = [torch.randn(x.shape, generator=g, device=device) for x in xs]
+                e = cat.approx_gp_pass(D, xs, eps, c, a.gp_sigma, prec).mean() / draws
+                est, g_est = est + e.item(), g_est + flat(e)
+            res[name][prec] = dict(ratio=est / exact.item(), cos=F.cosine_similarity(g_est, g_exact, dim=0).item())
+    out(f"gp-check {ckpt} (step {ck['step']}): {n} real / {n} fake samples, sigma {a.gp_sigma}, "
+        f"{draws} perturbations, {'augmented' if a.aug else 'no augmentation'}")
+    for name, r in res.items():
+        out(f"  {name}: exact {r['exact']:.4g} | bf16 path: {r['bf16']['ratio']:.3g} x exact, gradient cosine "
+            f"{r['bf16']['cos']:.3f} | fp32 path: {r['fp32']['ratio']:.3g} x exact, gradient cosine {r['fp32']['cos']:.3f}")
+    return res
 
 # ----------------------------------------------------------------------------------------------
 # Samples for FID: each rank a contiguous run of batches, rank 0 joins the parts in order.
@@ -114,7 +338,7 @@ def sample_npz(G, args, info, vae, device, rank, world, out):
         z, c = sample_inputs(idx, args, G.z_dim, G.num_classes)
         with cat.autocast(args.precision, device):
             h = G(z.to(device), c.to(device), args.psi)[-1]
-        mine.append(cat.decode(h.float(), info, vae))
+        mine.append(decode(h.float(), info, vae))
         pbar.update(min(len(idx) * world, pbar.total - pbar.n))   # ranks run in step: rank 0's rate x world
     pbar.close()
     mine = torch.cat(mine).numpy() if len(mine) else None
@@ -126,7 +350,7 @@ def sample_npz(G, args, info, vae, device, rank, world, out):
         parts = [mine] + [np.load(part(r), mmap_mode='r') for r in range(1, world) if len(runs[r])]
         write_npz(out, parts, sample_inputs(range(args.num), args, G.z_dim, G.num_classes)[1].numpy())
         grid = os.path.splitext(out)[0] + '.png'
-        cat.save_grid(cat.enlarge(torch.from_numpy(np.concatenate([p[:64] for p in parts])[:64])), 8, grid)
+        save_grid(enlarge(torch.from_numpy(np.concatenate([p[:64] for p in parts])[:64])), 8, grid)
         for r in range(1, world):
             if len(runs[r]):
                 os.remove(part(r))
@@ -135,7 +359,11 @@ def sample_npz(G, args, info, vae, device, rank, world, out):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description='One-step samples from a CAT checkpoint: ADM .npz + grid PNG.')
-    p.add_argument('--ckpt', required=True, help='checkpoint written by cat.py (latest.pt, ckpt-*.pt)')
+    p.add_argument('--ckpt', help='checkpoint written by cat.py (latest.pt, ckpt-*.pt)')
+    p.add_argument('--gp-check', type=int, nargs='?', const=64, metavar='N',
+                   help="exact vs approximated R1/R2 of the checkpoint's D on N real and N fake samples (64), and exit")
+    p.add_argument('--curves', nargs='+', metavar='RUN[=LABEL]',
+                   help='plot Eq. 1 over training from run directories (Fig. 4 layout) to --out PNG, and exit')
     p.add_argument('--weights', choices=['ema', 'raw'], default='ema', help="EMA generator, or the raw 'G'")
     p.add_argument('--num-samples', '--num', dest='num', type=int, default=50_000,
                    help='number of samples (0: no .npz, research views only); --num is an alias (not under torchrun)')
@@ -157,6 +385,8 @@ def get_args(argv=None):
     p.add_argument('--json', help='with --analyze: also write the metrics to this JSON file')
     p.add_argument('--interp', action='store_true', help='PNG of 4 rows x 8 steps interpolating w (Fig. 10)')
     args = p.parse_args(argv)
+    if not args.ckpt and not args.curves:
+        p.error('give --ckpt CKPT (or --curves RUN ... --out PNG)')
     if args.num < 0 or args.batch < 1:
         p.error('--num-samples must be >= 0 and --batch >= 1')
     if args.json and not args.analyze:
@@ -166,6 +396,10 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.curves:
+        return curves(args.curves, args.out or 'curves.png')
+    if args.gp_check:
+        return gp_check(args.ckpt, args.gp_check, args.seed)
     ck = cat.load_checkpoint(args.ckpt)
     cfg, info = ck['config'], ck['config']['data']
     stem = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),

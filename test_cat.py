@@ -12,6 +12,7 @@ from PIL import Image
 
 import cat
 import fid
+import sample
 from cat import make_toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -270,7 +271,7 @@ def test_fp32_penalty_estimates_exact_r1_of_a_trained_d(tmp_path):
     approximated R1/R2 stays an estimate of the exact penalty (within 50 %) and its parameter gradient points the same
     way (cosine > 0.8); --gp-check measures both paths."""
     run = run_cat(TINY + ['--steps', '40', '--precision', 'bf16', '--gp-precision', 'fp32', '--out', str(tmp_path / 'r')])
-    res = cat.gp_check(cat.get_args(['--gp-check', os.path.join(run, 'latest.pt'), '--batch-size', '32']), draws=32)
+    res = sample.gp_check(os.path.join(run, 'latest.pt'), n=32, draws=32)
     for name in ('R1', 'R2'):
         assert 0.5 < res[name]['fp32']['ratio'] < 1.5 and res[name]['fp32']['cos'] > 0.8, res
         assert res[name]['bf16']['ratio'] > res[name]['fp32']['ratio'], res     # the bf16 path reads high
@@ -1127,6 +1128,62 @@ def test_sample_latent_checkpoint_uses_vae(ckpt, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: cannot load the VAE")      # diffusers may warn first
 
 
+def test_own_pixel_data_end_to_end(tmp_path):
+    """The README's four commands on a class-folder tree of small PNGs (3 classes, mixed sizes and modes): prepare in
+    pixel space, train a few steps, sample, score with a stand-in detector against the data set itself."""
+    rng, root = np.random.default_rng(0), tmp_path / 'pngs'
+    for c, name in enumerate(['left', 'top', 'dot']):
+        (root / name).mkdir(parents=True)
+        for i, (w, h) in enumerate([(16, 16), (24, 20), (40, 40), (12, 12), (20, 30), (16, 16)]):
+            a = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+            if c == 0:
+                a[:, :w // 3] = 230
+            elif c == 1:
+                a[:h // 3] = 230
+            else:
+                a[h // 3:2 * h // 3, w // 3:2 * w // 3] = 230
+            img = Image.fromarray(a)
+            (img.convert('L') if i == 3 else img).save(root / name / f'{i}.png')
+    data, run = tmp_path / 'data16', tmp_path / 'run'
+    r = prepare('--images', root, '--out', data, '--resolution', 16, '--vae', 'none', '--workers', 0)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((data / 'meta.json').read_text())
+    assert meta['vae'] is None and meta['scaling_factor'] == 1 and meta['latent_shape'] == [6, 16, 16]
+    assert meta['images'] is False and meta['crop'] == 'center' and meta['N'] == 18 and meta['num_classes'] == 3
+    lat = np.load(data / 'latents.npy')
+    sys.path.insert(0, HERE)
+    from prepare_latents import center_crop_arr
+    want = center_crop_arr(Image.open(root / 'dot' / '2.png').convert('RGB'), 16)       # classes: dot, left, top
+    assert (lat[:, 3:] == 0).all() and np.allclose(lat[2, :3], want.transpose(2, 0, 1) / 127.5 - 1, atol=1e-2)
+
+    out = subprocess.run([sys.executable, 'cat.py', '--data', str(data), '--model', 'T', '--batch-size', '8',
+                          '--steps', '4', '--eval-n', '18', '--out', str(run)], cwd=HERE, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (run / 'log.txt').read_text()
+    assert "REPA off: '" in log and 'fp32, device cpu, 0 data workers' in log and 'G-T/2 is sized' not in log
+    ev = [json.loads(l) for l in open(run / 'metrics.jsonl') if 'class_acc' in l][-1]
+    assert ev['step'] == 4 and 0 <= ev['class_acc'] <= 1 and math.isfinite(ev['fd'])
+    assert Image.open(run / 'samples-0000004.png').size == (64 * 6, 64 * 3)      # 3 classes x 6 seeds, x4 enlarged
+
+    run_sample('--ckpt', run / 'latest.pt', '--num-samples', 12, '--stages', '--out', tmp_path / 's.npz')
+    with np.load(tmp_path / 's.npz') as z:
+        assert z['arr_0'].shape == (12, 16, 16, 3) and z['arr_0'].dtype == np.uint8 and z['arr_1'].shape == (12,)
+    assert Image.open(tmp_path / 's-stages.png').size == (64 * 4, 64 * 8)
+    r = _run(tmp_path, 's.npz', '--ref', str(data), '--detector', _detector(tmp_path), '--json', 'm.json')
+    assert r.returncode == 0, r.stderr
+    assert math.isfinite(json.loads((tmp_path / 'm.json').read_text())['fid'])
+
+
+def test_bad_pixel_meta_exits_with_one_line(tmp_path):
+    """Run as a user would: exit status 1 and a single line on stderr."""
+    d = make_latent_dir(tmp_path / 'data', res=8, meta_edits=dict(vae=None, scaling_factor=1))
+    out = subprocess.run([sys.executable, 'cat.py', '--data', str(d), '--model', 'T', '--steps', '1', '--out',
+                          str(tmp_path / 'r')], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1 and 'multiple of 16' in out.stderr
+    assert not (tmp_path / 'r').exists()
+
+
 def test_prepare_then_train(base, tmp_path):
     """cat.py trains on what prepare_latents.py wrote (with REPA's images read from images.bin)."""
     out, _ = base
@@ -1140,7 +1197,7 @@ def test_prepare_then_train(base, tmp_path):
 def test_training_logs_fid_with_stand_in_detector(tmp_path):
     det = _detector(tmp_path)
     x, _ = make_toy(64, seed=5)
-    feats, _ = fid.detector_outputs(fid.load_detector(det), cat.to_uint8(x).numpy(), batch=32)
+    feats, _ = fid.detector_outputs(fid.load_detector(det), sample.to_uint8(x).numpy(), batch=32)
     mu, sigma = fid.feature_stats(feats)
     np.savez(tmp_path / 'ref.npz', mu=mu, sigma=sigma)
     run = run_cat(TINY + ['--steps', '2', '--fid-every', '2', '--fid-n', '40', '--fid-ref', str(tmp_path / 'ref.npz'),
@@ -1206,7 +1263,7 @@ def test_sample_then_fid_on_toy_checkpoint(single, tmp_path):
     """sample.py's .npz of a toy checkpoint through fid.py with the stand-in detector, against real toy images."""
     det = _detector(tmp_path)
     x, _ = make_toy(64, seed=3)
-    np.savez(tmp_path / 'ref.npz', arr_0=cat.to_uint8(x).numpy())
+    np.savez(tmp_path / 'ref.npz', arr_0=sample.to_uint8(x).numpy())
     r = _run(tmp_path, str(single), '--ref', str(tmp_path / 'ref.npz'), '--detector', det, '--json', str(tmp_path / 'm.json'))
     assert r.returncode == 0, r.stderr
     m = json.load(open(tmp_path / 'm.json'))

@@ -1,11 +1,10 @@
 """
 CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449), one file.
 
-A one-step class-conditional transformer GAN in SD-VAE latent space. The generator
-(GAT's) emits four accumulated outputs h_0..h_3; a scale-wise discriminator judges
-x_k = r_k(h_k) at four resolutions through one transformer with block-diagonal
-attention; a generator-side consistency loss (Eq. 2) keeps h_0..h_2 on the
-trajectory of the final output h_3.
+A one-step class-conditional transformer GAN in SD-VAE latent space. The generator (GAT's) emits four accumulated
+outputs h_0..h_3; a scale-wise discriminator judges x_k = r_k(h_k) at four resolutions through one transformer
+with block-diagonal attention; a generator-side consistency loss (Eq. 2) keeps h_0..h_2 on the trajectory of the
+final output h_3.
 
     python cat.py --data toy                                  # the embedded default: CPU, minutes
     python cat.py --model H --summary                         # params / GFLOPs of Table 6, no GPU needed
@@ -13,8 +12,21 @@ trajectory of the final output h_3.
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 cat.py --model H
     torchrun --nproc_per_node=8 cat.py --model H --resume runs/000-H   # continue a run
 
-Reads top to bottom like the paper: configs -> generator -> discriminator ->
-objectives -> data -> training loop -> command line.
+Sections, top to bottom in the paper's order (each opens with a banner of that name):
+    Notation and configs      Table 6: K, w_k, G-B/M/H, D-B/M
+    Shared building blocks    App. A.1: sin-cos tokens, 2D RoPE, qk-norm attention, SwiGLU, equalized lr; precision
+    Generator                 Sec. 3.1, App. A.1, Fig. 11: GAT's generator, h_k by output skip accumulation
+    Scale-wise discriminator  Sec. 3.1, Fig. 3: r_k, x_k, block-diagonal attention, one [cls] and d_k per scale
+    Augmentation              GAT's DiffAugment (the paper defers to GAT's code)
+    Objectives                Sec. 3.2, Eq. 2-3, Table 6: RpGAN, approximated R1/R2, L_cons, D-side REPA
+    Cross-scale metrics       Eq. 1: delta_k, R_k, A_k
+    Data                      Sec. 4: prepared latents or pixels (prepare_latents.py), the built-in toy set
+    One training iteration    App. A.2: a D step, then a G step
+    Training loop             Table 6: AdamW, EMA, bf16, DDP, checkpoints, resume, preemption
+    Cost                      Table 2, App. A.2: --summary, --bench
+    Command line
+Evaluation plumbing lives in the companions: sample.py (grids, training-time evaluation, research views) and fid.py
+(FID, IS, precision/recall, the data set classifier).
 """
 import argparse, contextlib, copy, glob, io, json, math, os, re, sys, time
 from dataclasses import dataclass
@@ -33,7 +45,6 @@ from torch.utils.checkpoint import checkpoint
 K = 3                                   # index of the final stage; stages are k = 0..K
 W_CONS = (1 / 3, 1 / 2, 1.0)            # w_k of Eq. 2 for k = 0, 1, 2 (weaker for coarse stages)
 DEFAULT_DATA = 'data/imagenet256'       # what prepare_latents.py writes by default
-DATA_FORMAT_VERSION = 1
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'
 DINO_NAME = 'vit_base_patch14_dinov2.lvd142m'
 TOY_STEPS = 700             # the embedded default: about 8 minutes on 2 CPU cores
@@ -55,12 +66,13 @@ G_CONFIGS = {
     'M': NetConfig(24, 768, 12),
     'H': NetConfig(32, 1280, 16),
 }
-D_CONFIGS = {'T': NetConfig(2, 32, 2, 64), 'S': NetConfig(4, 64, 2, 128), 'B': NetConfig(12, 768, 12), 'M': NetConfig(24, 768, 12)}
+D_CONFIGS = {'T': NetConfig(2, 32, 2, 64), 'S': NetConfig(4, 64, 2, 128),
+             'B': NetConfig(12, 768, 12), 'M': NetConfig(24, 768, 12)}
 PAPER_STEPS = {'B': 50_000, 'M': 100_000, 'H': 150_000}      # 20 / 40 / 60 epochs at batch 512 (Sec. 4)
 D_FOR_G = {'T': 'T', 'S': 'S', 'B': 'B', 'M': 'B', 'H': 'B'}   # the paper: one Base D for every G size
 
 # ----------------------------------------------------------------------------------------------
-# Shared building blocks
+# Shared building blocks (App. A.1), and the precision helpers of autocast and TF32
 # ----------------------------------------------------------------------------------------------
 
 
@@ -93,6 +105,28 @@ def rms_norm(x, norm):
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
+def autocast(precision, device):
+    """bf16 autocast, or ('fp32') autocast off, also inside an outer autocast region. The meta device of --summary
+    has no autocast: a no-op there."""
+    if device.type == 'meta':
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+
+
+@contextlib.contextmanager
+def full_fp32(enabled=True):
+    """Inside: fp32 matmuls and convolutions in full precision (TF32 off on CUDA); the previous flags are restored."""
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    old = [f.allow_tf32 for f in flags]
+    for f in flags if enabled else ():
+        f.allow_tf32 = False
+    try:
+        yield
+    finally:
+        for f, o in zip(flags, old):
+            f.allow_tf32 = o
 
 
 class EqualLinear(nn.Module):
@@ -248,7 +282,10 @@ class Generator(nn.Module):
         x = self.pos.expand(w.shape[0], -1, -1)        # fp32: the residual stream stays fp32 under autocast
         rope, hs, h, k = (self.rope_cos, self.rope_sin), [], 0, 0
         for i, block in enumerate(self.blocks):
-            x = checkpoint(block, x, w, rope, use_reentrant=False) if self.grad_ckpt and torch.is_grad_enabled() else block(x, w, rope)
+            if self.grad_ckpt and torch.is_grad_enabled():
+                x = checkpoint(block, x, w, rope, use_reentrant=False)
+            else:
+                x = block(x, w, rope)
             if i + 1 == self.out_layers[k]:
                 h = h + self.heads[k](x, w)
                 hs.append(h)
@@ -260,7 +297,7 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def update_w_avg(self, w, c):
-        """w_avg[c] <- lerp(w_avg[c], mean of this step's w of class c, 1 - beta), for the classes in the (global) batch."""
+        """w_avg[c] <- lerp(w_avg[c], mean of this step's w of class c, 1 - beta), classes of the global batch."""
         sums = torch.zeros_like(self.w_avg).index_add_(0, c, w.float())
         counts = torch.zeros(self.num_classes, device=c.device)                  # not bincount: it syncs on CUDA
         counts.index_add_(0, c, torch.ones_like(c, dtype=torch.float))
@@ -314,7 +351,8 @@ class Discriminator(nn.Module):
     def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, cmap_dim=2048,
                  repa_dim=768, mask=True, attn_impl='split'):
         super().__init__()
-        self.width, self.channels, self.res, self.patch, self.mask, self.attn_impl = width, channels, res, patch, mask, attn_impl
+        self.width, self.channels, self.res, self.patch = width, channels, res, patch
+        self.mask, self.attn_impl = mask, attn_impl
         self.grad_ckpt = False
         self.grids = [res // 2 ** (K - k) // patch for k in range(K + 1)]           # 2, 4, 8, 16 tokens per side
         bounds = np.cumsum([0] + [1 + n * n for n in self.grids]).tolist()
@@ -364,7 +402,10 @@ class Discriminator(nn.Module):
         segments = (self.segments if self.attn_impl == 'split' else self.block_mask()) if self.mask else None
         rope = (self.rope_cos, self.rope_sin)
         for block in self.blocks:
-            x = checkpoint(block, x, rope, segments, use_reentrant=False) if self.grad_ckpt and torch.is_grad_enabled() else block(x, rope, segments)
+            if self.grad_ckpt and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, segments, use_reentrant=False)
+            else:
+                x = block(x, rope, segments)
         with autocast('fp32', x.device):        # the logit in fp32: R1/R2 take differences of it at sigma = 0.01
             cls = self.norm(x[:, [s for s, _ in self.segments]].to(self.head.weight.dtype))     # [B, K+1, width]
             e = self.class_map(self.class_embed(c))               # [B, cmap_dim]; raw embedding, as GAT
@@ -484,48 +525,6 @@ def repa_loss(pred_tokens, dino_cls, dino_patch):
     patch = 1 - F.cosine_similarity(pred_tokens[:, 1:].float(), dino_patch.float(), dim=-1).mean(1)
     return (cls + patch).mean()
 
-# ----------------------------------------------------------------------------------------------
-# Cross-scale metrics (Eq. 1): how coherently the stages accumulate toward the final output.
-# ----------------------------------------------------------------------------------------------
-
-
-def cross_scale_metrics(hs):
-    """delta_k, R_k, A_k of Eq. 1 from [h_0..h_K], per-sample values averaged over the batch.
-    x_k = r_k(h_k); r_K = bilinear upsampling to full resolution. Returns dict of lists (k = 0..K-1).
-    Also delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw stage outputs (not in the paper): the quantity L_cons acts on,
-    including the detail that r_k pools away and Eq. 1 therefore cannot see."""
-    full = hs[-1].shape[-1]
-    up = lambda x: F.interpolate(x, size=(full, full), mode='bilinear', align_corners=False) if x.shape[-1] != full else x
-    xs = [up(r_k(h.float(), k)).flatten(1) for k, h in enumerate(hs)]
-    xK, nK = xs[-1], xs[-1].norm(dim=1)
-    delta = [((xK - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)]
-    R = [((xs[k + 1] - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)]
-    A = [F.cosine_similarity(xs[k + 1] - xs[k], xK - xs[k], dim=1).mean().item() for k in range(K)]
-    hK = hs[-1].float().flatten(1)
-    delta_h = [((hK - hs[k].float().flatten(1)).norm(dim=1) / hK.norm(dim=1)).mean().item() for k in range(K)]
-    return dict(delta=delta, R=R, A=A, delta_h=delta_h)
-
-# ----------------------------------------------------------------------------------------------
-# Data: a dataset directory written by prepare_latents.py (SD-VAE latents, or images in pixel space), and the
-# built-in toy set. Real latents are drawn from the stored VAE posterior at each use.
-# ----------------------------------------------------------------------------------------------
-
-META_KEYS = ('format_version', 'N', 'num_classes', 'latent_shape', 'scaling_factor', 'vae', 'images')   # read here
-
-
-def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
-    """SD-VAE (diffusers AutoencoderKL) from a hub name or a local save_pretrained directory, frozen.
-    Unavailable (offline, not cached): a one-line SystemExit, or None when not required."""
-    from diffusers.models import AutoencoderKL
-    try:
-        vae = AutoencoderKL.from_pretrained(name_or_path)
-    except Exception as e:
-        if not required:
-            return None
-        raise SystemExit(f"error: cannot load the VAE '{name_or_path}' ({type(e).__name__}): download it once with "
-                         f"network access (huggingface_hub caches it) or pass a local save_pretrained directory "
-                         f"with --vae.")
-    return vae.to(device).eval().requires_grad_(False)
 
 
 def load_dino(device, pretrained=True):
@@ -542,61 +541,58 @@ def load_dino(device, pretrained=True):
     return m.to(device).eval().requires_grad_(False)
 
 
-def check_data_dir(path, patch=2):
-    """Validate a dataset directory completely before anything is built: every meta.json key cat.py reads, the
-    files against it, the labels, and the geometry (r / patch must give each of the four scales a token). Returns
-    meta.json; any problem is one line that names the fix."""
-    redo = f"re-run prepare_latents.py for '{path}'"
-    if not os.path.isdir(path):
-        raise SystemExit(f"error: no dataset directory '{path}'. Make one with `python prepare_latents.py --images "
-                         f"DIR --out {path}` (README: Train on your own data), or try the toy set with --data toy.")
-    if not os.path.exists(os.path.join(path, 'meta.json')):
-        raise SystemExit(f"error: '{path}' has no meta.json, so it is not a finished dataset: re-run "
-                         f"prepare_latents.py with the same arguments to complete it.")
+def dino_features(dino, img, aug=None, res=32):
+    """DINOv2 tokens [B, 1 + 256, 768] of uint8 crops: 256 -> 224 bicubic, ImageNet normalization, and the real
+    latent's translation and flip (one pixel of a res x res latent = 224 // res image pixels; GAT scales the shift by
+    res / 224 instead, a bug that leaves its DINOv2 targets almost unshifted)."""
+    x = F.interpolate(img.float() / 255, size=(224, 224), mode='bicubic', align_corners=False)
+    x = (x - dino.pixel_mean) / dino.pixel_std
+    if aug is not None:
+        x = augment(x, aug, color=False, cutout=False, scale=224 // res)
+    return dino.forward_features(x)
+
+# ----------------------------------------------------------------------------------------------
+# Cross-scale metrics (Eq. 1): how coherently the stages accumulate toward the final output.
+# ----------------------------------------------------------------------------------------------
+
+
+def cross_scale_metrics(hs):
+    """delta_k, R_k, A_k of Eq. 1 from [h_0..h_K], per-sample values averaged over the batch.
+    x_k = r_k(h_k); r_K = bilinear upsampling to full resolution. Returns dict of lists (k = 0..K-1).
+    Also delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw stage outputs (not in the paper): the quantity L_cons acts on,
+    including the detail that r_k pools away and Eq. 1 therefore cannot see."""
+    full = hs[-1].shape[-1]
+    up = lambda x: x if x.shape[-1] == full else F.interpolate(x, size=(full, full), mode='bilinear',
+                                                               align_corners=False)
+    xs = [up(r_k(h.float(), k)).flatten(1) for k, h in enumerate(hs)]
+    xK, nK = xs[-1], xs[-1].norm(dim=1)
+    delta = [((xK - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)]
+    R = [((xs[k + 1] - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)]
+    A = [F.cosine_similarity(xs[k + 1] - xs[k], xK - xs[k], dim=1).mean().item() for k in range(K)]
+    hK = hs[-1].float().flatten(1)
+    delta_h = [((hK - hs[k].float().flatten(1)).norm(dim=1) / hK.norm(dim=1)).mean().item() for k in range(K)]
+    return dict(delta=delta, R=R, A=A, delta_h=delta_h)
+
+# ----------------------------------------------------------------------------------------------
+# Data: a dataset directory written by prepare_latents.py (SD-VAE latents, or images in pixel space), and the
+# built-in toy set. Real latents are drawn from the stored VAE posterior at each use.
+# ----------------------------------------------------------------------------------------------
+
+
+
+def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
+    """SD-VAE (diffusers AutoencoderKL) from a hub name or a local save_pretrained directory, frozen.
+    Unavailable (offline, not cached): a one-line SystemExit, or None when not required."""
+    from diffusers.models import AutoencoderKL
     try:
-        with open(os.path.join(path, 'meta.json')) as f:
-            meta = json.load(f)
-    except ValueError as e:
-        raise SystemExit(f"error: '{path}/meta.json' is not valid JSON ({e}): {redo}.")
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise SystemExit(f"error: '{path}/meta.json' lacks {', '.join(map(repr, missing))}: {redo} (pixel data: "
-                         f"\"vae\": null, \"scaling_factor\": 1).")
-    if meta['format_version'] != DATA_FORMAT_VERSION:
-        raise SystemExit(f"error: '{path}' has format_version {meta['format_version']!r}, this cat.py reads "
-                         f"{DATA_FORMAT_VERSION}: {redo}.")
-    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
-    shape = meta['latent_shape']
-    for key, ok, want in (('N', count(meta['N']), 'a positive integer'),
-                          ('num_classes', count(meta['num_classes']), 'a positive integer'),
-                          ('latent_shape', isinstance(shape, list) and len(shape) == 3 and all(map(count, shape))
-                           and shape[0] % 2 == 0 and shape[1] == shape[2], '[2C, r, r] (mean | std of C channels)'),
-                          ('scaling_factor', isinstance(meta['scaling_factor'], (int, float))
-                           and not isinstance(meta['scaling_factor'], bool) and meta['scaling_factor'] > 0,
-                           'a positive number'),
-                          ('vae', meta['vae'] is None or isinstance(meta['vae'], str), 'a VAE name or null (pixels)'),
-                          ('images', isinstance(meta['images'], bool), 'true or false')):
-        if not ok:
-            raise SystemExit(f"error: '{path}/meta.json' has {key} = {meta[key]!r}, expected {want}: {redo}.")
-    r, unit, pixels = shape[1], 2 ** K * patch, meta['vae'] is None
-    if r % unit:
-        raise SystemExit(f"error: '{path}' holds {r} x {r} {'images' if pixels else 'latents'}, but CAT's four scales "
-                         f"(r/8, r/4, r/2, r) with patch {patch} need r to be a multiple of {unit}: {redo} with "
-                         f"--resolution {unit if pixels else 8 * unit} (or a multiple of it).")
-    files = ['latents.npy', 'labels.npy'] + (['images.bin', 'images_index.npy'] if meta['images'] else [])
-    for name in files:
-        if not os.path.exists(os.path.join(path, name)):
-            raise SystemExit(f"error: '{path}' has no {name}, which its meta.json promises: {redo}.")
-    lat = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r')
-    lab = np.load(os.path.join(path, 'labels.npy'), mmap_mode='r')
-    n, nc = meta['N'], meta['num_classes']
-    if lat.shape != (n, *shape) or lab.shape != (n,):
-        raise SystemExit(f"error: '{path}' does not match its meta.json (latents {tuple(lat.shape)}, labels "
-                         f"{tuple(lab.shape)}, N={n}, latent_shape={shape}): {redo}.")
-    if lab.min() < 0 or lab.max() >= nc:
-        raise SystemExit(f"error: '{path}' has labels outside [0, num_classes = {nc}) (from {lab.min()} to "
-                         f"{lab.max()}): {redo}, or fix num_classes in its meta.json.")
-    return meta
+        vae = AutoencoderKL.from_pretrained(name_or_path)
+    except Exception as e:
+        if not required:
+            return None
+        raise SystemExit(f"error: cannot load the VAE '{name_or_path}' ({type(e).__name__}): download it once with "
+                         f"network access (huggingface_hub caches it) or pass a local save_pretrained directory "
+                         f"with --vae.")
+    return vae.to(device).eval().requires_grad_(False)
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -627,13 +623,6 @@ class LatentDataset(torch.utils.data.Dataset):
             img = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert('RGB')).copy()).permute(2, 0, 1)
         return torch.from_numpy(np.array(self.latents[i])), int(self.labels[i]), img
 
-    def pixels(self, idx):
-        """Pixel data: images idx as float [n, C, r, r] in [-1, 1] and their labels."""
-        self.open()
-        idx = np.sort(np.asarray(idx))
-        C = self.latents.shape[1] // 2
-        return torch.from_numpy(self.latents[idx, :C].astype(np.float32)), torch.from_numpy(self.labels[idx].copy())
-
 
 def open_data(args):
     """-> info (kind 'toy' | 'pixel' | 'latent', N, channels, res, num_classes, scale, vae, meta), the data (toy
@@ -644,6 +633,7 @@ def open_data(args):
         info = dict(kind='toy', N=len(y), channels=3, res=args.toy_res, num_classes=int(y.max()) + 1, scale=1.0,
                     vae=None, meta=None)
         return info, (x, y), []
+    from prepare_latents import check_data_dir          # the format's owner checks it, before anything is built
     meta, notes = check_data_dir(args.data), []
     if args.lambda_repa > 0 and not meta['images']:
         if args.repa_given:
@@ -708,11 +698,9 @@ def real_batches(ds, info, sampler, device, workers):
     for m, c, img in loader:
         yield m.to(device, non_blocking=True), c.to(device, non_blocking=True), img.to(device, non_blocking=True)
 
-# ----------------------------------------------------------------------------------------------
-# The built-in toy set (--data toy): small class-conditional images in pixel space, so the whole pipeline
-# runs on a CPU in minutes. Coarse structure and fine detail live at different scales.
-# ----------------------------------------------------------------------------------------------
 
+# The built-in toy set (--data toy): small class-conditional images in pixel space, so the whole pipeline runs on
+# a CPU in minutes. Coarse structure and fine detail live at different scales.
 # 10 classes = (shape, base hue). Class identity lives in coarse shape + colour
 # (still visible after 4x area pooling); fine detail lives at the finest scale:
 # 1-px stripes or checker (period 2 px, random phase) and ~1.5 px soft edges.
@@ -781,8 +769,6 @@ def make_toy(n, seed=0, res=16):
     x = x.clamp_(0, 1).mul_(2).sub_(1)
     return x, y
 
-
-# toy evaluator: a small classifier trained on the toy set itself, class accuracy and a Frechet distance in its features
 
 # ----------------------------------------------------------------------------------------------
 # One training iteration: a D step, then a G step (App. A.2). Each step is a small module so that DDP
@@ -863,17 +849,6 @@ class DStep(nn.Module):
         return loss, stats
 
 
-def dino_features(dino, img, aug=None, res=32):
-    """DINOv2 tokens [B, 1 + 256, 768] of uint8 crops: 256 -> 224 bicubic, ImageNet normalization, and the real
-    latent's translation and flip (one pixel of a res x res latent = 224 // res image pixels; GAT scales the shift by
-    res / 224 instead, a bug that leaves its DINOv2 targets almost unshifted)."""
-    x = F.interpolate(img.float() / 255, size=(224, 224), mode='bicubic', align_corners=False)
-    x = (x - dino.pixel_mean) / dino.pixel_std
-    if aug is not None:
-        x = augment(x, aug, color=False, cutout=False, scale=224 // res)
-    return dino.forward_features(x)
-
-
 class GStep(nn.Module):
     """L_G = L_adv + lambda_cons * L_cons (Eq. 3) on one (micro-)batch; D is frozen and held outside the tree."""
     def __init__(self, G, D, args):
@@ -894,28 +869,6 @@ class GStep(nn.Module):
         adv = rpgan_g_loss(d_fake, d_real)
         cons = consistency_loss(hs, detach_anchor=a.cons_detach)
         return adv + a.lambda_cons * cons, w.detach(), dict(loss_g=adv.detach(), cons=cons.detach())
-
-
-def autocast(precision, device):
-    """bf16 autocast, or ('fp32') autocast off, also inside an outer autocast region. The meta device of --summary
-    has no autocast: a no-op there."""
-    if device.type == 'meta':
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
-
-
-@contextlib.contextmanager
-def full_fp32(enabled=True):
-    """Inside: fp32 matmuls and convolutions in full precision (TF32 off on CUDA); the previous flags are restored."""
-    flags = torch.backends.cuda.matmul, torch.backends.cudnn
-    old = [f.allow_tf32 for f in flags]
-    for f in flags if enabled else ():
-        f.allow_tf32 = False
-    try:
-        yield
-    finally:
-        for f, o in zip(flags, old):
-            f.allow_tf32 = o
 
 
 @torch.no_grad()
@@ -1262,8 +1215,11 @@ def train(args):
     return dict(run_dir=run_dir, G=m.G, D=m.D, ema=m.ema, eval=last_eval, step=done)
 
 # ----------------------------------------------------------------------------------------------
-# --summary: parameters and GFLOPs (multiply-adds per sample, the paper's convention) on the meta device.
+# Cost (Table 2, App. A.2): --summary counts parameters and multiply-adds on the meta device (no GPU needed);
+# --bench times whole training iterations on synthetic latents. Model FLOPs: 2 x (4F_G + 10.5F_D) per sample.
 # ----------------------------------------------------------------------------------------------
+
+PEAK_BF16_TFLOPS = {'H100': 989.4, 'H200': 989.4, 'A100': 312.0, 'L40S': 362.0}   # dense, from vendor spec sheets
 
 
 def count_macs(fn):
@@ -1284,8 +1240,7 @@ def forward_macs(G, D):
 
 
 def summary(args, out=print):
-    info = dict(channels=4, res=32, num_classes=1000)
-    g_cfg, d_cfg = model_configs(args, info)
+    g_cfg, d_cfg = model_configs(args, dict(channels=4, res=32, num_classes=1000))
     d_cfg['repa_dim'] = 768
     with torch.device('meta'):
         G, D = Generator(**g_cfg), Discriminator(**d_cfg)
@@ -1294,7 +1249,8 @@ def summary(args, out=print):
     n_proj = sum(p.numel() for p in D.proj.parameters())
     n_d = sum(p.numel() for p in D.parameters()) - n_proj
     out(f"config: G-{args.model}/2 (depth {g_cfg['depth']}, width {g_cfg['width']}, heads {g_cfg['heads']}), "
-        f"D-{args.model_d or D_FOR_G[args.model]}/2 (depth {d_cfg['depth']}, width {d_cfg['width']}, heads {d_cfg['heads']})")
+        f"D-{args.model_d or D_FOR_G[args.model]}/2 (depth {d_cfg['depth']}, width {d_cfg['width']}, "
+        f"heads {d_cfg['heads']})")
     out(f"G params: {n_g / 1e6:.1f}M")
     out(f"D params: {n_d / 1e6:.1f}M (+ REPA projector {n_proj / 1e6:.1f}M, training only)")
     out(f"G GFLOPs: {F_G / 1e9:.1f} (multiply-adds per sample, one-step inference)")
@@ -1309,24 +1265,26 @@ def summary(args, out=print):
             f"(989 TFLOP/s bf16 dense) {hours:.1f} h (model FLOPs only: data loading, DINOv2 and EMA excluded)")
     return dict(G_params=n_g, D_params=n_d, proj_params=n_proj, F_G=F_G, F_D=F_D)
 
-# ----------------------------------------------------------------------------------------------
-# --bench: full training iterations on synthetic latents (REPA with a randomly initialized DINOv2-B of the
-# real size), timed after warm-up; model FLOPs by App. A.2 (4F_G + 10.5F_D multiply-adds, 2 FLOPs each).
-# ----------------------------------------------------------------------------------------------
-
-PEAK_BF16_TFLOPS = {'H100': 989.4, 'H200': 989.4, 'A100': 312.0, 'L40S': 362.0}   # dense, from vendor spec sheets
-
 
 def bench(args, out=print):
+    """Median time of --bench-steps training iterations after --bench-warmup, one line per iteration; REPA against
+    a randomly initialized DINOv2-B of the real size. Without CUDA the defaults are fp32 and no REPA."""
     rank, world, device = setup_ddp()
-    info = dict(kind='latent', channels=4, res=32, num_classes=1000, scale=0.18215, meta=None)
-    g_cfg, d_cfg = model_configs(args, info)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    g_cfg, d_cfg = model_configs(args, dict(channels=4, res=32, num_classes=1000))
     m = build(args, g_cfg, d_cfg, device, world, pretrained_dino=False)
-    b = args.batch_size // world
-    g = torch.Generator(device).manual_seed(0)
-    moments = torch.cat([torch.randn(b, 4, 32, 32, generator=g, device=device), torch.rand(b, 4, 32, 32, generator=g, device=device)], 1)
+    b, g = args.batch_size // world, torch.Generator(device).manual_seed(0)
+    moments = torch.cat([torch.randn(b, 4, 32, 32, generator=g, device=device),
+                         torch.rand(b, 4, 32, 32, generator=g, device=device)], 1)
     c = torch.randint(0, 1000, (b,), generator=g, device=device)
-    img = torch.randint(0, 256, (b, 3, 256, 256), generator=g, device=device, dtype=torch.uint8) if args.lambda_repa > 0 else None
+    img = (torch.randint(0, 256, (b, 3, 256, 256), generator=g, device=device, dtype=torch.uint8)
+           if args.lambda_repa > 0 else None)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
+    if rank == 0:
+        out(f"bench {name}: G-{args.model}/2 + D-{args.model_d or D_FOR_G[args.model]}/2, batch {b}/device (micro "
+            f"{m.micro}), {args.precision}, REPA {'on' if img is not None else 'off'}, compile={args.compile}, "
+            f"grad_ckpt={args.grad_ckpt}, d_attn={args.d_attn}"
+            + ("" if device.type == 'cuda' else " (no CUDA: fp32 and no DINOv2 unless --precision / --lambda-repa)"))
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     times = []
     for step in range(args.bench_warmup + args.bench_steps):
@@ -1336,25 +1294,21 @@ def bench(args, out=print):
         train_step(m, posterior_sample(moments, nz['eps'], 0.18215), c, img, nz, args)
         sync()
         times.append(time.perf_counter() - t)
+        if rank == 0:
+            out(f"  iteration {step + 1}: {times[-1] * 1e3:.1f} ms{' (warm-up)' if step < args.bench_warmup else ''}")
         if step == args.bench_warmup - 1 and device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
     t = float(np.median(times[args.bench_warmup:]))
     with torch.device('meta'):
         F_G, F_D = forward_macs(Generator(**g_cfg), Discriminator(**d_cfg))
     tflops = 2 * (4 * F_G + 10.5 * F_D) * b / t / 1e12
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == 'cuda' else 'n/a (CPU)'
-    res = dict(device=name, model=args.model, model_d=args.model_d or D_FOR_G[args.model], batch_per_device=b,
-               micro_batch=m.micro, precision=args.precision, compile=args.compile, grad_ckpt=args.grad_ckpt,
-               d_attn=args.d_attn, ms_per_it=t * 1e3, img_per_s_per_device=b / t, tflops=tflops,
-               mfu=tflops / peak if peak else None, peak_mem=mem)
     if rank == 0:
-        out(f"bench {name}: G-{args.model}/2 + D-{res['model_d']}/2, batch {b}/device (micro {m.micro}), {args.precision}, "
-            f"compile={args.compile}, grad_ckpt={args.grad_ckpt}, d_attn={args.d_attn}")
         out(f"  {t * 1e3:.1f} ms/it (median of {args.bench_steps}), {b / t:.1f} img/s/device, {tflops:.3g} TFLOP/s "
             f"(App. A.2 model FLOPs), MFU {'%.1f%%' % (100 * tflops / peak) if peak else 'n/a'}, peak memory {mem}")
-    return res
+    return dict(device=name, batch_per_device=b, ms_per_it=t * 1e3, img_per_s_per_device=b / t, tflops=tflops,
+                mfu=tflops / peak if peak else None, peak_mem=mem)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1364,23 +1318,24 @@ def bench(args, out=print):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description='CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449)')
-    p.add_argument('--model', default=None, help='generator size: S, B, M, H (Table 6; default B, toy S); T is for tests')
-    p.add_argument('--model-d', default=None, help='discriminator size (default: B for B/M/H, the paper); M = D-M/2 of Table 5')
+    p.add_argument('--model', default=None, help='G size: S, B, M, H (Table 6; default B, toy S); T is for tests')
+    p.add_argument('--model-d', default=None, help='D size (default: B for B/M/H, the paper); M = D-M/2 of Table 5')
     p.add_argument('--data', default=DEFAULT_DATA, help="prepared latents directory (prepare_latents.py), or 'toy'")
     p.add_argument('--out', default=None, help='run directory (default: runs/NNN-MODEL)')
-    p.add_argument('--resume', nargs='?', const='auto', default=None, help='checkpoint file or run directory (default: --out)')
+    p.add_argument('--resume', nargs='?', const='auto', default=None,
+                   help='checkpoint file or run directory (default: --out)')
     p.add_argument('--steps', type=int, default=None, help='total iterations (B 50K, M 100K, H 150K in the paper)')
     p.add_argument('--batch-size', type=int, default=None, help='global batch (512)')
-    p.add_argument('--micro-batch', type=int, default=None, help='per-process micro-batch; gradient accumulation above it')
+    p.add_argument('--micro-batch', type=int, default=None, help='per-process micro-batch; gradients accumulate above')
     p.add_argument('--lr', type=float, default=None, help='AdamW lr of G and D (2e-4; toy 1e-3)')
-    p.add_argument('--lambda-cons', type=float, default=0.1, help='consistency weight (Eq. 3); 0 = plain scale-wise supervision')
+    p.add_argument('--lambda-cons', type=float, default=0.1, help='L_cons weight (Eq. 3); 0: plain scale-wise loss')
     p.add_argument('--cons-detach', action='store_true', help='stop-gradient on the anchor h_K of Eq. 2')
     p.add_argument('--lambda-repa', type=float, default=None, help='REPA weight (1.0); 0 disables REPA and DINOv2')
     p.add_argument('--gamma', type=float, default=1.0, help='R1 and R2 weight (gamma/2 each)')
     p.add_argument('--gp-sigma', type=float, default=0.01, help='perturbation scale of the approximated R1/R2')
     p.add_argument('--gp-precision', choices=['bf16', 'fp32'], default='bf16',
                    help='bf16: perturbed quarter in the main autocast pass (App. A.2 cost); fp32: its own fp32 pass')
-    p.add_argument('--no-mask', action='store_true', help='scale-aggregated D: full attention across scales (Fig. 9 ablation)')
+    p.add_argument('--no-mask', action='store_true', help='scale-aggregated D: attention across scales (Fig. 9)')
     p.add_argument('--no-aug', dest='aug', action='store_false', help='turn DiffAugment off')
     p.add_argument('--ema-decay', type=float, default=None, help='EMA of G (0.999; toy 0.99)')
     p.add_argument('--clip', type=float, default=1.0, help='gradient clipping norm')
@@ -1394,8 +1349,8 @@ def get_args(argv=None):
     p.add_argument('--ckpt-every', type=int, default=None, help='periodic checkpoint interval (kept: --keep newest)')
     p.add_argument('--latest-every', type=int, default=None, help='latest.pt refresh interval')
     p.add_argument('--keep', type=int, default=3, help='periodic checkpoints kept (besides latest.pt and milestones)')
-    p.add_argument('--milestone-every', type=int, default=50_000, help='checkpoints at multiples of this are never deleted')
-    p.add_argument('--fid-every', type=int, default=0, help='log FID of the EMA generator every N steps (needs --fid-ref)')
+    p.add_argument('--milestone-every', type=int, default=50_000, help='checkpoints at multiples are never deleted')
+    p.add_argument('--fid-every', type=int, default=0, help='FID of the EMA generator every N steps (needs --fid-ref)')
     p.add_argument('--fid-ref', default=None, help='reference statistics .npz for --fid-every (mu, sigma)')
     p.add_argument('--fid-n', type=int, default=5000, help='samples for --fid-every')
     p.add_argument('--fid-detector', default=None, help='inception-2015-12-05.pt path (default: download once, cache)')

@@ -132,7 +132,8 @@ def detector_outputs(detector, images, batch=100, device='cpu'):
     TF32 is off inside (as StyleGAN3's calc_metrics.py), whatever the caller (cat.py's training loop) set."""
     W = getattr(getattr(detector, 'output', None), 'weight', None)
     it, feats, probs = iter(images), [], []
-    with full_fp32(), tqdm(total=len(images) if hasattr(images, '__len__') else None, unit='img', leave=False, disable=None) as bar:
+    total = len(images) if hasattr(images, '__len__') else None
+    with full_fp32(), tqdm(total=total, unit='img', leave=False, disable=None) as bar:
         while chunk := list(itertools.islice(it, batch)):
             x = torch.from_numpy(np.stack(chunk)).to(device).permute(0, 3, 1, 2)      # uint8 NCHW, resized inside
             f = detector(x, return_features=True).float()
@@ -156,7 +157,8 @@ class Images:
     def __init__(self, path):
         self.path, self.files, self.data = path, None, None
         if os.path.exists(os.path.join(path, 'meta.json')):
-            from cat import LatentDataset, check_data_dir
+            from cat import LatentDataset
+            from prepare_latents import check_data_dir
             meta = check_data_dir(path)
             if meta['vae'] is not None and not meta['images']:
                 raise SystemExit(f'fid.py: dataset {path} holds latents without images (prepared with --no-images)')

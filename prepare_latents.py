@@ -38,15 +38,17 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
-from cat import load_vae, DEFAULT_DATA, DATA_FORMAT_VERSION, DEFAULT_VAE
+from cat import K, load_vae, DEFAULT_DATA, DEFAULT_VAE
 
 JPEG_QUALITY = 95
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm'}
+DATA_FORMAT_VERSION = 1
+META_KEYS = ('format_version', 'N', 'num_classes', 'latent_shape', 'scaling_factor', 'vae', 'images')   # cat.py reads
 OUTPUTS = ('meta.json', 'latents.npy', 'labels.npy', 'images.bin', 'images_index.npy', 'skipped.txt')
 
-#################################################################################
-#                               Reading images                                  #
-#################################################################################
+# ----------------------------------------------------------------------------------------------
+# Reading images
+# ----------------------------------------------------------------------------------------------
 
 def center_crop_arr(img, size=256):
     """ADM's center crop: halve with BOX while the short side is >= 2*size, BICUBIC to short side = size
@@ -109,9 +111,9 @@ class ImageFiles(Dataset):
 def collate(items):
     return tuple(zip(*items))
 
-#################################################################################
-#                                Helper functions                               #
-#################################################################################
+# ----------------------------------------------------------------------------------------------
+# Helper functions
+# ----------------------------------------------------------------------------------------------
 
 def fail(msg):
     raise SystemExit(f'error: {msg}')
@@ -261,9 +263,65 @@ def assemble(out, plan, part_paths, scaling_factor):
     print(f'wrote {N} samples of {num_classes} classes to {out} ({len(skipped)} files skipped, '
           f'{len(empty)} empty class folders{", see skipped.txt" if report else ""})')
 
-#################################################################################
-#                                     Main                                      #
-#################################################################################
+# ----------------------------------------------------------------------------------------------
+# Checking a dataset directory: cat.py and fid.py call this before they read one
+# ----------------------------------------------------------------------------------------------
+
+def check_data_dir(path, patch=2):
+    """Validate a dataset directory completely before anything is built: every meta.json key cat.py reads, the
+    files against it, the labels, and the geometry (r / patch must give each of the four scales a token). Returns
+    meta.json; any problem is one line that names the fix."""
+    redo = f"re-run prepare_latents.py for '{path}'"
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: no dataset directory '{path}'. Make one with `python prepare_latents.py --images "
+                         f"DIR --out {path}` (README: Train on your own data), or try the toy set with --data toy.")
+    try:
+        with open(os.path.join(path, 'meta.json')) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"error: '{path}' has no meta.json, so it is not a finished dataset: re-run "
+                         f"prepare_latents.py with the same arguments to complete it.")
+    except ValueError as e:
+        raise SystemExit(f"error: '{path}/meta.json' is not valid JSON ({e}): {redo}.")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise SystemExit(f"error: '{path}/meta.json' lacks {', '.join(map(repr, missing))}: {redo} (pixel data: "
+                         f"\"vae\": null, \"scaling_factor\": 1).")
+    if meta['format_version'] != DATA_FORMAT_VERSION:
+        raise SystemExit(f"error: '{path}' has format_version {meta['format_version']!r}, this cat.py reads "
+                         f"{DATA_FORMAT_VERSION}: {redo}.")
+    count = lambda v: type(v) is int and v > 0
+    shape, sf = meta['latent_shape'], meta['scaling_factor']
+    for key, ok, want in (('N', count(meta['N']), 'a positive integer'),
+                          ('num_classes', count(meta['num_classes']), 'a positive integer'),
+                          ('latent_shape', isinstance(shape, list) and len(shape) == 3 and all(map(count, shape))
+                           and shape[0] % 2 == 0 and shape[1] == shape[2], '[2C, r, r] (mean | std of C channels)'),
+                          ('scaling_factor', type(sf) in (int, float) and sf > 0, 'a positive number'),
+                          ('vae', meta['vae'] is None or isinstance(meta['vae'], str), 'a VAE name or null (pixels)'),
+                          ('images', isinstance(meta['images'], bool), 'true or false')):
+        if not ok:
+            raise SystemExit(f"error: '{path}/meta.json' has {key} = {meta[key]!r}, expected {want}: {redo}.")
+    r, unit, pixels = shape[1], 2 ** K * patch, meta['vae'] is None
+    if r % unit:
+        raise SystemExit(f"error: '{path}' holds {r} x {r} {'images' if pixels else 'latents'}, but CAT's four scales "
+                         f"(r/8, r/4, r/2, r) with patch {patch} need r to be a multiple of {unit}: {redo} with "
+                         f"--resolution {unit if pixels else 8 * unit} (or a multiple of it).")
+    for name in ['latents.npy', 'labels.npy'] + (['images.bin', 'images_index.npy'] if meta['images'] else []):
+        if not os.path.exists(os.path.join(path, name)):
+            raise SystemExit(f"error: '{path}' has no {name}, which its meta.json promises: {redo}.")
+    lat = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r')
+    lab = np.load(os.path.join(path, 'labels.npy'), mmap_mode='r')
+    if lat.shape != (meta['N'], *shape) or lab.shape != (meta['N'],):
+        raise SystemExit(f"error: '{path}' does not match its meta.json (latents {tuple(lat.shape)}, labels "
+                         f"{tuple(lab.shape)}, N={meta['N']}, latent_shape={shape}): {redo}.")
+    if lab.min() < 0 or lab.max() >= meta['num_classes']:
+        raise SystemExit(f"error: '{path}' has labels outside [0, num_classes = {meta['num_classes']}) (from "
+                         f"{lab.min()} to {lab.max()}): {redo}, or fix num_classes in its meta.json.")
+    return meta
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
 
 def main(args):
     ddp = 'RANK' in os.environ  # launched by torchrun
@@ -349,7 +407,7 @@ if __name__ == '__main__':
     parser.add_argument('--crop', choices=['center', 'resize'], default='center',
                         help="'center': ADM's center crop; 'resize': plain resize to R x R (images already about R)")
     parser.add_argument('--vae', default=DEFAULT_VAE,
-                        help="diffusers name (sd-vae-ft-ema / -ft-mse), a local save_pretrained dir, or 'none' (pixels)")
+                        help="diffusers name (sd-vae-ft-ema / -ft-mse), a save_pretrained dir, or 'none' (pixels)")
     parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='encoder precision')
     parser.add_argument('--batch', type=int, default=64, help='encoder batch per rank')
     parser.add_argument('--workers', type=int, default=8, help='image-decoding DataLoader workers per rank')

@@ -81,6 +81,13 @@ def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
     return torch.cat(outs, dim=1 if all_stages else 0)
 
 
+def pixels(ds, idx):
+    """Images idx of a pixel-space data set (cat.LatentDataset) as float [n, C, r, r] in [-1, 1], and their labels."""
+    ds.open()
+    idx = np.sort(np.asarray(idx))
+    C = ds.latents.shape[1] // 2
+    return torch.from_numpy(ds.latents[idx, :C].astype(np.float32)), torch.from_numpy(ds.labels[idx].copy())
+
 # ----------------------------------------------------------------------------------------------
 # Training-time evaluation (cat.py's --eval-every / --fid-every)
 # ----------------------------------------------------------------------------------------------
@@ -113,12 +120,13 @@ class Evaluation:
         n, res, nc = a.eval_n, info['res'], info['num_classes']
         if info['kind'] == 'toy':
             train = cat.make_toy(300 * 128, seed=a.seed + 1000, res=res)
-            val, reals = cat.make_toy(2000, seed=a.seed + 2000, res=res), cat.make_toy(2 * n, seed=a.seed + 777, res=res)[0]
+            val = cat.make_toy(2000, seed=a.seed + 2000, res=res)
+            reals = cat.make_toy(2 * n, seed=a.seed + 777, res=res)[0]
         else:                                # a seeded split of the data set: up to 2000 held out, 2n for the FD
             perm = torch.randperm(info['N'], generator=torch.Generator().manual_seed(a.seed + 777)).numpy()
             hold = min(2000, info['N'] // 10)
-            train, val = ds.pixels(perm[hold:hold + 300 * 128]), ds.pixels(perm[:hold])
-            reals = ds.pixels(perm[:2 * min(n, info['N'] // 2)])[0]
+            train, val = pixels(ds, perm[hold:hold + 300 * 128]), pixels(ds, perm[:hold])
+            reals = pixels(ds, perm[:2 * min(n, info['N'] // 2)])[0]
         if os.path.exists(path):
             clf = fid.SmallClassifier(res, nc, info['channels'])
             clf.load_state_dict(torch.load(path, map_location='cpu'))
@@ -257,7 +265,8 @@ def curves(runs, path):
         raise SystemExit("error: --curves draws with matplotlib, which is not installed: pip install matplotlib (the "
                          "numbers themselves are in each run's metrics.jsonl).")
     panels = [('delta', cat.K, 'distance to the final stage $\\delta_k$'), ('R', cat.K - 1, 'rewrite $R_k$'),
-              ('A', cat.K - 1, 'rewrite alignment $A_k$'), ('delta_h', cat.K, '$\\delta^h_k$ on raw $h_k$ (not in the paper)')]
+              ('A', cat.K - 1, 'rewrite alignment $A_k$'),
+              ('delta_h', cat.K, '$\\delta^h_k$ on raw $h_k$ (not in the paper)')]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for run, style in zip(runs, ['-', '--', ':', '-.']):
         run_dir, _, label = run.partition('=')
@@ -299,7 +308,7 @@ def gp_check(ckpt, n=64, seed=0, draws=8, out=print):
     with torch.no_grad():
         fake = torch.cat(G(torch.randn(n, G.z_dim, generator=g, device=device), c))
     if a.aug:
-        x, fake = cat.augment(x, cat.draw_aug(n, G.res, g, device)), cat.augment(fake, cat.draw_aug(n, G.res, g, device))
+        x, fake = (cat.augment(t, cat.draw_aug(n, G.res, g, device)) for t in (x, fake))
     params = [p for name, p in D.named_parameters() if not name.startswith('proj.')]
     D.requires_grad_(True)
     flat = lambda loss: torch.cat([t.flatten() for t in torch.autograd.grad(loss, params, allow_unused=True,
@@ -320,7 +329,8 @@ def gp_check(ckpt, n=64, seed=0, draws=8, out=print):
         f"{draws} perturbations, {'augmented' if a.aug else 'no augmentation'}")
     for name, r in res.items():
         out(f"  {name}: exact {r['exact']:.4g} | bf16 path: {r['bf16']['ratio']:.3g} x exact, gradient cosine "
-            f"{r['bf16']['cos']:.3f} | fp32 path: {r['fp32']['ratio']:.3g} x exact, gradient cosine {r['fp32']['cos']:.3f}")
+            f"{r['bf16']['cos']:.3f} | fp32 path: {r['fp32']['ratio']:.3g} x exact, gradient cosine "
+            f"{r['fp32']['cos']:.3f}")
     return res
 
 # ----------------------------------------------------------------------------------------------
@@ -369,7 +379,7 @@ def get_args(argv=None):
                    help='number of samples (0: no .npz, research views only); --num is an alias (not under torchrun)')
     p.add_argument('--batch', type=int, default=256, help='samples per forward pass, per process')
     p.add_argument('--psi', type=float, default=1.0, help='truncation, StyleGAN convention: 1 none, 0 w_avg[c]')
-    p.add_argument('--seed', type=int, default=0, help='sample i draws z (and a random class) from seed * 1_000_003 + i')
+    p.add_argument('--seed', type=int, default=0, help='sample i draws z (and its class) from seed * 1_000_003 + i')
     cls = p.add_mutually_exclusive_group()
     cls.add_argument('--classes', type=lambda s: [int(c) for c in s.split(',')],
                      help='comma-separated class ids; sample i gets the (i %% len)-th (default: random per sample)')

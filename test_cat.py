@@ -12,6 +12,7 @@ from PIL import Image
 
 import cat
 import fid
+import prepare_latents
 import sample
 from cat import make_toy
 
@@ -35,7 +36,9 @@ def rand_scales(B=3, C=3, res=16, seed=0):
     return [torch.randn(B, C, res >> (cat.K - k), res >> (cat.K - k), generator=g) for k in range(cat.K + 1)]
 
 
-# ---------------------------------------------------------------- Table 6 / Table 2: params and GFLOPs
+# ----------------------------------------------------------------------------------------------
+# Table 6 / Table 2: params and GFLOPs
+# ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('model,g_params,g_gflops', [('B', 133e6, None), ('M', 261e6, 46.0), ('H', 960e6, 167.0)])
 def test_summary_matches_table6(model, g_params, g_gflops):
@@ -55,7 +58,9 @@ def test_summary_cli_runs_in_seconds():
     assert 'G params: 959.4M' in out.stdout and 'G GFLOPs: 166.' in out.stdout
 
 
-# ---------------------------------------------------------------- scale-wise discriminator
+# ----------------------------------------------------------------------------------------------
+# Scale-wise discriminator
+# ----------------------------------------------------------------------------------------------
 
 def test_d_k_depends_only_on_x_k():
     D = tiny_D()
@@ -97,7 +102,9 @@ def test_d_token_layout_latent():
     assert d.shape == (2, 4) and tok.shape == (2, 257, 32) and D.proj(tok).shape == (2, 257, 8)
 
 
-# ---------------------------------------------------------------- generator
+# ----------------------------------------------------------------------------------------------
+# Generator
+# ----------------------------------------------------------------------------------------------
 
 def test_generator_outputs_and_accumulation():
     G = tiny_G()
@@ -193,7 +200,9 @@ def test_d_class_projection_by_hand():
     assert torch.allclose(d3[[0, 2]], d[[0, 2]]) and (d3[1] - d[1]).abs().min() > 1e-4
 
 
-# ---------------------------------------------------------------- objectives against hand computation
+# ----------------------------------------------------------------------------------------------
+# Objectives against hand computation
+# ----------------------------------------------------------------------------------------------
 
 def test_rpgan_losses_by_hand():
     dr, df = torch.tensor([[1.0, 2.0], [0.0, -1.0]]), torch.tensor([[0.5, 3.0], [1.0, -1.0]])
@@ -239,8 +248,8 @@ def test_approx_r1_matches_exact_r1_fp32():
     with torch.no_grad():
         xf = [x.detach().float() for x in xs]
         d0 = D(xf, c)
-        approx = np.mean([cat.approx_gp(d0, D([x + 0.01 * torch.randn(x.shape, generator=g) for x in xf], c), 0.01).item()
-                          for _ in range(64)])
+        perturbed = lambda: D([x + 0.01 * torch.randn(x.shape, generator=g) for x in xf], c)
+        approx = np.mean([cat.approx_gp(d0, perturbed(), 0.01).item() for _ in range(64)])
     assert abs(approx / exact - 1) < 0.25, (approx, exact)
 
 
@@ -270,7 +279,8 @@ def test_fp32_penalty_estimates_exact_r1_of_a_trained_d(tmp_path):
     """The trained regime: after a few dozen penalized D steps (bf16 autocast, gamma 1, fp32 penalty path), the fp32
     approximated R1/R2 stays an estimate of the exact penalty (within 50 %) and its parameter gradient points the same
     way (cosine > 0.8); --gp-check measures both paths."""
-    run = run_cat(TINY + ['--steps', '40', '--precision', 'bf16', '--gp-precision', 'fp32', '--out', str(tmp_path / 'r')])
+    run = run_cat(TINY + ['--steps', '40', '--precision', 'bf16', '--gp-precision', 'fp32',
+                          '--out', str(tmp_path / 'r')])
     res = sample.gp_check(os.path.join(run, 'latest.pt'), n=32, draws=32)
     for name in ('R1', 'R2'):
         assert 0.5 < res[name]['fp32']['ratio'] < 1.5 and res[name]['fp32']['cos'] > 0.8, res
@@ -283,7 +293,9 @@ def test_repa_loss_by_hand():
     assert math.isclose(cat.repa_loss(t, cls, patch).item(), 0 + (0 + 2) / 2, rel_tol=1e-6)
 
 
-# ---------------------------------------------------------------- augmentation and resizing
+# ----------------------------------------------------------------------------------------------
+# Augmentation and resizing
+# ----------------------------------------------------------------------------------------------
 
 def test_r_k_is_area_downsampling():
     h = torch.arange(16.0).view(1, 1, 4, 4).repeat(1, 1, 8, 8)          # 32 x 32
@@ -295,7 +307,8 @@ def test_r_k_is_area_downsampling():
 def _aug(n, **fixed):
     """Parameters for n samples with nothing happening, then the given ones."""
     a = dict(color=torch.zeros(n, dtype=torch.bool), bright=torch.zeros(n), sat=torch.ones(n), contrast=torch.ones(n),
-             shift=torch.zeros(n, 2, dtype=torch.long), cut=torch.full((n, 2), -100), flip=torch.zeros(n, dtype=torch.bool))
+             shift=torch.zeros(n, 2, dtype=torch.long), cut=torch.full((n, 2), -100),
+             flip=torch.zeros(n, dtype=torch.bool))
     return {**a, **fixed}
 
 
@@ -353,7 +366,9 @@ def test_augmented_asymmetric_image_does_not_leak_its_mirror_image():
     assert 0.1 < kept < 0.3, kept
 
 
-# ---------------------------------------------------------------- cross-scale metrics (Eq. 1)
+# ----------------------------------------------------------------------------------------------
+# Cross-scale metrics (Eq. 1)
+# ----------------------------------------------------------------------------------------------
 
 def test_cross_scale_metrics_identical_and_known():
     h = torch.randn(2, 3, 16, 16)
@@ -376,7 +391,9 @@ def test_cross_scale_metrics_identical_and_known():
     assert m['delta'][0] < 1e-6 and abs(m['delta_h'][0] - 1) < 1e-6     # ... which Eq. 1's delta cannot see
 
 
-# ---------------------------------------------------------------- training loop
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
 
 TINY = ['--data', 'toy', '--model', 'T', '--toy-n', '400', '--batch-size', '8', '--precision', 'fp32',
         '--eval-every', '0', '--log-every', '1', '--ckpt-every', '2', '--latest-every', '1', '--workers', '0']
@@ -427,7 +444,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
     script = tmp_path / 'ddp.py'
     script.write_text(f"import sys, os, torch; sys.path.insert(0, {HERE!r}); import cat\n"
                       f"r = cat.train(cat.get_args(sys.argv[1:]))\n"
-                      f"torch.save(r['G'].state_dict(), os.path.join(r['run_dir'], 'G-rank' + os.environ['RANK'] + '.pt'))\n")
+                      f"torch.save(r['G'].state_dict(),\n"
+                      f"           os.path.join(r['run_dir'], 'G-rank' + os.environ['RANK'] + '.pt'))\n")
     env = dict(os.environ, OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533', str(script),
            *TINY, '--steps', '2', '--out', str(tmp_path / 'ddp')]
@@ -439,7 +457,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
     cd, c1 = load(tmp_path / 'ddp'), load(one)
     # Adam with beta1 = 0 moves each weight by about lr * sign(grad) on its first steps, so a gradient within
     # round-off of 0 (the two runs reduce in different orders) may flip. D's head bias is such a weight: it cancels in
-    # d(real) - d(fake) (same class), so its gradient is pure round-off. Allow a few such elements, each < 2.5 lr / step.
+    # d(real) - d(fake) (same class), so its gradient is pure round-off. Allow a few such elements, each
+    # < 2.5 lr / step.
     lr = cat.get_args(TINY).lr
     for part in ('G', 'D'):
         diff = torch.cat([(cd[part][k] - c1[part][k]).abs().flatten() for k in c1[part]])
@@ -456,7 +475,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
 
 
-# ---------------------------------------------------------------- reliability: preemption, guard, bad input, retention
+# ----------------------------------------------------------------------------------------------
+# Reliability: preemption, guard, bad input, retention
+# ----------------------------------------------------------------------------------------------
 
 def make_latent_dir(path, n=16, num_classes=4, images=False, meta_edits=None, n_lat=None, res=32):
     """A dataset directory in prepare_latents.py's format (format_version 1), random content."""
@@ -488,7 +509,7 @@ LATENT = ['--model', 'T', '--batch-size', '8', '--precision', 'fp32', '--eval-ev
 
 def test_latent_dataset_training_step(tmp_path):
     data = make_latent_dir(tmp_path / 'data')
-    ds = cat.LatentDataset(str(data), cat.check_data_dir(str(data)), images=False)
+    ds = cat.LatentDataset(str(data), prepare_latents.check_data_dir(str(data)), images=False)
     m, c, img = ds[3]
     assert m.shape == (8, 32, 32) and m.dtype == torch.float16 and c == 3 and img.numel() == 0
     x = cat.posterior_sample(m[None], torch.ones(1, 4, 32, 32), 0.18215)
@@ -524,7 +545,8 @@ def test_bad_dataset_is_one_clear_line(tmp_path, problem, msg):
 
 
 def test_bad_cli_values(tmp_path):
-    out = subprocess.run([sys.executable, 'cat.py', '--model', 'XL', '--summary'], cwd=HERE, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, 'cat.py', '--model', 'XL', '--summary'], cwd=HERE, capture_output=True,
+                         text=True)
     assert out.returncode != 0 and 'unknown --model XL' in out.stderr
     with pytest.raises(SystemExit, match='must split evenly'):
         run_cat(TINY + ['--steps', '1', '--micro-batch', '3', '--out', str(tmp_path / 'r')])
@@ -552,7 +574,8 @@ def test_missing_weights_are_one_clear_line(tmp_path, monkeypatch):
     assert cat.load_vae(str(tmp_path / 'no-such-vae'), required=False) is None
     data = make_latent_dir(tmp_path / 'data', images=True)
     with pytest.raises(SystemExit, match='cannot load DINOv2'):       # REPA requested, no DINOv2 weights offline
-        cat.train(cat.get_args(LATENT[:-1] + ['1.0', '--data', str(data), '--steps', '1', '--out', str(tmp_path / 'r')]))
+        cat.train(cat.get_args(LATENT[:-1] + ['1.0', '--data', str(data), '--steps', '1',
+                                              '--out', str(tmp_path / 'r')]))
 
 
 def test_nonfinite_guard_keeps_last_checkpoint(tmp_path):
@@ -567,7 +590,8 @@ def test_retention_and_damaged_latest_fallback(tmp_path):
     run = run_cat(TINY + ['--steps', '8', '--ckpt-every', '1', '--keep', '2', '--milestone-every', '4',
                           '--out', str(tmp_path / 'r')])
     names = sorted(os.listdir(run))
-    assert [n for n in names if n.startswith('ckpt-')] == ['ckpt-0000004.pt', 'ckpt-0000006.pt', 'ckpt-0000007.pt', 'ckpt-0000008.pt']  # 4, 8: milestones
+    kept = ['ckpt-0000004.pt', 'ckpt-0000006.pt', 'ckpt-0000007.pt', 'ckpt-0000008.pt']     # 4, 8: milestones
+    assert [n for n in names if n.startswith('ckpt-')] == kept
     latest = os.path.join(run, 'latest.pt')
     data = open(latest, 'rb').read()[:500]
     os.remove(latest)                                                   # latest.pt is a hard link to ckpt-0000008.pt
@@ -598,7 +622,9 @@ def test_sigterm_then_resume_equals_straight_run(tmp_path):
         assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
 
 
-# ================================================================ toy set and toy evaluator
+# ----------------------------------------------------------------------------------------------
+# The toy set and the data set classifier
+# ----------------------------------------------------------------------------------------------
 
 def test_toy_make_deterministic_balanced():
     for res in (16, 32):
@@ -636,7 +662,9 @@ def test_data_classifier_and_metrics():
     assert m['class_acc'] == 1 and m['class_acc_flip'] == 0 and abs(m['fd']) < 1e-2
 
 
-# ================================================================ fid.py
+# ----------------------------------------------------------------------------------------------
+# fid.py
+# ----------------------------------------------------------------------------------------------
 
 FID_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fid.py')
 
@@ -815,7 +843,9 @@ def test_fid_cli_refuses_overwrite_and_missing_detector(tmp_path, monkeypatch):
     assert not (tmp_path / '.cache').exists()                       # no download was attempted
 
 
-# ================================================================ prepare_latents.py
+# ----------------------------------------------------------------------------------------------
+# prepare_latents.py
+# ----------------------------------------------------------------------------------------------
 
 SCRIPT = os.path.join(HERE, 'prepare_latents.py')
 CLASSES = ['n01_cat', 'n02_empty', 'n03_dog', 'n04_owl']  # the empty folder sits in the middle on purpose
@@ -993,7 +1023,9 @@ def test_prepare_refusals(tree, base, tmp_path):
     assert json.loads((out2 / 'meta.json').read_text())['images'] is False and not (out2 / 'images.bin').exists()
 
 
-# ================================================================ sample.py
+# ----------------------------------------------------------------------------------------------
+# sample.py
+# ----------------------------------------------------------------------------------------------
 
 
 
@@ -1187,7 +1219,7 @@ def test_bad_pixel_meta_exits_with_one_line(tmp_path):
 def test_prepare_then_train(base, tmp_path):
     """cat.py trains on what prepare_latents.py wrote (with REPA's images read from images.bin)."""
     out, _ = base
-    ds = cat.LatentDataset(str(out), cat.check_data_dir(str(out)), images=True)
+    ds = cat.LatentDataset(str(out), prepare_latents.check_data_dir(str(out)), images=True)
     m, c, img = ds[0]
     assert m.shape == (8, 32, 32) and img.shape == (3, 256, 256) and img.dtype == torch.uint8
     r = cat.train(cat.get_args(LATENT + ['--data', str(out), '--steps', '1', '--out', str(tmp_path / 'r')]))
@@ -1207,7 +1239,9 @@ def test_training_logs_fid_with_stand_in_detector(tmp_path):
     assert len(fids) == 1 and math.isfinite(fids[0]) and fids[0] > 0
 
 
-# ---------------------------------------------------------------- fast paths equal the reference paths
+# ----------------------------------------------------------------------------------------------
+# Fast paths equal the reference paths
+# ----------------------------------------------------------------------------------------------
 
 def test_grad_ckpt_gives_the_same_gradients():
     G, D = tiny_G(), tiny_D()
@@ -1231,10 +1265,16 @@ def test_bf16_autocast_step_on_cpu(tmp_path):
         assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values())
 
 
-def test_bench_runs_on_cpu():
-    r = cat.bench(cat.get_args(['--model', 'T', '--bench', '--batch-size', '8', '--bench-steps', '2', '--bench-warmup', '1',
-                                '--lambda-repa', '0', '--precision', 'fp32']), out=lambda s: None)
+def test_bench_on_cpu_prints_every_iteration_with_cpu_defaults():
+    """A bare --bench without CUDA: fp32 and no DINOv2 (said in the first line), then a line per timed iteration."""
+    lines = []
+    r = cat.bench(cat.get_args(['--model', 'T', '--bench', '--batch-size', '8', '--bench-steps', '2',
+                                '--bench-warmup', '1']), out=lines.append)
     assert r['ms_per_it'] > 0 and r['tflops'] > 0 and r['mfu'] is None and r['batch_per_device'] == 8
+    if not torch.cuda.is_available():
+        assert 'fp32, REPA off' in lines[0] and 'no CUDA' in lines[0]
+    assert [l.split(':')[0].strip() for l in lines[1:4]] == ['iteration 1', 'iteration 2', 'iteration 3']
+    assert 'warm-up' in lines[1] and 'warm-up' not in lines[2] and 'ms/it (median of 2)' in lines[4]
 
 
 def test_compiled_blocks_match_eager():
@@ -1256,7 +1296,8 @@ def test_toy_run_with_evaluator(tmp_path):
     rows = [json.loads(l) for l in open(os.path.join(run, 'metrics.jsonl'))]
     ev = [r for r in rows if 'class_acc' in r][0]
     assert 0 <= ev['class_acc'] <= 1 and ev['fd'] > ev['fd_floor'] > 0 and all(f'delta_{k}' in ev for k in range(3))
-    assert os.path.exists(os.path.join(run, 'classifier.pt')) and os.path.exists(os.path.join(run, 'samples-0000002.png'))
+    assert os.path.exists(os.path.join(run, 'classifier.pt'))
+    assert os.path.exists(os.path.join(run, 'samples-0000002.png'))
 
 
 def test_sample_then_fid_on_toy_checkpoint(single, tmp_path):
@@ -1264,7 +1305,8 @@ def test_sample_then_fid_on_toy_checkpoint(single, tmp_path):
     det = _detector(tmp_path)
     x, _ = make_toy(64, seed=3)
     np.savez(tmp_path / 'ref.npz', arr_0=sample.to_uint8(x).numpy())
-    r = _run(tmp_path, str(single), '--ref', str(tmp_path / 'ref.npz'), '--detector', det, '--json', str(tmp_path / 'm.json'))
+    r = _run(tmp_path, str(single), '--ref', str(tmp_path / 'ref.npz'), '--detector', det,
+             '--json', str(tmp_path / 'm.json'))
     assert r.returncode == 0, r.stderr
     m = json.load(open(tmp_path / 'm.json'))
     assert m['num_samples'] == 10 and math.isfinite(m['fid']) and m['fid'] > 0

@@ -781,8 +781,7 @@ def step_noise(seed, step, n, G, device):
     exact resume and world-size invariance without saving RNG states."""
     g = torch.Generator(device).manual_seed(seed * 1_000_003 + step + 1)
     C, R = G.channels, G.res
-    nz = dict(z_d=torch.randn(n, G.z_dim, generator=g, device=device),
-              z_g=torch.randn(n, G.z_dim, generator=g, device=device),
+    nz = dict(z=torch.randn(n, G.z_dim, generator=g, device=device),        # both steps' z, as GAT's loop (see README)
               eps=torch.randn(n, C, R, R, generator=g, device=device))          # posterior sample of the real latent
     for name in ('aug_dr', 'aug_df', 'aug_gr', 'aug_gf'):
         nz[name] = draw_aug(n, R, g, device)
@@ -810,7 +809,7 @@ class DStep(nn.Module):
         a, D, B = self.a, self.D, x_real.shape[0]
         amp = autocast(a.precision, x_real.device)
         with torch.no_grad(), amp:
-            fake = torch.cat(self._G[0](nz['z_d'], c))                          # [h_0; ...; h_K], [(K+1)B, C, R, R]
+            fake = torch.cat(self._G[0](nz['z'], c))                            # [h_0; ...; h_K], [(K+1)B, C, R, R]
         xr, xf = x_real, fake
         if a.aug:
             xr, xf = augment(xr, nz['aug_dr']), augment(fake, nz['aug_df'])
@@ -850,7 +849,8 @@ class DStep(nn.Module):
 
 
 class GStep(nn.Module):
-    """L_G = L_adv + lambda_cons * L_cons (Eq. 3) on one (micro-)batch; D is frozen and held outside the tree."""
+    """L_G = L_adv + lambda_cons * L_cons (Eq. 3) on one (micro-)batch; D is frozen and held outside the tree. The
+    fakes come from the D step's z (GAT's training loop passes the same z to both steps), newly augmented."""
     def __init__(self, G, D, args):
         super().__init__()
         self.G, self._D, self.a = G, [D], args
@@ -858,7 +858,7 @@ class GStep(nn.Module):
     def forward(self, x_real, c, nz):
         a, G, D = self.a, self.G, self._D[0]
         with autocast(a.precision, x_real.device):
-            w = G.style(nz['z_g'], c)
+            w = G.style(nz['z'], c)
             hs = G.synthesis(w)
             xr, xf = x_real, torch.cat(hs)
             if a.aug:

@@ -419,6 +419,22 @@ def test_training_steps_change_weights_and_stay_finite(tmp_path):
     assert len(rows) == 3 and all(math.isfinite(v) for r in rows for v in r.values())
 
 
+def test_g_step_reuses_the_d_step_z():
+    """GAT's loop hands the D step's z to the G step (its step_gen finds z in the shared model_kwargs), so G is
+    updated on the very samples D has just been trained on; augmentation is drawn anew."""
+    args = cat.get_args(TINY + ['--steps', '1'])
+    m = cat.build(args, dict(depth=4, width=32, heads=2, channels=3, res=16, num_classes=10),
+                  dict(depth=2, width=32, heads=2, channels=3, res=16, num_classes=10, cmap_dim=64, repa_dim=0),
+                  torch.device('cpu'), 1)
+    ws = []
+    m.G.mapping.register_forward_hook(lambda mod, inp, out: ws.append(out.detach().clone()))
+    x, c = make_toy(8, seed=1)
+    nz = cat.step_noise(0, 0, 8, m.G, torch.device('cpu'))
+    cat.train_step(m, x, c, None, nz, args)
+    assert len(ws) == 2 and torch.equal(ws[0], ws[1])
+    assert not torch.equal(nz['aug_df']['shift'], nz['aug_gf']['shift'])
+
+
 def test_resume_is_exact(tmp_path):
     a = run_cat(TINY + ['--steps', '4', '--out', str(tmp_path / 'a')])
     b = run_cat(TINY + ['--steps', '2', '--out', str(tmp_path / 'b')])

@@ -231,14 +231,21 @@ def analyze(G, args, device):
     z, c = sample_inputs(range(n), args, G.z_dim, G.num_classes)
     with cat.autocast(args.precision, device):
         hs = generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)
-    m = {name: v + [sum(v) / len(v)] for name, v in cat.cross_scale_metrics(list(hs.float())).items()}
-    print(f'cross-scale metrics (Eq. 1) over {n} samples, psi {args.psi:g}:')
-    print(f"{'':8}" + ''.join(f'{col:>9}' for col in [f'k={k}' for k in range(cat.K)] + ['mean']))
-    for name, vals in m.items():
-        print(f'{name:8}' + ''.join(f'{v:9.4f}' for v in vals))
+    hs = list(hs.float())
+    with_mean = lambda ms: {name: v + [sum(v) / len(v)] for name, v in ms.items()}
+    m = with_mean(cat.cross_scale_metrics(hs))
+    # the floor: every stage replaced by the final output (a perfect hierarchy), so only r_k's pooling is left
+    floor = with_mean(cat.cross_scale_metrics([hs[-1]] * len(hs)))
+    print(f'cross-scale metrics (Eq. 1) over {n} samples, psi {args.psi:g}; floor: the same with h_k = h_K')
+    print(f"{'':14}" + ''.join(f'{col:>9}' for col in [f'k={k}' for k in range(cat.K)] + ['mean']))
+    for name in m:
+        for tag, ms in (('', m), (' floor', floor)):
+            if name != 'delta_h' or not tag:
+                print(f'{name + tag:14}' + ''.join(f'{v:9.4f}' for v in ms[name]))
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, psi=args.psi, n=n, **m), f, indent=1)
+            json.dump(dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, psi=args.psi, n=n, **m,
+                           **{f'{k}_floor': v for k, v in floor.items() if k != 'delta_h'}), f, indent=1)
         print(f'wrote {args.json}')
 
 
@@ -391,7 +398,8 @@ def get_args(argv=None):
     p.add_argument('--vae', help="VAE for latent checkpoints, hub name or local directory (default: the dataset's)")
     p.add_argument('--stages', action='store_true', help='PNG of h_0..h_K (columns) of the first 8 samples (rows)')
     p.add_argument('--analyze', action='store_true',
-                   help='print delta_k, R_k, A_k (Eq. 1) over the first min(--num-samples, 1000) samples (1000 if 0)')
+                   help='print delta_k, R_k, A_k (Eq. 1) over the first min(--num-samples, 1000) samples (1000 if 0) '
+                        'and their floor (every stage replaced by the final output)')
     p.add_argument('--json', help='with --analyze: also write the metrics to this JSON file')
     p.add_argument('--interp', action='store_true', help='PNG of 4 rows x 8 steps interpolating w (Fig. 10)')
     args = p.parse_args(argv)

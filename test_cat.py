@@ -389,6 +389,11 @@ def test_cross_scale_metrics_identical_and_known():
     hs[0][..., 1::2, :] = -1
     m = cat.cross_scale_metrics([hs[0] + 1, *hs[1:]])
     assert m['delta'][0] < 1e-6 and abs(m['delta_h'][0] - 1) < 1e-6     # ... which Eq. 1's delta cannot see
+    # the floor (sample.py --analyze): a perfect hierarchy h_k = h_K still has delta_k > 0 when h_K has detail finer
+    # than scale k; a 1-pixel checker pools to 0 at every coarser scale, so its floor is delta_k = 1 for all k < K
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 2.0 - 1
+    m = cat.cross_scale_metrics([checker.expand(1, 1, 16, 16)] * 4)
+    assert np.allclose(m['delta'], [1, 1, 1], atol=1e-6) and np.allclose(m['R'], [0, 0, 1], atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1156,6 +1161,9 @@ def test_sample_research_views(ckpt, single, tmp_path):
         assert name in r.stdout
     m = json.load(open(js))
     assert m['n'] == 1000 and all(len(m[k]) == 4 and np.isfinite(m[k]).all() for k in ('delta', 'R', 'A'))
+    assert 'delta floor' in r.stdout and 'delta_h floor' not in r.stdout
+    assert m['A_floor'][cat.K - 1] == 1 and m['R_floor'][cat.K - 1] == m['delta_floor'][cat.K - 1]
+    assert all(0 <= f for f in m['delta_floor'])
 
 
 def test_sample_latent_checkpoint_uses_vae(ckpt, tmp_path):

@@ -149,11 +149,13 @@ class Evaluation:
         c = (torch.arange(a.eval_n) % info['num_classes']).to(self.device)
         with cat.autocast(a.precision, self.device):
             hs = generate(ema, z, c, all_stages=True)
-        out = {f'{name}_{k}': v for name, vals in cat.cross_scale_metrics(list(hs.float())).items()
-               for k, v in enumerate(vals)}
+        hs = list(hs.float())
+        out = {f'{name}_{k}': v for name, vals in cat.cross_scale_metrics(hs).items() for k, v in enumerate(vals)}
+        floor = cat.cross_scale_metrics([hs[-1]] * len(hs))        # Eq. 1 of a perfect hierarchy: pooling alone
+        out.update({f'{name}_floor_{k}': v for name in ('delta', 'R', 'A') for k, v in enumerate(floor[name])})
         for name in ('delta', 'R', 'A', 'delta_h'):
             out[name] = sum(out[f'{name}_{k}'] for k in range(cat.K)) / cat.K
-        x = hs[-1].float()
+        x = hs[-1]
         if self.clf is not None:
             n = len(self.reals) // 2
             out.update(fid.classifier_metrics(self.clf, x[:n].cpu(), c[:n].cpu(), self.reals))
@@ -263,7 +265,9 @@ def interp(G, args, info, vae, device, path, steps=8):
 def curves(runs, path):
     """Fig. 4's layout from training logs: delta_k, R_k, A_k (and delta_h_k, not in the paper) of every evaluation in
     each run's metrics.jsonl against the iteration; one colour per stage k, one line style per run (solid, dashed,
-    ...). R_{K-1} = delta_{K-1} and A_{K-1} = 1 by definition and are left out. runs: 'RUN_DIR' or 'RUN_DIR=label'."""
+    ...). R_{K-1} = delta_{K-1} and A_{K-1} = 1 by definition and are left out. When the runs logged Eq. 1's floor
+    (every stage replaced by the final output), a second row shows how far above it (A: below) each stage is.
+    runs: 'RUN_DIR' or 'RUN_DIR=label'."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -274,23 +278,38 @@ def curves(runs, path):
     panels = [('delta', cat.K, 'distance to the final stage $\\delta_k$'), ('R', cat.K - 1, 'rewrite $R_k$'),
               ('A', cat.K - 1, 'rewrite alignment $A_k$'),
               ('delta_h', cat.K, '$\\delta^h_k$ on raw $h_k$ (not in the paper)')]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for run, style in zip(runs, ['-', '--', ':', '-.']):
+    data = []
+    for run in runs:
         run_dir, _, label = run.partition('=')
         metrics = os.path.join(run_dir, 'metrics.jsonl')
         if not os.path.exists(metrics):
             raise SystemExit(f"error: {metrics} not found: --curves takes run directories written by cat.py.")
-        rows = [r for r in map(json.loads, open(metrics)) if 'delta_0' in r]
-        for ax, (name, n, title) in zip(axes, panels):
+        data.append((label or os.path.basename(run_dir), [r for r in map(json.loads, open(metrics)) if 'delta_0' in r]))
+    # second row when every run logged Eq. 1's floor (h_k = h_K): how far each stage is above what pooling leaves
+    floors = all(rows and 'delta_floor_0' in rows[0] for _, rows in data)
+    fig, axes = plt.subplots(1 + floors, len(panels), figsize=(4.2 * len(panels), 3.4 * (1 + floors)), squeeze=False)
+    for (label, rows), style in zip(data, ['-', '--', ':', '-.']):
+        steps = [r['step'] for r in rows]
+        for ax, (name, n, title) in zip(axes[0], panels):
             for k in range(n):
-                ax.plot([r['step'] for r in rows], [r[f'{name}_{k}'] for r in rows], style, color=f'C{k}')
+                ax.plot(steps, [r[f'{name}_{k}'] for r in rows], style, color=f'C{k}')
             ax.set_title(title, fontsize=10)
-            ax.set_xlabel('iteration')
-        axes[-1].plot([], [], style, color='gray', label=label or os.path.basename(run_dir))
+        for ax, (name, n, _) in zip(axes[1] if floors else [], panels[:3]):
+            sign = -1 if name == 'A' else 1                     # A: how far below its floor
+            for k in range(n):
+                ax.plot(steps, [sign * (r[f'{name}_{k}'] - r[f'{name}_floor_{k}']) for r in rows], style, color=f'C{k}')
+            ax.axhline(0, color='gray', lw=0.5)
+            sym = {'delta': '$\\delta_k$', 'R': '$R_k$', 'A': '$A_k$'}[name]
+            ax.set_title(f"{sym} {'below' if sign < 0 else 'above'} its floor (all stages = $h_K$)", fontsize=10)
+        axes[0, -1].plot([], [], style, color='gray', label=label)
+    if floors:
+        axes[1, -1].axis('off')
+    for ax in axes.flat:
+        ax.set_xlabel('iteration')
     for k in range(cat.K):
-        axes[-1].plot([], [], color=f'C{k}', label=f'stage k = {k}')
-    fig.legend(*axes[-1].get_legend_handles_labels(), loc='lower center', ncol=8, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+        axes[0, -1].plot([], [], color=f'C{k}', label=f'stage k = {k}')
+    fig.legend(*axes[0, -1].get_legend_handles_labels(), loc='lower center', ncol=8, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 / (1 + floors), 1, 1))
     fig.savefig(path, dpi=110)
     print(f'wrote {path}')
 

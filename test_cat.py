@@ -1220,6 +1220,7 @@ def test_own_pixel_data_end_to_end(tmp_path):
     assert "REPA off: '" in log and 'fp32, device cpu, 0 data workers' in log and 'G-T/2 is sized' not in log
     ev = [json.loads(l) for l in open(run / 'metrics.jsonl') if 'class_acc' in l][-1]
     assert ev['step'] == 4 and 0 <= ev['class_acc'] <= 1 and math.isfinite(ev['fd'])
+    assert ev['R_floor_2'] == ev['delta_floor_2'] and abs(ev['A_floor_2'] - 1) < 1e-5    # Eq. 1's floor is logged
     assert Image.open(run / 'samples-0000004.png').size == (64 * 6, 64 * 3)      # 3 classes x 6 seeds, x4 enlarged
 
     run_sample('--ckpt', run / 'latest.pt', '--num-samples', 12, '--stages', '--out', tmp_path / 's.npz')
@@ -1229,6 +1230,35 @@ def test_own_pixel_data_end_to_end(tmp_path):
     r = _run(tmp_path, 's.npz', '--ref', str(data), '--detector', _detector(tmp_path), '--json', 'm.json')
     assert r.returncode == 0, r.stderr
     assert math.isfinite(json.loads((tmp_path / 'm.json').read_text())['fid'])
+
+
+def test_curves_draws_fig4_layout_or_says_matplotlib_is_missing(tmp_path):
+    """sample.py --curves over two runs' metrics.jsonl: one row of panels, a second row (distance above Eq. 1's
+    floor) when every run logged the floor; without matplotlib, one line naming the fix and nothing written."""
+    rng = np.random.default_rng(0)
+    for name, floors in (('a', True), ('b', True), ('c', False)):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / 'metrics.jsonl', 'w') as f:
+            for step in (250, 500, 750):
+                row = dict(step=step, **{f'{m}_{k}': float(rng.random()) for m in ('delta', 'R', 'A', 'delta_h')
+                                         for k in range(cat.K)})
+                if floors:
+                    row.update({f'{m}_floor_{k}': float(rng.random()) for m in ('delta', 'R', 'A')
+                                for k in range(cat.K)})
+                f.write(json.dumps(dict(step=step, loss_d=0.7)) + '\n' + json.dumps(row) + '\n')
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        r = run_sample('--curves', tmp_path / 'a', '--out', tmp_path / 'x.png', ok=False)
+        assert r.stderr.strip().count('\n') == 0 and 'pip install matplotlib' in r.stderr
+        assert not (tmp_path / 'x.png').exists()
+        return
+    run_sample('--curves', f"{tmp_path / 'a'}=CAT", f"{tmp_path / 'b'}=no L_cons", '--out', tmp_path / 'two.png')
+    run_sample('--curves', tmp_path / 'a', tmp_path / 'c', '--out', tmp_path / 'one.png')
+    (w2, h2), (w1, h1) = Image.open(tmp_path / 'two.png').size, Image.open(tmp_path / 'one.png').size
+    assert w1 == w2 and h2 == 2 * h1                          # a and c: c has no floor, so one row
+    r = run_sample('--curves', tmp_path / 'nope', '--out', tmp_path / 'y.png', ok=False)
+    assert 'not found' in r.stderr and not (tmp_path / 'y.png').exists()
 
 
 def test_bad_pixel_meta_exits_with_one_line(tmp_path):

@@ -115,14 +115,15 @@ class Evaluation:
 
     def data_classifier(self, ds, log):
         """fid.SmallClassifier on the training images (toy: fresh toy images, >= 98 % required on held-out ones),
-        cached in the run directory; and 2n held-out real images for the Frechet distance."""
+        cached in the run directory; and 2n real images for the Frechet distance (data sets: the first 2n of the same
+        seeded permutation, so on a set smaller than 2n + 2000 they overlap the classifier's training images)."""
         a, info, path = self.args, self.info, os.path.join(self.run_dir, 'classifier.pt')
         n, res, nc = a.eval_n, info['res'], info['num_classes']
         if info['kind'] == 'toy':
             train = cat.make_toy(300 * 128, seed=a.seed + 1000, res=res)
             val = cat.make_toy(2000, seed=a.seed + 2000, res=res)
             reals = cat.make_toy(2 * n, seed=a.seed + 777, res=res)[0]
-        else:                                # a seeded split of the data set: up to 2000 held out, 2n for the FD
+        else:                                # a seeded split of the data set: up to 2000 held out; 2n for the FD
             perm = torch.randperm(info['N'], generator=torch.Generator().manual_seed(a.seed + 777)).numpy()
             hold = min(2000, info['N'] // 10)
             train, val = pixels(ds, perm[hold:hold + 300 * 128]), pixels(ds, perm[:hold])

@@ -559,19 +559,23 @@ def dino_features(dino, img, aug=None, res=32):
 def cross_scale_metrics(hs):
     """delta_k, R_k, A_k of Eq. 1 from [h_0..h_K], per-sample values averaged over the batch.
     x_k = r_k(h_k); r_K = bilinear upsampling to full resolution. Returns dict of lists (k = 0..K-1).
-    Also delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw stage outputs (not in the paper): the quantity L_cons acts on,
-    including the detail that r_k pools away and Eq. 1 therefore cannot see."""
+    Not in the paper: delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw stage outputs, the quantity L_cons acts on,
+    including the detail that r_k pools away and Eq. 1 therefore cannot see; and Eq. 1's floor (delta_floor, R_floor,
+    A_floor), the same metrics for a perfect hierarchy (every h_k replaced by h_K): what r_k's pooling alone leaves."""
     full = hs[-1].shape[-1]
     up = lambda x: x if x.shape[-1] == full else F.interpolate(x, size=(full, full), mode='bilinear',
                                                                align_corners=False)
-    xs = [up(r_k(h.float(), k)).flatten(1) for k, h in enumerate(hs)]
-    xK, nK = xs[-1], xs[-1].norm(dim=1)
-    delta = [((xK - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)]
-    R = [((xs[k + 1] - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)]
-    A = [F.cosine_similarity(xs[k + 1] - xs[k], xK - xs[k], dim=1).mean().item() for k in range(K)]
+
+    def eq1(hs):
+        xs = [up(r_k(h.float(), k)).flatten(1) for k, h in enumerate(hs)]
+        xK, nK = xs[-1], xs[-1].norm(dim=1)
+        return ([((xK - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)],
+                [((xs[k + 1] - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)],
+                [F.cosine_similarity(xs[k + 1] - xs[k], xK - xs[k], dim=1).mean().item() for k in range(K)])
+    (delta, R, A), (delta_f, R_f, A_f) = eq1(hs), eq1([hs[-1]] * len(hs))
     hK = hs[-1].float().flatten(1)
     delta_h = [((hK - hs[k].float().flatten(1)).norm(dim=1) / hK.norm(dim=1)).mean().item() for k in range(K)]
-    return dict(delta=delta, R=R, A=A, delta_h=delta_h)
+    return dict(delta=delta, R=R, A=A, delta_h=delta_h, delta_floor=delta_f, R_floor=R_f, A_floor=A_f)
 
 # ----------------------------------------------------------------------------------------------
 # Data: a dataset directory written by prepare_latents.py (SD-VAE latents, or images in pixel space), and the

@@ -152,8 +152,6 @@ class Evaluation:
             hs = generate(ema, z, c, all_stages=True)
         hs = list(hs.float())
         out = {f'{name}_{k}': v for name, vals in cat.cross_scale_metrics(hs).items() for k, v in enumerate(vals)}
-        floor = cat.cross_scale_metrics([hs[-1]] * len(hs))        # Eq. 1 of a perfect hierarchy: pooling alone
-        out.update({f'{name}_floor_{k}': v for name in ('delta', 'R', 'A') for k, v in enumerate(floor[name])})
         for name in ('delta', 'R', 'A', 'delta_h'):
             out[name] = sum(out[f'{name}_{k}'] for k in range(cat.K)) / cat.K
         x = hs[-1]
@@ -234,21 +232,16 @@ def analyze(G, args, device):
     z, c = sample_inputs(range(n), args, G.z_dim, G.num_classes)
     with cat.autocast(args.precision, device):
         hs = generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)
-    hs = list(hs.float())
-    with_mean = lambda ms: {name: v + [sum(v) / len(v)] for name, v in ms.items()}
-    m = with_mean(cat.cross_scale_metrics(hs))
-    # the floor: every stage replaced by the final output (a perfect hierarchy), so only r_k's pooling is left
-    floor = with_mean(cat.cross_scale_metrics([hs[-1]] * len(hs)))
+    m = {name: v + [sum(v) / len(v)] for name, v in cat.cross_scale_metrics(list(hs.float())).items()}
     print(f'cross-scale metrics (Eq. 1) over {n} samples, psi {args.psi:g}; floor: the same with h_k = h_K')
     print(f"{'':14}" + ''.join(f'{col:>9}' for col in [f'k={k}' for k in range(cat.K)] + ['mean']))
-    for name in m:
-        for tag, ms in (('', m), (' floor', floor)):
-            if name != 'delta_h' or not tag:
-                print(f'{name + tag:14}' + ''.join(f'{v:9.4f}' for v in ms[name]))
+    for name in ('delta', 'R', 'A', 'delta_h'):
+        for key in (name, name + '_floor'):
+            if key in m:
+                print(f"{key.replace('_floor', ' floor'):14}" + ''.join(f'{v:9.4f}' for v in m[key]))
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, psi=args.psi, n=n, **m,
-                           **{f'{k}_floor': v for k, v in floor.items() if k != 'delta_h'}), f, indent=1)
+            json.dump(dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, psi=args.psi, n=n, **m), f, indent=1)
         print(f'wrote {args.json}')
 
 

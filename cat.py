@@ -22,13 +22,12 @@ Sections, top to bottom in the paper's order (each opens with a banner of that n
     Cross-scale metrics       Eq. 1: delta_k, R_k, A_k
     Data                      Sec. 4: prepared latents or pixels (prepare_latents.py), the built-in toy set
     One training iteration    App. A.2: a D step, then a G step
+    Evaluation                during training: EMA grids, Eq. 1, the data set's own judge, FID (fid.py, sample.py)
     Training loop             Table 6: AdamW, EMA, bf16, DDP, checkpoints, resume, preemption
     Cost                      Table 2, App. A.2: --summary, --bench
     Command line
-Evaluation plumbing lives in the companions: sample.py (grids, training-time evaluation, research views) and fid.py
-(FID, IS, precision/recall, the data set classifier).
 """
-import argparse, contextlib, copy, glob, io, json, math, os, re, sys, time
+import argparse, contextlib, copy, glob, io, json, math, os, re, signal, time, warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +46,8 @@ W_CONS = (1 / 3, 1 / 2, 1.0)            # w_k of Eq. 2 for k = 0, 1, 2 (weaker f
 DEFAULT_DATA = 'data/imagenet256'       # what prepare_latents.py writes by default
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'
 DINO_NAME = 'vit_base_patch14_dinov2.lvd142m'
+Z_DIM = 64                  # z ~ N(0, I) and the class embedding of G's mapping network (App. A.1)
 TOY_STEPS = 700             # the embedded default: about 8 minutes on 2 CPU cores
-
 
 @dataclass
 class NetConfig:
@@ -57,15 +56,9 @@ class NetConfig:
     heads: int
     cmap: int = 2048        # D only: dimension of the projection head / class embedding (GAT: 2048)
 
-
 # G: output layers are uniformly spaced, depth/4 * (1, 2, 3, 4) (Table 6: 3,6,9,12 / 6,12,18,24 / 8,16,24,32).
-G_CONFIGS = {
-    'T': NetConfig(4, 32, 2),       # tests only
-    'S': NetConfig(4, 64, 2),       # the toy run and CPU experiments
-    'B': NetConfig(12, 768, 12),
-    'M': NetConfig(24, 768, 12),
-    'H': NetConfig(32, 1280, 16),
-}
+G_CONFIGS = {'T': NetConfig(4, 32, 2), 'S': NetConfig(4, 64, 2),     # T: tests only; S: the toy run and CPU experiments
+             'B': NetConfig(12, 768, 12), 'M': NetConfig(24, 768, 12), 'H': NetConfig(32, 1280, 16)}
 D_CONFIGS = {'T': NetConfig(2, 32, 2, 64), 'S': NetConfig(4, 64, 2, 128),
              'B': NetConfig(12, 768, 12), 'M': NetConfig(24, 768, 12)}
 PAPER_STEPS = {'B': 50_000, 'M': 100_000, 'H': 150_000}      # 20 / 40 / 60 epochs at batch 512 (Sec. 4)
@@ -74,7 +67,6 @@ D_FOR_G = {'T': 'T', 'S': 'S', 'B': 'B', 'M': 'B', 'H': 'B'}   # the paper: one 
 # ----------------------------------------------------------------------------------------------
 # Shared building blocks (App. A.1), and the precision helpers of autocast and TF32
 # ----------------------------------------------------------------------------------------------
-
 
 def sincos_2d(dim, n):
     """Fixed 2D sin-cos embedding of an n x n grid, [n*n, dim]: the first half of the channels encodes the row, the
@@ -86,7 +78,6 @@ def sincos_2d(dim, n):
     ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing='ij')
     return torch.cat([one_d(dim // 2, ys), one_d(dim // 2, xs)], dim=1).float()
 
-
 def rope_2d(head_dim, n, n_cls=0, theta=10000.0):
     """Axial 2D RoPE tables (cos, sin) [n_cls + n*n, head_dim] for an n x n grid; [cls] tokens get angle 0.
     Dims (i, i + head_dim/2) form rotated pairs: the first quarter of pairs encodes the row, the second the column."""
@@ -96,24 +87,18 @@ def rope_2d(head_dim, n, n_cls=0, theta=10000.0):
     ang = torch.cat([torch.zeros(n_cls, head_dim // 2, dtype=ang.dtype), ang]).repeat(1, 2)
     return ang.cos().float(), ang.sin().float()
 
-
 def rms_norm(x, norm):
     """nn.RMSNorm with its weight in x's dtype, so that the fused kernel also runs on bf16 activations."""
     return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
-
 
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
-
 def autocast(precision, device):
-    """bf16 autocast, or ('fp32') autocast off, also inside an outer autocast region. The meta device of --summary
-    has no autocast: a no-op there."""
-    if device.type == 'meta':
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
-
+    """bf16 autocast or ('fp32') autocast off, also inside an outer autocast region; a no-op on meta (--summary)."""
+    return (contextlib.nullcontext() if device.type == 'meta' else
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16'))
 
 @contextlib.contextmanager
 def full_fp32(enabled=True):
@@ -128,21 +113,17 @@ def full_fp32(enabled=True):
         for f, o in zip(flags, old):
             f.allow_tf32 = o
 
-
 class EqualLinear(nn.Module):
-    """Linear layer with equalized learning rate in GAT's form: the stored weight is xavier-uniform x 1/lr_mul and is
-    multiplied by lr_mul in the forward pass, so the used weight starts as a plain xavier-uniform one and Adam moves it
-    by about lr * lr_mul per step whatever the fan-in. (StyleGAN2's form, randn / lr_mul with a runtime gain
-    lr_mul / sqrt(fan_in), moves it sqrt(fan_in) times less.)"""
+    """Equalized learning rate in GAT's form: stored xavier-uniform / lr_mul, used x lr_mul, so the used weight starts
+    plain xavier-uniform and Adam moves it by about lr * lr_mul per step whatever the fan-in (StyleGAN2's form, randn /
+    lr_mul with a runtime gain lr_mul / sqrt(fan_in), moves it sqrt(fan_in) times less)."""
     def __init__(self, n_in, n_out, lr_mul=0.01):
         super().__init__()
         self.weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_out, n_in), gain=1 / lr_mul))
-        self.bias = nn.Parameter(torch.zeros(n_out))
-        self.lr_mul = lr_mul
+        self.bias, self.lr_mul = nn.Parameter(torch.zeros(n_out)), lr_mul
 
     def forward(self, x):
         return F.linear(x, self.weight * self.lr_mul, self.bias * self.lr_mul)
-
 
 def init_linears(module):
     """Xavier-uniform weights and zero biases for every nn.Linear (as DiT / GAT)."""
@@ -151,22 +132,16 @@ def init_linears(module):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
 
-
 def normalize_2nd_moment(x, eps=1e-8):
     return x * (x.square().mean(dim=-1, keepdim=True) + eps).rsqrt()
 
-
 class Attention(nn.Module):
-    """Multi-head self-attention with qkv bias, per-head RMSNorm on q and k (qk-norm) and 2D RoPE.
-    `segments`: None = full attention; a list of (start, end) = block-diagonal attention computed as one fused
-    attention call per block (no mask is materialized); a bool tensor [L, L] = explicit mask (reference path)."""
+    """Multi-head self-attention with qkv bias, qk-norm (per-head RMSNorm) and 2D RoPE. segments: None = full; a list of
+    (start, end) = block-diagonal, one fused call per block (no mask built); bool [L, L] = explicit mask (reference)."""
     def __init__(self, dim, heads):
         super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
-        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6), nn.RMSNorm(dim // heads, eps=1e-6)
 
     def forward(self, x, rope, segments=None):
         B, L, C = x.shape
@@ -179,32 +154,25 @@ class Attention(nn.Module):
                            for s, e in segments], dim=2)
         return self.proj(o.transpose(1, 2).reshape(B, L, C))
 
-
 class SwiGLU(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
         x1, x2 = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(x1) * x2)
 
-
 def swiglu_hidden(width):
     return int(2 / 3 * 4 * width)       # MLP ratio 4 at SwiGLU's parameter parity
-
 
 def patchify(x, p):
     B, C, H, W = x.shape
     return x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
 
-
 def unpatchify(t, p, C):
-    B, T, _ = t.shape
-    n = int(math.isqrt(T))
+    B, n = t.shape[0], math.isqrt(t.shape[1])
     return t.reshape(B, n, n, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, n * p, n * p)
-
 
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
@@ -213,7 +181,6 @@ def modulate(x, shift, scale):
 # Generator (GAT's; Table 6, App. A.1): fixed sin-cos input tokens, style w from (z, c) through an
 # equalized-lr mapping network, AdaLN blocks, four output heads with output skip accumulation.
 # ----------------------------------------------------------------------------------------------
-
 
 class GBlock(nn.Module):
     def __init__(self, width, heads):
@@ -229,7 +196,6 @@ class GBlock(nn.Module):
         x = x + g1 * self.attn(modulate(self.norm1(x), s1, c1), rope)
         return x + g2 * self.mlp(modulate(self.norm2(x), s2, c2))
 
-
 class OutputHead(nn.Module):
     """o_k = unpatchify(Linear(modulate(RMSNorm(tokens), w)))."""
     def __init__(self, width, patch, channels):
@@ -243,9 +209,9 @@ class OutputHead(nn.Module):
         shift, scale = self.ada(F.silu(w)).unsqueeze(1).chunk(2, dim=-1)
         return unpatchify(self.linear(modulate(self.norm(x), shift, scale)), self.patch, self.channels)
 
-
 class Generator(nn.Module):
-    def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, z_dim=64, w_avg_beta=0.995):
+    def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, z_dim=Z_DIM,
+                 w_avg_beta=0.995):
         super().__init__()
         self.depth, self.width, self.channels, self.res, self.patch = depth, width, channels, res, patch
         self.num_classes, self.z_dim, self.w_avg_beta = num_classes, z_dim, w_avg_beta
@@ -280,16 +246,12 @@ class Generator(nn.Module):
     def synthesis(self, w):
         """Returns [h_0, ..., h_K]: accumulated outputs h_k = o_0 + ... + o_k, each [B, C, res, res]."""
         x = self.pos.expand(w.shape[0], -1, -1)        # fp32: the residual stream stays fp32 under autocast
-        rope, hs, h, k = (self.rope_cos, self.rope_sin), [], 0, 0
+        rope, hs = (self.rope_cos, self.rope_sin), []
         for i, block in enumerate(self.blocks):
-            if self.grad_ckpt and torch.is_grad_enabled():
-                x = checkpoint(block, x, w, rope, use_reentrant=False)
-            else:
-                x = block(x, w, rope)
-            if i + 1 == self.out_layers[k]:
-                h = h + self.heads[k](x, w)
-                hs.append(h)
-                k += 1
+            x = (checkpoint(block, x, w, rope, use_reentrant=False) if self.grad_ckpt and torch.is_grad_enabled()
+                 else block(x, w, rope))
+            if i + 1 == self.out_layers[len(hs)]:       # output skip accumulation: h_k = h_{k-1} + o_k
+                hs.append((hs[-1] if hs else 0) + self.heads[len(hs)](x, w))
         return hs
 
     def forward(self, z, c, psi=1.0):
@@ -313,7 +275,6 @@ class Generator(nn.Module):
 # shared transformer; a block-diagonal attention mask keeps d_k a function of x_k alone.
 # ----------------------------------------------------------------------------------------------
 
-
 def r_k(h, k, mode='area'):
     """Resize to scale k: res / 2^(K-k). Area (average-pool) downsampling by default."""
     f = 2 ** (K - k)
@@ -323,26 +284,20 @@ def r_k(h, k, mode='area'):
         return F.avg_pool2d(h, f)
     return F.interpolate(h, scale_factor=1 / f, mode=mode, antialias=True, align_corners=False)
 
-
 def multiscale(hs):
     """[h_0..h_K] -> [x_0..x_K]; a single tensor (a real image) is used for every scale."""
     return [r_k(hs if torch.is_tensor(hs) else hs[k], k) for k in range(K + 1)]
 
-
 class DBlock(nn.Module):
     def __init__(self, width, heads, layerscale=0.1):
         super().__init__()
-        self.norm1 = nn.RMSNorm(width, eps=1e-6)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.RMSNorm(width, eps=1e-6)
-        self.mlp = SwiGLU(width, swiglu_hidden(width))
-        self.ls1 = nn.Parameter(torch.full((width,), layerscale))
-        self.ls2 = nn.Parameter(torch.full((width,), layerscale))
+        self.norm1, self.attn = nn.RMSNorm(width, eps=1e-6), Attention(width, heads)
+        self.norm2, self.mlp = nn.RMSNorm(width, eps=1e-6), SwiGLU(width, swiglu_hidden(width))
+        self.ls1, self.ls2 = (nn.Parameter(torch.full((width,), layerscale)) for _ in range(2))
 
     def forward(self, x, rope, segments):
         x = x + self.ls1 * self.attn(self.norm1(x), rope, segments)
         return x + self.ls2 * self.mlp(self.norm2(x))
-
 
 class Discriminator(nn.Module):
     """Sequence: for k = 0..K a segment [cls_k, tokens of x_k]; 4 cls + 4 + 16 + 64 + 256 tokens at res 32.
@@ -352,8 +307,7 @@ class Discriminator(nn.Module):
                  repa_dim=768, mask=True, attn_impl='split'):
         super().__init__()
         self.width, self.channels, self.res, self.patch = width, channels, res, patch
-        self.mask, self.attn_impl = mask, attn_impl
-        self.grad_ckpt = False
+        self.mask, self.attn_impl, self.grad_ckpt = mask, attn_impl, False
         self.grids = [res // 2 ** (K - k) // patch for k in range(K + 1)]           # 2, 4, 8, 16 tokens per side
         bounds = np.cumsum([0] + [1 + n * n for n in self.grids]).tolist()
         self.segments = list(zip(bounds[:-1], bounds[1:]))
@@ -377,42 +331,31 @@ class Discriminator(nn.Module):
 
     def initialize_weights(self):
         init_linears(self)
-        nn.init.normal_(self.scale_embed, std=0.02)
-        nn.init.normal_(self.cls, std=0.02)
-        nn.init.normal_(self.class_embed.weight, std=0.02)
+        for p in (self.scale_embed, self.cls, self.class_embed.weight):
+            nn.init.normal_(p, std=0.02)
 
     def block_mask(self):
-        L = self.segments[-1][1]
-        m = torch.zeros(L, L, dtype=torch.bool, device=self.cls.device)
-        for s, e in self.segments:
-            m[s:e, s:e] = True
-        return m
+        dev = self.cls.device
+        return torch.block_diag(*[torch.ones(e - s, e - s, dtype=torch.bool, device=dev) for s, e in self.segments])
 
     def forward(self, xs, c, return_tokens=False):
         """xs = [x_0..x_K] -> d [B, K+1] (one logit per scale); with return_tokens also the finest scale's final
         tokens [B, 1 + n^2, width] (cls_K first) for the REPA projector."""
         B = xs[0].shape[0]
         t = self.patch_embed(torch.cat([patchify(x, self.patch) for x in xs], dim=1)) + self.pos.to(xs[0].dtype)
-        parts, o = [], 0
-        for k, n in enumerate(self.grids):
-            parts += [self.cls[k].expand(B, 1, -1), t[:, o:o + n * n]]
-            o += n * n
-        x = torch.cat(parts, dim=1)
+        x = torch.cat([u for k, tk in enumerate(t.split([n * n for n in self.grids], dim=1))
+                       for u in (self.cls[k].expand(B, 1, -1), tk)], dim=1)        # segments [cls_k, tokens of x_k]
         x = x + torch.cat([self.scale_embed[k].expand(1 + n * n, -1) for k, n in enumerate(self.grids)])
         segments = (self.segments if self.attn_impl == 'split' else self.block_mask()) if self.mask else None
         rope = (self.rope_cos, self.rope_sin)
         for block in self.blocks:
-            if self.grad_ckpt and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, segments, use_reentrant=False)
-            else:
-                x = block(x, rope, segments)
+            x = (checkpoint(block, x, rope, segments, use_reentrant=False) if self.grad_ckpt and torch.is_grad_enabled()
+                 else block(x, rope, segments))
         with autocast('fp32', x.device):        # the logit in fp32: R1/R2 take differences of it at sigma = 0.01
             cls = self.norm(x[:, [s for s, _ in self.segments]].to(self.head.weight.dtype))     # [B, K+1, width]
             e = self.class_map(self.class_embed(c))               # [B, cmap_dim]; raw embedding, as GAT
             d = (self.head(cls) * e[:, None]).sum(-1)
-        if return_tokens:
-            return d, x[:, self.segments[-1][0]:]
-        return d
+        return (d, x[:, self.segments[-1][0]:]) if return_tokens else d
 
 # ----------------------------------------------------------------------------------------------
 # Augmentation: GAT's DiffAugment policy 'color,translation,cutout,flip', applied with probability 1 to every D
@@ -420,20 +363,16 @@ class Discriminator(nn.Module):
 # sample (augment at full resolution, then r_k).
 # ----------------------------------------------------------------------------------------------
 
-
 def draw_aug(n, res, g, device):
     """Per-sample augmentation parameters from generator g, with GAT's probabilities and sizes: colour on a random half
-    of the samples; translation by up to 1/8 of the side; a cutout square of half the side whose centre may sit
-    anywhere on the image (even on its border); a horizontal flip with probability 0.4. The flip must not be 0.5: at
-    0.5 D sees an image and its mirror image equally often, cannot tell them apart, and G may generate mirrored
-    content."""
+    of the samples; translation by up to 1/8 of the side; a half-side cutout square centred anywhere on the image (even
+    on its border); a horizontal flip with probability 0.4, not 0.5: at 0.5 D cannot tell an image from its mirror
+    image, and G may generate mirrored content."""
     u = torch.rand(n, 5, generator=g, device=device)
     t, s = int(res * 0.125 + 0.5), int(res * 0.5 + 0.5)
     return dict(color=u[:, 0] < 0.5, bright=u[:, 1] - 0.5, sat=u[:, 2] * 2, contrast=u[:, 3] + 0.5,
-                shift=torch.randint(-t, t + 1, (n, 2), generator=g, device=device),
-                cut=torch.randint(0, res + 1 - s % 2, (n, 2), generator=g, device=device) - s // 2,   # top-left corner
-                flip=u[:, 4] < 0.4)
-
+                flip=u[:, 4] < 0.4, shift=torch.randint(-t, t + 1, (n, 2), generator=g, device=device),
+                cut=torch.randint(0, res + 1 - s % 2, (n, 2), generator=g, device=device) - s // 2)   # top-left corner
 
 def _translate(x, shift):
     """Per-sample integer translation with zero fill."""
@@ -444,7 +383,6 @@ def _translate(x, shift):
     x = x.gather(2, iy.clamp(0, H - 1)[:, None, :, None].expand(B, C, H, W))
     x = x.gather(3, ix.clamp(0, W - 1)[:, None, None, :].expand(B, C, H, W))
     return x * (vy[:, None, :, None] & vx[:, None, None, :]).to(x.dtype)
-
 
 def augment(x, a, color=True, cutout=True, scale=1):
     """x [B, C, H, W] (or [n*B, ...] for n stacked stages, parameters repeated) -> augmented x. Colour as GAT's
@@ -474,22 +412,18 @@ def augment(x, a, color=True, cutout=True, scale=1):
 # Objectives (Sec. 3.2, Table 6): RpGAN, approximated R1/R2, consistency L_cons (Eq. 2), D-side REPA.
 # ----------------------------------------------------------------------------------------------
 
-
 def rpgan_d_loss(d_real, d_fake):
     """L_D = mean_k softplus(-(d_k(real) - d_k(fake))), pairs (real i, fake i)."""
     return F.softplus(d_fake - d_real).mean()
-
 
 def rpgan_g_loss(d_fake, d_real):
     """L_adv(G) = mean_k softplus(-(d_k(fake) - d_k(real))); d_real carries no gradient."""
     return F.softplus(d_real.detach() - d_fake).mean()
 
-
 def approx_gp(d, d_perturbed, sigma):
     """Approximated R1/R2 (Seaweed-APT): mean over samples and scales of ((d(x) - d(x + sigma*eps)) / sigma)^2,
     whose expectation over eps is ||grad_x d||^2 for small sigma."""
     return ((d - d_perturbed) / sigma).square().mean()
-
 
 def approx_gp_pass(D, xs, eps, c, sigma, precision):
     """Per-sample ((d(x) - d(x + sigma eps)) / sigma)^2, averaged over scales, from one D pass over [x; x + sigma eps]
@@ -500,32 +434,16 @@ def approx_gp_pass(D, xs, eps, c, sigma, precision):
         d = D([torch.cat([x, x + sigma * e]).float() for x, e in zip(xs, eps)], torch.cat([c, c]))
     return ((d[:n] - d[n:]) / sigma).square().mean(1)
 
-
-def exact_gp(D, xs, c):
-    """What the approximated R1/R2 estimates: per sample, the mean over scales k of ||grad_x d_k||^2 (x = all scales;
-    with the block-diagonal mask only x_k counts), by double backprop in full fp32 with the math attention kernel."""
-    from torch.nn.attention import sdpa_kernel, SDPBackend
-    xs = [x.detach().float().requires_grad_(True) for x in xs]
-    with autocast('fp32', xs[0].device), full_fp32(), sdpa_kernel(SDPBackend.MATH):
-        d = D(xs, c)
-        sq = [g.flatten(1).square().sum(1) for k in range(d.shape[1])
-              for g in torch.autograd.grad(d[:, k].sum(), xs, create_graph=True)]
-    return sum(sq) / d.shape[1]
-
-
 def consistency_loss(hs, w=W_CONS, detach_anchor=False):
     """Eq. 2: L_cons = 1/K sum_{k<K} w_k * mean((h_k - h_K)^2). No stop-gradient on h_K by default (as Eq. 2)."""
     anchor = hs[-1].detach() if detach_anchor else hs[-1]
     return sum(wk * (h - anchor).float().square().mean() for wk, h in zip(w, hs[:-1])) / K
-
 
 def repa_loss(pred_tokens, dino_cls, dino_patch):
     """(1 - cos) between projected D tokens and frozen DINOv2 features: the cls term plus the mean patch term."""
     cls = 1 - F.cosine_similarity(pred_tokens[:, 0].float(), dino_cls.float(), dim=-1)
     patch = 1 - F.cosine_similarity(pred_tokens[:, 1:].float(), dino_patch.float(), dim=-1).mean(1)
     return (cls + patch).mean()
-
-
 
 def load_dino(device, pretrained=True):
     """Frozen DINOv2-ViT-B/14 at 224 px (16 x 16 patches) for REPA."""
@@ -539,7 +457,6 @@ def load_dino(device, pretrained=True):
     m.register_buffer('pixel_mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))     # ImageNet normalization
     m.register_buffer('pixel_std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     return m.to(device).eval().requires_grad_(False)
-
 
 def dino_features(dino, img, aug=None, res=32):
     """DINOv2 tokens [B, 1 + 256, 768] of uint8 crops: 256 -> 224 bicubic, ImageNet normalization, and the real
@@ -555,16 +472,14 @@ def dino_features(dino, img, aug=None, res=32):
 # Cross-scale metrics (Eq. 1): how coherently the stages accumulate toward the final output.
 # ----------------------------------------------------------------------------------------------
 
-
 def cross_scale_metrics(hs):
-    """delta_k, R_k, A_k of Eq. 1 from [h_0..h_K], per-sample values averaged over the batch.
-    x_k = r_k(h_k); r_K = bilinear upsampling to full resolution. Returns dict of lists (k = 0..K-1).
-    Not in the paper: delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw stage outputs, the quantity L_cons acts on,
-    including the detail that r_k pools away and Eq. 1 therefore cannot see; and Eq. 1's floor (delta_floor, R_floor,
-    A_floor), the same metrics for a perfect hierarchy (every h_k replaced by h_K): what r_k's pooling alone leaves."""
+    """delta_k, R_k, A_k of Eq. 1 (lists over k < K) from [h_0..h_K], per-sample values averaged over the batch; x_k =
+    r_k(h_k), r_K = bilinear upsampling. Not in the paper: delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw outputs (what
+    L_cons acts on, including the detail r_k pools away, invisible to Eq. 1), and Eq. 1's floor (delta_floor, R_floor,
+    A_floor): the metrics of a perfect hierarchy (every h_k = h_K), what r_k's pooling alone leaves."""
     full = hs[-1].shape[-1]
-    up = lambda x: x if x.shape[-1] == full else F.interpolate(x, size=(full, full), mode='bilinear',
-                                                               align_corners=False)
+    up = lambda x: (F.interpolate(x, size=(full, full), mode='bilinear', align_corners=False)
+                    if x.shape[-1] != full else x)
 
     def eq1(hs):
         xs = [up(r_k(h.float(), k)).flatten(1) for k, h in enumerate(hs)]
@@ -582,11 +497,8 @@ def cross_scale_metrics(hs):
 # built-in toy set. Real latents are drawn from the stored VAE posterior at each use.
 # ----------------------------------------------------------------------------------------------
 
-
-
 def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
-    """SD-VAE (diffusers AutoencoderKL) from a hub name or a local save_pretrained directory, frozen.
-    Unavailable (offline, not cached): a one-line SystemExit, or None when not required."""
+    """Frozen SD-VAE from a hub name or save_pretrained directory; unavailable: SystemExit, or None if not required."""
     from diffusers.models import AutoencoderKL
     try:
         vae = AutoencoderKL.from_pretrained(name_or_path)
@@ -598,6 +510,58 @@ def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
                          f"with --vae.")
     return vae.to(device).eval().requires_grad_(False)
 
+DATA_FORMAT_VERSION = 1       # of the dataset directory that prepare_latents.py writes
+META_KEYS = ('format_version', 'N', 'num_classes', 'latent_shape', 'scaling_factor', 'vae', 'images')
+
+def check_data_dir(path, patch=2):
+    """Checks a dataset directory before anything is built (cat.py, fid.py, sample.py): meta.json, files, labels and
+    geometry (each of the four scales needs a token). Returns meta.json; a problem is one line that names the fix."""
+    redo = f"re-run prepare_latents.py for '{path}'"
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: no dataset directory '{path}'. Make one with `python prepare_latents.py --images "
+                         f"DIR --out {path}` (README: Train on your own data), or try the toy set with --data toy.")
+    try:
+        with open(os.path.join(path, 'meta.json')) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"error: '{path}' has no meta.json, so it is not a finished dataset: re-run "
+                         f"prepare_latents.py with the same arguments to complete it.")
+    except ValueError as e:
+        raise SystemExit(f"error: '{path}/meta.json' is not valid JSON ({e}): {redo}.")
+    if missing := [k for k in META_KEYS if k not in meta]:
+        raise SystemExit(f"error: '{path}/meta.json' lacks {', '.join(map(repr, missing))}: {redo} (pixel data: "
+                         f"\"vae\": null, \"scaling_factor\": 1).")
+    if meta['format_version'] != DATA_FORMAT_VERSION:
+        raise SystemExit(f"error: '{path}' has format_version {meta['format_version']!r}, this cat.py reads "
+                         f"{DATA_FORMAT_VERSION}: {redo}.")
+    count = lambda v: type(v) is int and v > 0
+    shape, sf = meta['latent_shape'], meta['scaling_factor']
+    for key, ok, want in (('N', count(meta['N']), 'a positive integer'),
+                          ('num_classes', count(meta['num_classes']), 'a positive integer'),
+                          ('latent_shape', isinstance(shape, list) and len(shape) == 3 and all(map(count, shape))
+                           and shape[0] % 2 == 0 and shape[1] == shape[2], '[2C, r, r] (mean | std of C channels)'),
+                          ('scaling_factor', type(sf) in (int, float) and sf > 0, 'a positive number'),
+                          ('vae', meta['vae'] is None or isinstance(meta['vae'], str), 'a VAE name or null (pixels)'),
+                          ('images', isinstance(meta['images'], bool), 'true or false')):
+        if not ok:
+            raise SystemExit(f"error: '{path}/meta.json' has {key} = {meta[key]!r}, expected {want}: {redo}.")
+    r, unit, pixels = shape[1], 2 ** K * patch, meta['vae'] is None
+    if r % unit:
+        raise SystemExit(f"error: '{path}' holds {r} x {r} {'images' if pixels else 'latents'}, but CAT's four scales "
+                         f"(r/8, r/4, r/2, r) with patch {patch} need r to be a multiple of {unit}: {redo} with "
+                         f"--resolution {unit if pixels else 8 * unit} (or a multiple of it).")
+    for name in ['latents.npy', 'labels.npy'] + (['images.bin', 'images_index.npy'] if meta['images'] else []):
+        if not os.path.exists(os.path.join(path, name)):
+            raise SystemExit(f"error: '{path}' has no {name}, which its meta.json promises: {redo}.")
+    lat = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r')
+    lab = np.load(os.path.join(path, 'labels.npy'), mmap_mode='r')
+    if lat.shape != (meta['N'], *shape) or lab.shape != (meta['N'],):
+        raise SystemExit(f"error: '{path}' does not match its meta.json (latents {tuple(lat.shape)}, labels "
+                         f"{tuple(lab.shape)}, N={meta['N']}, latent_shape={shape}): {redo}.")
+    if lab.min() < 0 or lab.max() >= meta['num_classes']:
+        raise SystemExit(f"error: '{path}' has labels outside [0, num_classes = {meta['num_classes']}) (from "
+                         f"{lab.min()} to {lab.max()}): {redo}, or fix num_classes in its meta.json.")
+    return meta
 
 class LatentDataset(torch.utils.data.Dataset):
     """Memory-mapped posterior moments float16 [N, 2C, r, r] (mean | std; pixel data: the image | 0), labels, and
@@ -627,7 +591,6 @@ class LatentDataset(torch.utils.data.Dataset):
             img = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert('RGB')).copy()).permute(2, 0, 1)
         return torch.from_numpy(np.array(self.latents[i])), int(self.labels[i]), img
 
-
 def open_data(args):
     """-> info (kind 'toy' | 'pixel' | 'latent', N, channels, res, num_classes, scale, vae, meta), the data (toy
     tensors or a LatentDataset) and notes to log. A data set without images turns REPA off, with a note, unless
@@ -637,7 +600,6 @@ def open_data(args):
         info = dict(kind='toy', N=len(y), channels=3, res=args.toy_res, num_classes=int(y.max()) + 1, scale=1.0,
                     vae=None, meta=None)
         return info, (x, y), []
-    from prepare_latents import check_data_dir          # the format's owner checks it, before anything is built
     meta, notes = check_data_dir(args.data), []
     if args.lambda_repa > 0 and not meta['images']:
         if args.repa_given:
@@ -650,21 +612,17 @@ def open_data(args):
                 vae=meta['vae'], meta=meta)
     return info, LatentDataset(args.data, meta, images=args.lambda_repa > 0), notes
 
-
 def posterior_sample(moments, eps, scale):
-    """Real latent x = (mean + std * eps) * scaling_factor, a fresh draw from the stored VAE posterior at each use
-    (pixel data: std = 0 and scaling_factor = 1, so x is the image)."""
+    """x = (mean + std * eps) * scaling_factor: a fresh posterior draw at each use (pixel data: std = 0, factor 1)."""
     C = moments.shape[1] // 2
     return (moments[:, :C].float() + moments[:, C:].float() * eps) * scale
-
 
 class StepSampler:
     """Batch indices as a pure function of (seed, step): epoch-wise permutations, this rank's slice of the global
     batch. Resuming at any step replays the same data, and any world size sees the same global batches."""
     def __init__(self, n, global_batch, rank, world, seed, start, steps):
         self.n, self.gb, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
-        self.start, self.steps = start, steps
-        self._perm = (None, None)
+        self.start, self.steps, self._perm = start, steps, (None, None)
 
     def perm(self, epoch):
         if self._perm[0] != epoch:
@@ -681,12 +639,10 @@ class StepSampler:
         return idx[self.rank * b:(self.rank + 1) * b]
 
     def __iter__(self):
-        for step in range(self.start, self.steps):
-            yield self.batch(step)
+        return (self.batch(step) for step in range(self.start, self.steps))
 
     def __len__(self):
         return self.steps - self.start
-
 
 def real_batches(ds, info, sampler, device, workers):
     """Yields this rank's (x, c, img) per step; x is the posterior (mean | std) for data sets, pixels for toy."""
@@ -696,21 +652,18 @@ def real_batches(ds, info, sampler, device, workers):
             idx = torch.tensor(idx, device=device)
             yield x[idx], y[idx], None
         return
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers,
-                                         pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
-                                         prefetch_factor=4 if workers else None)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+                                         pin_memory=device.type == 'cuda', prefetch_factor=4 if workers else None)
     for m, c, img in loader:
         yield m.to(device, non_blocking=True), c.to(device, non_blocking=True), img.to(device, non_blocking=True)
 
-
-# The built-in toy set (--data toy): small class-conditional images in pixel space, so the whole pipeline runs on
-# a CPU in minutes. Coarse structure and fine detail live at different scales.
-# 10 classes = (shape, base hue). Class identity lives in coarse shape + colour
-# (still visible after 4x area pooling); fine detail lives at the finest scale:
-# 1-px stripes or checker (period 2 px, random phase) and ~1.5 px soft edges.
-# classes 0..9: disk, square, ring, plus, horizontal bar, vertical bar, triangle, diamond, X-cross, frame
+# The built-in toy set (--data toy): small class-conditional images in pixel space, so the whole pipeline runs on a CPU
+# in minutes. 10 classes = (shape, base hue): disk, square, ring, plus, horizontal bar, vertical bar, triangle, diamond,
+# X-cross, frame. Class identity lives in coarse shape + colour (still visible after 4x area pooling); fine detail at
+# the finest scale: 1-px stripes or checker (period 2 px, random phase) and ~1.5 px soft edges.
 TOY_HUES = (0, 216, 72, 288, 36, 252, 324, 144, 108, 180)  # degrees, per class
-
+TOY_SUMMARY = ('shape_acc', 'class_acc', 'min_class_acc', 'fd', 'fd_floor', 'precision', 'precision_floor', 'recall',
+               'recall_floor', 'diversity', 'delta', 'R', 'A', 'delta_h')       # the toy run's final line
 
 def _toy_sdf(c, x, y, s):
     """Signed distance (pixels, <0 inside) of shape c at offsets x, y, half-size s."""
@@ -724,8 +677,7 @@ def _toy_sdf(c, x, y, s):
     if c in (3, 8):
         if c == 8:  # rotate by 45 degrees
             ax, ay = (x + y).abs() / 2 ** 0.5, (x - y).abs() / 2 ** 0.5
-        t = 0.3 * s
-        return torch.minimum(torch.maximum(ax - s, ay - t), torch.maximum(ay - s, ax - t))
+        return torch.minimum(torch.maximum(ax - s, ay - 0.3 * s), torch.maximum(ay - s, ax - 0.3 * s))
     if c == 4:
         return torch.maximum(ax - 1.1 * s, ay - 0.38 * s)
     if c == 5:
@@ -736,17 +688,15 @@ def _toy_sdf(c, x, y, s):
         return (ax + ay - 1.15 * s) / 2 ** 0.5
     return (torch.maximum(ax, ay) - 0.68 * s).abs() - 0.25 * s  # frame
 
-
 def _hsv_to_rgb(h, s, v):
     """Vectorized HSV -> RGB; h in [0, 1), returns [..., 3]."""
     k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * h[..., None]) % 6
     return v[..., None] - (v * s)[..., None] * (torch.minimum(k, 4 - k).clamp(0, 1))
 
-
-def make_toy(n, seed=0, res=16):
-    """Deterministic toy set: x [n, 3, res, res] float32 in [-1, 1], y [n] int64.
-    Shuffled so that every aligned block of 10 holds each class once (any 10-multiple
-    prefix is exactly balanced; class counts differ by at most 1)."""
+def make_toy(n, seed=0, res=16, random_hue=False):
+    """Deterministic toy set: x [n, 3, res, res] float32 in [-1, 1], y [n] int64, shuffled so that every aligned block
+    of 10 holds each class once (class counts differ by at most 1). random_hue: any hue for any class (the shape
+    judge's training set: only the shape names the class)."""
     g = torch.Generator().manual_seed(seed)
     y = torch.rand(n // 10 + 1, 10, generator=g).argsort(1).flatten()[:n]
     u = lambda *shape: torch.rand(*shape, generator=g)
@@ -755,14 +705,14 @@ def make_toy(n, seed=0, res=16):
     cy = (res - 1) / 2 + (u(n) * 2 - 1) * 2 * f
     s = (3.6 + 1.4 * u(n)) * f  # half-size 3.6..5 px at 16
     grid = torch.arange(res, dtype=torch.float32)
-    xx = grid[None, None, :] - cx[:, None, None]
-    yy = grid[None, :, None] - cy[:, None, None]
+    xx, yy = grid[None, None, :] - cx[:, None, None], grid[None, :, None] - cy[:, None, None]
     d = torch.empty(n, res, res)
     for c in range(10):
         i = (y == c).nonzero().squeeze(1)
         d[i] = _toy_sdf(c, xx[i], yy[i], s[i, None, None])
     mask = torch.sigmoid(-d / 0.35)  # soft, antialiased edge
     hue = (torch.tensor(TOY_HUES, dtype=torch.float32)[y] + (u(n) * 2 - 1) * 7) / 360 % 1
+    hue = u(n) if random_hue else hue
     rgb = _hsv_to_rgb(hue, 0.75 + 0.25 * u(n), 0.8 + 0.2 * u(n))  # [n, 3]
     # fine texture: 1-px stripes (horizontal / vertical) or 1-px checker, random phase
     ix, iy = torch.arange(res)[None, :], torch.arange(res)[:, None]
@@ -770,15 +720,12 @@ def make_toy(n, seed=0, res=16):
     tex = 1 - 0.3 * pats.float()[(u(n) * 6).long()]  # every other line 30 % darker
     bg = 0.06 + 0.06 * u(n, 1, 1) + 0.03 * torch.randn(n, res, res, generator=g)
     x = (bg - bg * mask)[:, None] + rgb[:, :, None, None] * (mask * tex)[:, None]
-    x = x.clamp_(0, 1).mul_(2).sub_(1)
-    return x, y
-
+    return x.clamp_(0, 1).mul_(2).sub_(1), y
 
 # ----------------------------------------------------------------------------------------------
 # One training iteration: a D step, then a G step (App. A.2). Each step is a small module so that DDP
 # wraps exactly the parameters it trains (G is only sampled in the D step; D is frozen in the G step).
 # ----------------------------------------------------------------------------------------------
-
 
 def step_noise(seed, step, n, G, device):
     """All randomness of one iteration for the global batch of n samples, a pure function of (seed, step):
@@ -787,12 +734,10 @@ def step_noise(seed, step, n, G, device):
     C, R = G.channels, G.res
     nz = dict(z=torch.randn(n, G.z_dim, generator=g, device=device),        # both steps' z, as GAT's loop (see README)
               eps=torch.randn(n, C, R, R, generator=g, device=device))          # posterior sample of the real latent
-    for name in ('aug_dr', 'aug_df', 'aug_gr', 'aug_gf'):
-        nz[name] = draw_aug(n, R, g, device)
+    nz.update({name: draw_aug(n, R, g, device) for name in ('aug_dr', 'aug_df', 'aug_gr', 'aug_gf')})
     for name in ('gp_r', 'gp_f'):                                            # perturbation eps of each x_k
         nz[name] = [torch.randn(n, C, R >> (K - k), R >> (K - k), generator=g, device=device) for k in range(K + 1)]
     return nz
-
 
 def take(nz, lo, hi):
     """Samples [lo, hi) of every tensor in a (nested) noise dict."""
@@ -801,7 +746,6 @@ def take(nz, lo, hi):
     if isinstance(nz, list):
         return [take(v, lo, hi) for v in nz]
     return {k: take(v, lo, hi) for k, v in nz.items()}
-
 
 class DStep(nn.Module):
     """L_D = RpGAN + gamma/2 (R1 + R2) + lambda_REPA * REPA on one (micro-)batch. G is held outside the module tree."""
@@ -814,13 +758,10 @@ class DStep(nn.Module):
         amp = autocast(a.precision, x_real.device)
         with torch.no_grad(), amp:
             fake = torch.cat(self._G[0](nz['z'], c))                            # [h_0; ...; h_K], [(K+1)B, C, R, R]
-        xr, xf = x_real, fake
-        if a.aug:
-            xr, xf = augment(xr, nz['aug_dr']), augment(fake, nz['aug_df'])
+        xr, xf = (augment(x_real, nz['aug_dr']), augment(fake, nz['aug_df'])) if a.aug else (x_real, fake)
         xr, xf = multiscale(xr), multiscale(xf.chunk(K + 1))
         q = slice(None, None, 4)                                               # the GP quarter: every 4th sample
-        nq = len(range(B)[q])
-        repa = a.lambda_repa > 0
+        nq, repa = len(range(B)[q]), a.lambda_repa > 0
         if a.gp_precision == 'bf16' or a.precision == 'fp32':   # one pass: real, fake, perturbed quarter (App. A.2)
             pr = [x[q] + a.gp_sigma * e[q] for x, e in zip(xr, nz['gp_r'])]
             pf = [x[q] + a.gp_sigma * e[q] for x, e in zip(xf, nz['gp_f'])]
@@ -851,7 +792,6 @@ class DStep(nn.Module):
             stats['repa'] = lr.detach()
         return loss, stats
 
-
 class GStep(nn.Module):
     """L_G = L_adv + lambda_cons * L_cons (Eq. 3) on one (micro-)batch; D is frozen and held outside the tree. The
     fakes come from the D step's z (GAT's training loop passes the same z to both steps), newly augmented."""
@@ -865,8 +805,7 @@ class GStep(nn.Module):
             w = G.style(nz['z'], c)
             hs = G.synthesis(w)
             xr, xf = x_real, torch.cat(hs)
-            if a.aug:
-                xr, xf = augment(xr, nz['aug_gr']), augment(xf, nz['aug_gf'])
+            xr, xf = (augment(xr, nz['aug_gr']), augment(xf, nz['aug_gf'])) if a.aug else (xr, xf)
             d_fake = D(multiscale(xf.chunk(K + 1)), c)
             with torch.no_grad():
                 d_real = D(multiscale(xr), c)
@@ -874,13 +813,11 @@ class GStep(nn.Module):
         cons = consistency_loss(hs, detach_anchor=a.cons_detach)
         return adv + a.lambda_cons * cons, w.detach(), dict(loss_g=adv.detach(), cons=cons.detach())
 
-
 @torch.no_grad()
 def ema_update(ema, G, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(G.parameters()), 1 - decay)
     for be, b in zip(ema.buffers(), G.buffers()):
         be.copy_(b)
-
 
 @dataclass
 class Models:
@@ -893,7 +830,6 @@ class Models:
     g_step: nn.Module
     world: int
     micro: int
-
 
 def train_step(m, x, c, img, nz, args):
     """One iteration on this rank's batch (App. A.2): D step, then G step with D frozen, w_avg and EMA updates.
@@ -923,16 +859,15 @@ def train_step(m, x, c, img, nz, args):
     ema_update(m.ema, m.G, args.ema_decay)
     return [*st_d, *st_g, 'gnorm_d', 'gnorm_g'], torch.stack([*st_d.values(), *st_g.values(), gn_d, gn_g]).float()
 
-
 def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained_dino=True):
     """G, D, EMA, AdamW (0, 0.99) optimizers and the (DDP-wrapped) step modules; state from checkpoint ck if given."""
     torch.manual_seed(args.seed)
     G = Generator(**g_cfg).to(device)
     D = Discriminator(**d_cfg, attn_impl=args.d_attn).to(device)
     ema = copy.deepcopy(G).eval().requires_grad_(False)
-    fused = device.type == 'cuda'
-    opt_g = torch.optim.AdamW(G.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0, fused=fused)
-    opt_d = torch.optim.AdamW(D.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0, fused=fused)
+    adamw = lambda net: torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0,
+                                          fused=device.type == 'cuda')
+    opt_g, opt_d = adamw(G), adamw(D)
     if ck is not None:
         G.load_state_dict(ck['G']), D.load_state_dict(ck['D']), ema.load_state_dict(ck['ema'])
         opt_g.load_state_dict(ck['opt_g']), opt_d.load_state_dict(ck['opt_d'])
@@ -945,11 +880,8 @@ def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained_dino=True):
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == 'cuda' else None
-        d_step = DDP(d_step, device_ids=ids, broadcast_buffers=False)
-        g_step = DDP(g_step, device_ids=ids, broadcast_buffers=False)
-    micro = args.micro_batch or args.batch_size // world
-    return Models(G, D, ema, opt_g, opt_d, d_step, g_step, world, micro)
-
+        d_step, g_step = (DDP(s, device_ids=ids, broadcast_buffers=False) for s in (d_step, g_step))
+    return Models(G, D, ema, opt_g, opt_d, d_step, g_step, world, args.micro_batch or args.batch_size // world)
 
 def model_configs(args, info):
     """G and D constructor arguments for --model / --model-d and the data (channels, resolution, classes)."""
@@ -959,6 +891,293 @@ def model_configs(args, info):
             dict(depth=d.depth, width=d.width, heads=d.heads, cmap_dim=d.cmap,
                  repa_dim=768 if args.lambda_repa > 0 else 0, mask=not args.no_mask, **common))
 
+# ----------------------------------------------------------------------------------------------
+# Evaluation (rank 0, every --eval-every steps): EMA sample grids, Eq. 1 on EMA samples and, for pixel data, a judge
+# of the data set's own (a small CNN trained on it): class and shape accuracy, and a Frechet distance, precision/
+# recall and diversity in its features, each next to its real-vs-real floor. fid.py and sample.py build on these.
+# ----------------------------------------------------------------------------------------------
+
+def to_uint8(x):
+    """[-1, 1] images [N, 3, H, W] -> uint8 [N, H, W, 3]."""
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+def decode(x, info, vae=None):
+    """Generator output -> uint8 images [N, H, W, 3]: pixel data directly; latents through the VAE (x / scaling
+    factor), or, without a VAE, a false-colour view of latent channels 0..2."""
+    if info['kind'] != 'latent':
+        return to_uint8(x)
+    if vae is None:
+        x = x[:, :3] / x[:, :3].flatten(1).abs().amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
+        return to_uint8(F.interpolate(x, scale_factor=8, mode='nearest'))
+    return to_uint8(torch.cat([vae.decode(b.float() / info['scale']).sample for b in x.split(32)]))
+
+def save_grid(images, nrow, path, size=64):
+    """uint8 [N, H, W, 3] -> one PNG, nrow per row, 1-pixel white gaps; small images enlarged (nearest) to at least
+    `size` pixels so that each sample can be judged."""
+    from PIL import Image
+    f = max(1, size // images.shape[1])
+    images = images.repeat_interleave(f, 1).repeat_interleave(f, 2)
+    N, H, W, _ = images.shape
+    grid = torch.full((-(-N // nrow) * (H + 1) + 1, nrow * (W + 1) + 1, 3), 255, dtype=torch.uint8)
+    for i in range(N):
+        y, x = i // nrow * (H + 1) + 1, i % nrow * (W + 1) + 1
+        grid[y:y + H, x:x + W] = images[i]
+    Image.fromarray(grid.numpy()).save(path)
+
+@torch.no_grad()
+def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
+    """Samples in batches: the final h_K [N, C, R, R], or every stage [h_0..h_K] stacked [K+1, N, C, R, R]."""
+    outs = (G(zb, cb, psi) for zb, cb in zip(z.split(batch), c.split(batch)))
+    return torch.cat([torch.stack(hs) if all_stages else hs[-1] for hs in outs], dim=1 if all_stages else 0)
+
+def feature_stats(features):
+    """features [N, D] -> mean [D], covariance [D, D] (unbiased, as np.cov), float64."""
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64, with ADM's safeguards."""
+    import scipy.linalg
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():      # singular product: regularize both covariances and retry
+        offset = eps * np.eye(len(sigma1))
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):            # round-off makes tiny imaginary parts; large ones mean a real problem
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f'sqrtm(sigma1 sigma2) has imaginary component {np.abs(covmean.imag).max():.3g}')
+        covmean = covmean.real
+    d = mu1 - mu2
+    return float(d @ d + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+def precision_recall(real_feats, fake_feats, k=3, batch=5000, device='cpu'):
+    """Improved precision and recall (Kynkaanniemi et al. 2019; ADM's ManifoldEstimator): a set's manifold is the
+    union of balls reaching each point's k-th nearest neighbour (itself excluded); precision = share of fakes inside
+    the real manifold, recall = share of reals inside the fake one. float32 distances with TF32 off (ADM: float16)."""
+    rows = lambda x: range(0, len(x), batch)
+    radii = lambda x: torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(k + 1, dim=1).values for i in rows(x)])
+    covered = lambda x, y, r: torch.cat([(torch.cdist(x[i:i + batch], y) <= r).any(1) for i in rows(x)]).double().mean()
+    real, fake = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (real_feats, fake_feats))
+    with full_fp32():
+        return covered(fake, real, radii(real)).item(), covered(real, fake, radii(fake)).item()
+
+JUDGE_STEPS, JUDGE_MIN_ACC = 300, 0.95     # the judges' training steps; the toy's judges must reach this accuracy
+
+class Judge(nn.Module):
+    """A small CNN for small pixel data: 3 convs down to 4 x 4, a 128-d feature layer over the whole map (no global
+    pooling, so the features keep where things are and how big they are), a linear class head."""
+    def __init__(self, res=16, num_classes=10, channels=3, dim=128):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(channels, 32, 3, max(1, res // 16), 1), nn.SiLU(),
+                                   nn.Conv2d(32, 64, 3, 2, 1), nn.SiLU(), nn.Conv2d(64, 64, 3, 2, 1), nn.SiLU())
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, dim), nn.SiLU())
+        self.head = nn.Linear(dim, num_classes)
+
+    def features(self, x):
+        return self.fc(self.convs(x.float().clamp(-1, 1)))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+def train_judge(x, y, num_classes, steps=300, batch=128, seed=0):
+    """A Judge trained on images x [N, C, R, R] in [-1, 1] with labels y: seeded shuffles, light Gaussian noise,
+    Adam with a one-cycle schedule; returned in eval mode. The global RNG is left untouched."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        judge = Judge(x.shape[-1], num_classes, x.shape[1])
+    order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(-(-steps * batch // len(x)))])
+    opt = torch.optim.Adam(judge.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
+    for i in range(steps):
+        idx = order[i * batch:(i + 1) * batch]
+        xb = x[idx].float()
+        xb = xb + 0.1 * torch.rand(len(idx), 1, 1, 1, generator=g) * torch.randn(xb.shape, generator=g)
+        F.cross_entropy(judge(xb), y[idx]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    return judge.eval()
+
+@torch.no_grad()
+def class_accuracy(judge, x, y, num_classes):
+    """Share of x classified as y, overall and per class (nan for a class absent from y)."""
+    hit = torch.cat([judge(b).argmax(1) for b in x.split(1000)]) == y
+    return hit.float().mean().item(), [hit[y == k].float().mean().item() for k in range(num_classes)]
+
+@torch.no_grad()
+def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shape_judge=None):
+    """n fakes [n, C, R, R] of classes c = c_real (the data's class mix) against 2n reals, set A = the first n. fd,
+    precision, recall: fakes vs A; their floors: reals B = real[n:2n] vs A. diversity: per class, mean pairwise feature
+    distance among the fakes over that among A's, averaged over classes (1 = as varied as the data). With labels:
+    class_acc (overall, per class, worst class), class_acc_flip (mirrored fakes: high on asymmetric classes means G
+    draws mirror images); shape_acc from shape_judge (toy: trained on random hues: only the shape names the class)."""
+    n = len(fake)
+    feats = lambda x: torch.cat([judge.features(b) for b in x.split(1000)])
+    ff, fa, fb = feats(fake), feats(real[:n]), feats(real[n:2 * n])
+    out = dict(fd=frechet_distance(*feature_stats(ff), *feature_stats(fa)),
+               fd_floor=frechet_distance(*feature_stats(fb), *feature_stats(fa)))
+    out['precision'], out['recall'] = precision_recall(fa, ff)
+    out['precision_floor'], out['recall_floor'] = precision_recall(fa, fb)
+    spread = lambda f: torch.pdist(f).mean().item() if len(f) > 1 else float('nan')
+    div = [spread(ff[c == k]) / spread(fa[c_real[:n] == k]) for k in range(num_classes)]
+    out['diversity'] = float(np.nanmean(div))
+    if labelled:
+        out['class_acc'], per = class_accuracy(judge, fake, c, num_classes)
+        out['min_class_acc'] = float(np.nanmin(per))
+        out['class_acc_flip'] = class_accuracy(judge, fake.flip(-1), c, num_classes)[0]
+        out.update({f'class_acc_{k}': v for k, v in enumerate(per)})
+    if shape_judge is not None:
+        out['shape_acc'] = class_accuracy(shape_judge, fake, c, num_classes)[0]
+    return dict(out, **{f'diversity_{k}': v for k, v in enumerate(div)})
+
+def pixels(ds, idx):
+    """Images idx (in that order) of a pixel-space LatentDataset as float [n, C, r, r] in [-1, 1], and their labels."""
+    ds.open()
+    idx = np.asarray(idx)
+    order = np.argsort(idx)                 # read the memory map in ascending order, return in the order asked
+    inv = np.argsort(order)
+    C = ds.latents.shape[1] // 2
+    x, y = ds.latents[idx[order], :C].astype(np.float32)[inv], ds.labels[idx[order]][inv]
+    return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+
+DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
+DETECTOR_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'cat', 'inception-2015-12-05.pt')
+
+def load_detector(path=None, device='cpu'):
+    """The TorchScript Inception-v3 of FID (StyleGAN3 / EDM / GAT): `path`, else DETECTOR_CACHE, downloaded once."""
+    if path is not None and not os.path.isfile(path):
+        raise SystemExit(f'error: detector {path} not found (want the TorchScript inception-2015-12-05.pt)')
+    if path is None and not os.path.isfile(DETECTOR_CACHE):
+        try:
+            os.makedirs(os.path.dirname(DETECTOR_CACHE), exist_ok=True)
+            torch.hub.download_url_to_file(DETECTOR_URL, DETECTOR_CACHE)
+        except Exception as e:
+            raise SystemExit(f'error: could not download the Inception detector ({type(e).__name__}): put '
+                             f'{DETECTOR_URL} at {DETECTOR_CACHE} or pass its path (--detector / --fid-detector)')
+    with warnings.catch_warnings():         # TorchScript is deprecated, but it is the format the detector ships in
+        warnings.simplefilter('ignore', FutureWarning)
+        return torch.jit.load(path or DETECTOR_CACHE, map_location=device).eval()
+
+class Evaluation:
+    """Rank 0's view of training on fixed EMA samples: Eq. 1 and its floor; a grid (pixel data: one row per class, next
+    to reals.png, the same grid of reals); for pixel data judge_metrics in the features of a judge trained on the data
+    set, or with one class of an untrained judge with a fixed seed (random CNN features: label-free, as the 'T4'
+    embedding of Naeem et al. 2020); with --fid-every, FID of --fid-n samples against the mu / sigma of --fid-ref."""
+    def __init__(self, args, info, ds, device, run_dir, log):
+        self.a, self.info, self.device, self.run_dir = args, info, device, run_dir
+        self.vae = self.judge = self.shape_judge = self.detector = None
+        nc = info['num_classes']
+        self.z = torch.randn(args.eval_n, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345))
+        self.c = torch.arange(args.eval_n) % nc
+        # grids: one row of 10 seeds per class (at most 16 classes; one class: 10 rows); latents: 32 samples
+        self.grid_c = torch.arange(min(nc, 16) if nc > 1 else 10).repeat_interleave(10) % nc
+        if info['kind'] == 'latent':
+            self.grid_c = self.c[:32]
+            self.vae = load_vae(args.vae or info['vae'], device, required=False)
+            if self.vae is None:
+                log(f"warning: VAE '{args.vae or info['vae']}' unavailable: sample grids show latent channels 0-2.")
+        else:
+            self.setup_judge(ds, log)
+        self.z_grid = torch.randn(len(self.grid_c), Z_DIM, generator=torch.Generator().manual_seed(args.seed + 54321))
+        if args.fid_every:
+            try:
+                self.detector = load_detector(args.fid_detector, device)
+            except SystemExit as e:
+                log(f"warning: {e}. FID during training is off.")
+
+    def setup_judge(self, ds, log):
+        """Real sets A and B (n images each) and the judges, cached in the run directory (judge.pt)."""
+        a, info, nc = self.a, self.info, self.info['num_classes']
+        if info['kind'] == 'toy':
+            n = a.eval_n
+            toy = lambda n, s, hue=False: make_toy(n, seed=a.seed + s, res=info['res'], random_hue=hue)
+            self.real, self.c_real = toy(2 * n, 777)
+            train, val = toy(38400, 1000), toy(2000, 2000)
+        else:                   # a seeded permutation: the judge trains on all but the first fifth (at most 2000)
+            n = min(a.eval_n, info['N'] // 2)
+            perm = torch.randperm(info['N'], generator=torch.Generator().manual_seed(a.seed + 777)).numpy()
+            hold = min(2000, info['N'] // 5)
+            self.real, self.c_real = pixels(ds, perm[:2 * n])
+            train, val = pixels(ds, perm[hold:hold + 38400]), pixels(ds, perm[:hold])
+        path = os.path.join(self.run_dir, 'judge.pt')
+        state = torch.load(path, map_location='cpu') if os.path.exists(path) else {}
+        self.labelled = nc > 1
+        if self.labelled:
+            self.judge = self.trained(state, 'judge', train, val, a.seed, log)
+            self.features = 'judge (trained on the data set)'
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.judge = Judge(info['res'], nc, info['channels']).eval()
+            self.features = 'random CNN (untrained judge, seed 0: the data set has one class)'
+        if info['kind'] == 'toy':
+            self.shape_judge = self.trained(state, 'shape_judge', toy(38400, 1001, True), toy(2000, 2001, True),
+                                            a.seed + 1, log)
+        torch.save({k: getattr(self, k).state_dict() for k in ('judge', 'shape_judge') if getattr(self, k)}, path)
+        log(f"judge features: {self.features}; {n} EMA samples against two real sets of {n} per evaluation")
+        self.z_judge, self.c_judge = self.z[:n], self.c_real[:n]       # the fakes follow set A's classes
+        rows = [self.real[self.c_real == k][:10] for k in range(min(nc, 16))] if nc > 1 else [self.real[:100]]
+        rows = [torch.cat([r, -torch.ones(-len(r) % 10, *r.shape[1:])]) for r in rows]     # short rows: black
+        save_grid(to_uint8(torch.cat(rows)), 10, os.path.join(self.run_dir, 'reals.png'))
+
+    def trained(self, state, name, train, val, seed, log):
+        """Judge `name` from the cache, or trained on `train`; its accuracy on the held-out reals `val` is logged."""
+        nc = self.info['num_classes']
+        judge = Judge(self.info['res'], nc, self.info['channels'])
+        if name in state:
+            judge.load_state_dict(state[name])
+        else:
+            judge = train_judge(*train, nc, steps=JUDGE_STEPS, seed=seed)
+        acc, per = class_accuracy(judge.eval(), *val, nc)
+        per_class = ' '.join(f'{100 * p:.0f}' for p in per)
+        log(f"{name}: {100 * acc:.1f}% right on {len(val[1])} held-out real images (per class {per_class})",
+            {'step': 0, f'{name}_acc': acc, f'{name}_acc_per_class': per})
+        if self.info['kind'] == 'toy' and acc < JUDGE_MIN_ACC:
+            raise RuntimeError(f'{name}: accuracy {acc:.3f} < {JUDGE_MIN_ACC} on held-out toy images')
+        return judge
+
+    def due(self, step):
+        return self.a.eval_every and (step % self.a.eval_every == 0 or step == self.a.steps)
+
+    @torch.no_grad()
+    def __call__(self, ema, step):
+        a, info, dev = self.a, self.info, self.device
+        z, c = (self.z, self.c) if self.judge is None else (self.z_judge, self.c_judge)
+        with autocast(a.precision, dev):
+            hs = list(generate(ema, z.to(dev), c.to(dev), all_stages=True).float().cpu())
+            grid = generate(ema, self.z_grid.to(dev), self.grid_c.to(dev)).float().cpu()
+        out = {f'{name}_{k}': v for name, vals in cross_scale_metrics(hs).items() for k, v in enumerate(vals)}
+        out.update({name: sum(out[f'{name}_{k}'] for k in range(K)) / K for name in ('delta', 'R', 'A', 'delta_h')})
+        if self.judge is not None:
+            out.update(judge_metrics(self.judge, hs[-1], c, self.real, self.c_real, info['num_classes'],
+                                     self.labelled, self.shape_judge), features=self.features)
+        save_grid(decode(grid, info, self.vae), 10 if self.judge is not None else 8,
+                  os.path.join(self.run_dir, f'samples-{step:07d}.png'))
+        return out
+
+    def fid_due(self, step):
+        return self.detector is not None and (step % self.a.fid_every == 0 or step == self.a.steps)
+
+    @torch.no_grad()
+    def fid_score(self, ema):
+        """FID of fid_n EMA samples (random classes, fixed seed) vs --fid-ref; None for latent data without a VAE."""
+        a, info = self.a, self.info
+        if info['kind'] == 'latent' and self.vae is None:
+            return None
+        g = torch.Generator().manual_seed(a.seed + 999)
+        z = torch.randn(a.fid_n, ema.z_dim, generator=g)
+        c = torch.randint(0, info['num_classes'], (a.fid_n,), generator=g)
+        feats = []
+        with full_fp32():
+            for zb, cb in zip(z.split(100), c.split(100)):
+                with autocast(a.precision, self.device):
+                    h = ema(zb.to(self.device), cb.to(self.device))[-1].float()
+                x = decode(h, info, self.vae).permute(0, 3, 1, 2).to(self.device)
+                feats.append(self.detector(x, return_features=True).double().cpu())
+        with np.load(a.fid_ref) as ref:
+            return frechet_distance(*feature_stats(torch.cat(feats).numpy()), ref['mu'], ref['sigma'])
 
 # ----------------------------------------------------------------------------------------------
 # Training loop (Table 6): DDP through torchrun, run directory and resume, checkpoints, logging, evaluation.
@@ -966,26 +1185,20 @@ def model_configs(args, info):
 
 CKPT_VERSION = 2            # 2: GAT's form of the equalized-lr weights (version-1 weights would load but mean else)
 
-
 def setup_ddp():
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python cat.py` is a world of one."""
     if 'RANK' not in os.environ:
         return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    backend = 'nccl' if torch.cuda.is_available() else 'gloo'
-    local = int(os.environ['LOCAL_RANK'])
-    if backend == 'nccl':
+    cuda, local = torch.cuda.is_available(), int(os.environ['LOCAL_RANK'])
+    if cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group(backend)
-    device = torch.device('cuda', local) if backend == 'nccl' else torch.device('cpu')
-    return dist.get_rank(), dist.get_world_size(), device
-
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    return dist.get_rank(), dist.get_world_size(), torch.device('cuda', local) if cuda else torch.device('cpu')
 
 def save_checkpoint(path, state):
     """Atomic: a crash mid-write leaves the previous file intact."""
-    tmp = path + '.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
+    torch.save(state, path + '.tmp')
+    os.replace(path + '.tmp', path)
 
 def load_checkpoint(path, map_location='cpu'):
     """A CAT checkpoint dict, or one clear line (missing, truncated, not a CAT checkpoint, too old)."""
@@ -1002,13 +1215,11 @@ def load_checkpoint(path, map_location='cpu'):
                          f"weights in another form: retrain it with this version.")
     return ck
 
-
 def checkpoints_in(run_dir):
     """Checkpoint files of a run, newest first (latest.pt, then by step)."""
     steps = sorted(glob.glob(os.path.join(run_dir, 'ckpt-*.pt')), reverse=True)
     latest = os.path.join(run_dir, 'latest.pt')
     return ([latest] if os.path.exists(latest) else []) + steps
-
 
 def find_resume(path):
     """--resume FILE, or a run directory: its newest checkpoint that loads (a damaged latest.pt falls back)."""
@@ -1022,22 +1233,24 @@ def find_resume(path):
             print(f"warning: skipping {p}: {e}")
     raise SystemExit(f"error: --resume {path}: no readable checkpoint there.")
 
-
 def resolve_run(args, info, g_cfg, d_cfg, rank, world):
-    """-> (run directory, checkpoint to resume or None): --resume FILE or DIR (a directory without a checkpoint yet
-    starts there), else --out or a new runs/NNN-NAME; the same choice on every rank."""
+    """-> (run directory, checkpoint to resume or None): --resume FILE or DIR (a directory without a checkpoint, or
+    one that does not exist yet, starts a new run there: a requeue script repeats one command), else --out or a new
+    runs/NNN-NAME; the same choice on every rank."""
     ck = None
     if args.resume:
         src = args.resume if args.resume != 'auto' else (args.out or '')
         if not src:
             raise SystemExit("error: --resume without a path needs --out RUN_DIR.")
-        if os.path.isdir(src) and not checkpoints_in(src):
-            print(f"--resume: no checkpoint in {src} yet, starting a new run there")
+        if src.endswith('.pt') and not os.path.isfile(src):
+            raise SystemExit(f"error: --resume {src}: no such checkpoint file.")
+        if not os.path.isfile(src) and not checkpoints_in(src):     # a requeued job's first start: a new run there
+            print(f"--resume: no checkpoint in {src} {'yet' if os.path.isdir(src) else '(a new directory)'}, "
+                  f"starting a new run there")
             run_dir = args.out or src
         else:
             path = find_resume(src)
-            ck = load_checkpoint(path)
-            ck['path'] = path
+            ck = dict(load_checkpoint(path), path=path)
             run_dir = args.out or (src if os.path.isdir(src) else os.path.dirname(path))
             if ck['config']['G'] != g_cfg or ck['config']['D'] != d_cfg:
                 a = ck['config']['args']
@@ -1054,12 +1267,10 @@ def resolve_run(args, info, g_cfg, d_cfg, rank, world):
         run_dir = obj[0]
     return run_dir, ck
 
-
 def new_run_dir(root, name):
     os.makedirs(root, exist_ok=True)
     ids = [int(m.group(1)) for d in os.listdir(root) if (m := re.match(r'(\d+)-', d))]
     return os.path.join(root, f'{max(ids, default=-1) + 1:03d}-{name}')
-
 
 def write_checkpoint(run_dir, state, args):
     """latest.pt, and at multiples of --ckpt-every (and the last step) ckpt-STEP.pt with latest.pt as a hard link to
@@ -1081,7 +1292,6 @@ def write_checkpoint(run_dir, state, args):
     for old in periodic[:-args.keep]:
         os.remove(old)
 
-
 class Logger:
     """Rank 0: stdout (through tqdm), log.txt and metrics.jsonl in the run directory."""
     def __init__(self, run_dir, rank):
@@ -1096,19 +1306,15 @@ class Logger:
             return
         from tqdm import tqdm
         tqdm.write(msg)
-        self.txt.write(msg + '\n')
-        self.txt.flush()
+        print(msg, file=self.txt, flush=True)
         if metrics is not None:
-            self.jsonl.write(json.dumps(metrics) + '\n')
-            self.jsonl.flush()
-
+            print(json.dumps(metrics), file=self.jsonl, flush=True)
 
 class Preemption:
     """SIGTERM / SIGINT / SIGUSR1 (SLURM's warning) set a flag; every rank stops after the same iteration. With
     several processes the flags are summed over a CPU (gloo) group without blocking: a signal seen during step s
     stops the run after step s + 1 on all ranks, and the GPU stream is never synchronized for it."""
     def __init__(self, world):
-        import signal
         self.flag, self.world, self.work = torch.zeros(1), world, None
         self.old = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
         self.group = dist.new_group(backend='gloo') if world > 1 else None
@@ -1119,7 +1325,6 @@ class Preemption:
         self.flag.fill_(1)
 
     def restore(self):
-        import signal
         for sig, h in self.old.items():
             signal.signal(sig, h)
 
@@ -1133,7 +1338,6 @@ class Preemption:
         self.reduced = self.flag.clone()
         self.work = dist.all_reduce(self.reduced, group=self.group, async_op=True)
         return False
-
 
 def train(args):
     rank, world, device = setup_ddp()
@@ -1161,10 +1365,8 @@ def train(args):
         log(f"resumed from {ck['path']} at step {start}")
     batches = real_batches(ds, info, StepSampler(info['N'], args.batch_size, rank, world, args.seed, start, args.steps),
                            device, args.workers)
-    evaluation = None
-    if rank == 0 and (args.eval_every or args.fid_every):
-        from sample import Evaluation             # sample grids, Eq. 1 and the classifier metrics on EMA samples
-        evaluation = Evaluation(args, info, ds, device, run_dir, log)
+    evaluation = (Evaluation(args, info, ds, device, run_dir, log) if rank == 0 and (args.eval_every or args.fid_every)
+                  else None)
     config = dict(G=g_cfg, D=d_cfg, args=vars(args), data={k: v for k, v in info.items() if k != 'meta'},
                   meta=info['meta'])
     log(f"run {run_dir}: G {sum(p.numel() for p in m.G.parameters()) / 1e6:.2f}M, D "
@@ -1193,8 +1395,9 @@ def train(args):
             pending, t0 = [], time.time()
             log(f"step {done}: " + ' '.join(f"{k}={v:.4g}" for k, v in metrics.items() if k != 'step'), metrics)
         if evaluation and evaluation.due(done):
-            last_eval = evaluation(m.ema, done)
-            log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in last_eval.items()), dict(step=done, **last_eval))
+            last_eval = evaluation(m.ema, done)              # the log line: summaries; metrics.jsonl: everything
+            shown = {k: v for k, v in last_eval.items() if k != 'features' and not re.search(r'_\d+$', k)}
+            log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in shown.items()), dict(step=done, **last_eval))
         if evaluation and evaluation.fid_due(done):
             score = evaluation.fid_score(m.ema)
             if score is None:
@@ -1211,8 +1414,7 @@ def train(args):
             break
     stop.restore()
     if info['kind'] == 'toy' and last_eval is not None:
-        log("toy: " + ' '.join(f"{k}={last_eval[k]:.4f}" for k in
-                               ('class_acc', 'fd', 'fd_floor', 'delta', 'R', 'A', 'delta_h')))
+        log("toy: " + ' '.join(f"{k}={last_eval[k]:.4f}" for k in TOY_SUMMARY))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -1225,23 +1427,19 @@ def train(args):
 
 PEAK_BF16_TFLOPS = {'H100': 989.4, 'H200': 989.4, 'A100': 312.0, 'L40S': 362.0}   # dense, from vendor spec sheets
 
-
 def count_macs(fn):
-    """Multiply-adds of fn() (FlopCounterMode counts 2 FLOPs per multiply-add); attention through the math path
-    so that its matmuls are counted on any device."""
+    """Multiply-adds (FLOPs / 2) of fn(); attention through the math path, so that it is counted on any device."""
     from torch.utils.flop_counter import FlopCounterMode
     from torch.nn.attention import sdpa_kernel, SDPBackend
     with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
         fn()
     return fc.get_total_flops() / 2
 
-
 def forward_macs(G, D):
     """F_G and F_D of App. A.2: multiply-adds of one generator / discriminator forward pass per sample."""
     c = torch.zeros(1, dtype=torch.long, device=G.pos.device)
     return (count_macs(lambda: G(torch.randn(1, G.z_dim, device=c.device), c)),
             count_macs(lambda: D(multiscale(torch.randn(1, D.channels, D.res, D.res, device=c.device)), c)))
-
 
 def summary(args, out=print):
     g_cfg, d_cfg = model_configs(args, dict(channels=4, res=32, num_classes=1000))
@@ -1268,7 +1466,6 @@ def summary(args, out=print):
         out(f"paper schedule: {steps} iterations x batch 512 = {flop / 1e18:.0f} EFLOP; at 40% MFU on 8 H100 "
             f"(989 TFLOP/s bf16 dense) {hours:.1f} h (model FLOPs only: data loading, DINOv2 and EMA excluded)")
     return dict(G_params=n_g, D_params=n_d, proj_params=n_proj, F_G=F_G, F_D=F_D)
-
 
 def bench(args, out=print):
     """Median time of --bench-steps training iterations after --bench-warmup, one line per iteration; REPA against
@@ -1314,11 +1511,9 @@ def bench(args, out=print):
     return dict(device=name, batch_per_device=b, ms_per_it=t * 1e3, img_per_s_per_device=b / t, tflops=tflops,
                 mfu=tflops / peak if peak else None, peak_mem=mem)
 
-
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description='CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449)')
@@ -1326,8 +1521,7 @@ def get_args(argv=None):
     p.add_argument('--model-d', default=None, help='D size (default: B for B/M/H, the paper); M = D-M/2 of Table 5')
     p.add_argument('--data', default=DEFAULT_DATA, help="prepared latents directory (prepare_latents.py), or 'toy'")
     p.add_argument('--out', default=None, help='run directory (default: runs/NNN-MODEL)')
-    p.add_argument('--resume', nargs='?', const='auto', default=None,
-                   help='checkpoint file or run directory (default: --out)')
+    p.add_argument('--resume', nargs='?', const='auto', help='checkpoint file or run directory (default: --out)')
     p.add_argument('--steps', type=int, default=None, help='total iterations (B 50K, M 100K, H 150K in the paper)')
     p.add_argument('--batch-size', type=int, default=None, help='global batch (512)')
     p.add_argument('--micro-batch', type=int, default=None, help='per-process micro-batch; gradients accumulate above')
@@ -1380,27 +1574,21 @@ def get_args(argv=None):
     # still be ~50% the initial weights after 700 steps), no REPA (no DINOv2 targets for toy images). Without CUDA:
     # fp32 (bf16 autocast on a CPU is slow), data loading in the main process, and --bench without DINOv2.
     defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if toy or args.bench else 512,
-                    lambda_repa=0.0 if toy or (args.bench and not cuda) else 1.0, lr=1e-3 if toy else 2e-4,
-                    ema_decay=0.99 if toy else 0.999, precision='bf16' if cuda else 'fp32', workers=8 if cuda else 0,
-                    eval_n=1000)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+                    lambda_repa=0.0 if toy or (args.bench and not cuda) else 1.0, lr=1e-3 if toy else 2e-4, eval_n=1000,
+                    ema_decay=0.99 if toy else 0.999, precision='bf16' if cuda else 'fp32', workers=8 if cuda else 0)
+    vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     # Cadence: the toy's own; otherwise from the run length (10 evaluations, 5 kept checkpoints), at most Table 6's
     # ImageNet cadence, so a short run on a small data set shows progress within minutes.
     n = args.steps
     cadence = (dict(log_every=50, eval_every=350, ckpt_every=1000, latest_every=500) if toy else
                dict(log_every=min(100, max(1, n // 100)), eval_every=min(5000, max(1, n // 10)),
                     ckpt_every=min(10_000, max(1, n // 5)), latest_every=min(1000, max(1, n // 20))))
-    for k, v in cadence.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    vars(args).update({k: v for k, v in cadence.items() if getattr(args, k) is None})
     if args.fid_every and not args.fid_ref:
         p.error('--fid-every needs --fid-ref REF.npz (e.g. ADM\'s VIRTUAL_imagenet256_labeled.npz)')
     if toy and args.lambda_repa > 0:
         p.error('--lambda-repa needs ImageNet images: the toy set has no DINOv2 targets; use --lambda-repa 0')
     return args
-
 
 def main(argv=None):
     args = get_args(argv)
@@ -1412,7 +1600,5 @@ def main(argv=None):
         return
     train(args)
 
-
 if __name__ == '__main__':
-    sys.modules.setdefault('cat', sys.modules['__main__'])     # fid.py's `import cat` reuses this module
     main()

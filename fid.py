@@ -18,50 +18,25 @@ k = 3 nearest neighbour manifolds (ADM's ManifoldEstimator; it computes distance
 metrics run with TF32 off. FID is expected to agree with ADM's numbers to about 1%, but that
 agreement was not measured here.
 """
-import argparse, itertools, json, os, warnings, zipfile
+import argparse, itertools, json, os, zipfile
 
 import numpy as np
 import scipy.linalg
 import scipy.special
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from cat import full_fp32
+from cat import (DETECTOR_CACHE, check_data_dir, feature_stats, frechet_distance, full_fp32, load_detector,
+                 precision_recall, LatentDataset)
 
-DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
-DETECTOR_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'cat', 'inception-2015-12-05.pt')
 IS_SPLIT = 5000             # ADM computes IS over consecutive chunks of 5000 samples (and the remainder)
 MAX_REF_FEATURES = 50000    # --save-ref keeps a random subset of this many features (float16) for precision/recall
 
 # ----------------------------------------------------------------------------------------------
 # Metrics: pure functions of features and class probabilities
 # ----------------------------------------------------------------------------------------------
-
-
-def feature_stats(features):
-    """features [N, D] -> mean [D], covariance [D, D] (unbiased, as np.cov), float64."""
-    f = np.asarray(features, dtype=np.float64)
-    return f.mean(axis=0), np.cov(f, rowvar=False)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64, with ADM's safeguards.
-    At D = 2048 scipy's sqrtm takes 10-30 s on 2 CPU cores (measured here); mind it for the training loop's FID."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():      # singular product: regularize both covariances and retry
-        offset = eps * np.eye(len(sigma1))
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):            # round-off makes tiny imaginary parts; large ones mean a real problem
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f'sqrtm(sigma1 sigma2) has imaginary component {np.abs(covmean.imag).max():.3g}')
-        covmean = covmean.real
-    d = mu1 - mu2
-    return float(d @ d + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def inception_score(probs, split_size=IS_SPLIT):
@@ -76,52 +51,9 @@ def inception_score(probs, split_size=IS_SPLIT):
     return float(np.mean(scores))
 
 
-def knn_radii(x, k=3, batch=5000):
-    """Distance from each row of x [N, D] to its k-th nearest neighbour in x, itself excluded."""
-    return torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), batch)])
-
-
-def _covered(x, y, radii, batch):
-    """Fraction of rows of x within radii[j] of some y[j]."""
-    inside = [(torch.cdist(x[i:i + batch], y) <= radii).any(dim=1) for i in range(0, len(x), batch)]
-    return torch.cat(inside).double().mean().item()
-
-
-def precision_recall(real_feats, fake_feats, k=3, batch=5000, device='cpu'):
-    """Improved precision and recall (Kynkaanniemi et al. 2019), as ADM's ManifoldEstimator: each set's manifold is
-    the union of balls reaching every point's k-th nearest neighbour; precision = fraction of fake points inside the
-    real manifold, recall = fraction of real points inside the fake manifold. Differences from ADM: Euclidean distances
-    from torch.cdist in float32 with TF32 off, where ADM computes the squared distances in float16 (float32 only when a
-    float16 result is not finite), so decisions at a ball's edge can differ; and no option to clamp radii at a
-    percentile (ADM has one, off in its evaluator)."""
-    real = torch.as_tensor(np.asarray(real_feats), dtype=torch.float32, device=device)
-    fake = torch.as_tensor(np.asarray(fake_feats), dtype=torch.float32, device=device)
-    with full_fp32():
-        precision = _covered(fake, real, knn_radii(real, k, batch), batch)
-        recall = _covered(real, fake, knn_radii(fake, k, batch), batch)
-    return precision, recall
-
 # ----------------------------------------------------------------------------------------------
 # Detector and images
 # ----------------------------------------------------------------------------------------------
-
-
-def load_detector(path=None, device='cpu'):
-    """The TorchScript Inception-v3: `path`, else DETECTOR_CACHE, which is downloaded once from DETECTOR_URL."""
-    if path is not None and not os.path.isfile(path):
-        raise SystemExit(f'fid.py: detector {path} not found (want the TorchScript inception-2015-12-05.pt)')
-    if path is None:
-        path = DETECTOR_CACHE
-        if not os.path.isfile(path):
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                torch.hub.download_url_to_file(DETECTOR_URL, path)
-            except Exception as e:
-                raise SystemExit(f'fid.py: could not download the Inception detector ({type(e).__name__}): '
-                                 f'put {DETECTOR_URL} at {path} or pass --detector PATH') from None
-    with warnings.catch_warnings():         # TorchScript is deprecated, but it is the format the detector ships in
-        warnings.simplefilter('ignore', FutureWarning)
-        return torch.jit.load(path, map_location=device).eval()
 
 
 @torch.no_grad()
@@ -157,8 +89,6 @@ class Images:
     def __init__(self, path):
         self.path, self.files, self.data = path, None, None
         if os.path.exists(os.path.join(path, 'meta.json')):
-            from cat import LatentDataset
-            from prepare_latents import check_data_dir
             meta = check_data_dir(path)
             if meta['vae'] is not None and not meta['images']:
                 raise SystemExit(f'fid.py: dataset {path} holds latents without images (prepared with --no-images)')
@@ -239,77 +169,6 @@ def fid_from_images(images, ref_path, detector, device='cpu', batch=100):
     ref = load_ref(ref_path)
     mu, sigma = feature_stats(detector_outputs(detector, images, batch, device)[0])
     return frechet_distance(mu, sigma, ref['mu'], ref['sigma'])
-
-# ----------------------------------------------------------------------------------------------
-# A data set's own classifier as the detector, for small pixel-space data (the toy set, your own): the share of
-# samples classified as their class, and the Frechet distance in its 128-d features
-# ----------------------------------------------------------------------------------------------
-
-
-class SmallClassifier(nn.Module):
-    """3 convs (the first strided down to 16 x 16 or less), global average pool, 128-d features, a linear head."""
-    def __init__(self, res=16, num_classes=10, channels=3, dim=128):
-        super().__init__()
-        self.convs = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, stride=max(1, res // 16), padding=1), nn.SiLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU())
-        self.fc = nn.Sequential(nn.Linear(64, dim), nn.SiLU())
-        self.head = nn.Linear(dim, num_classes)
-
-    def features(self, x):
-        return self.fc(self.convs(x).mean((2, 3)))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def train_classifier(x, y, num_classes, val, steps=300, batch=128, seed=0):
-    """A SmallClassifier trained on images x [N, C, R, R] in [-1, 1] with labels y (batches in order, cycling
-    through seeded shuffles when N < steps * batch; light Gaussian noise), Adam with a one-cycle schedule; in eval
-    mode, its accuracy on val = (x, y) in .val_acc. Leaves the global RNG untouched."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        clf = SmallClassifier(x.shape[-1], num_classes, x.shape[1])
-    order = torch.arange(steps * batch)
-    if len(x) < steps * batch:
-        perm = torch.Generator().manual_seed(seed + 1)
-        order = torch.cat([torch.randperm(len(x), generator=perm) for _ in range(-(-steps * batch // len(x)))])
-    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
-    clf.train()
-    for i in range(steps):
-        idx = order[i * batch:(i + 1) * batch]
-        xb = x[idx].float()
-        xb = xb + 0.1 * torch.rand(batch, 1, 1, 1, generator=g) * torch.randn(xb.shape, generator=g)
-        loss = F.cross_entropy(clf(xb), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    clf.eval()
-    with torch.no_grad():
-        clf.val_acc = (clf(val[0].float()).argmax(1) == val[1]).float().mean().item()
-    return clf
-
-
-@torch.no_grad()
-def classifier_metrics(clf, fake_x, fake_y, real_x):
-    """n fakes [n, C, R, R] in [-1, 1] with their classes fake_y, judged against 2n reals real_x:
-    class_acc: the share classified as their class; class_acc_flip: the same for the mirrored fakes (on a data set
-    with asymmetric classes it stays low unless G draws mirror images); fd: Frechet distance in the classifier's
-    features, fakes vs real_x[:n]; fd_floor: real_x[n:2n] vs real_x[:n], the real-vs-real floor at equal n."""
-    n = len(fake_x)
-    if len(real_x) < 2 * n:
-        raise ValueError(f'classifier_metrics needs 2n = {2 * n} real images, got {len(real_x)}')
-    feats = lambda x: torch.cat([clf.features(b.float().clamp(-1, 1)) for b in x.split(1000)]).double().numpy()
-    acc = lambda x: (torch.cat([clf(b.float().clamp(-1, 1)) for b in x.split(1000)]).argmax(1) == fake_y).float()
-    ff, fa, fb = feats(fake_x), feats(real_x[:n]), feats(real_x[n:2 * n])
-    return dict(class_acc=acc(fake_x).mean().item(), class_acc_flip=acc(fake_x.flip(-1)).mean().item(),
-                fd=frechet_distance(*feature_stats(ff), *feature_stats(fa)),
-                fd_floor=frechet_distance(*feature_stats(fb), *feature_stats(fa)))
-
 
 # ----------------------------------------------------------------------------------------------
 # Command line

@@ -38,12 +38,10 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
-from cat import K, load_vae, DEFAULT_DATA, DEFAULT_VAE
+from cat import load_vae, DATA_FORMAT_VERSION, DEFAULT_DATA, DEFAULT_VAE
 
 JPEG_QUALITY = 95
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm'}
-DATA_FORMAT_VERSION = 1
-META_KEYS = ('format_version', 'N', 'num_classes', 'latent_shape', 'scaling_factor', 'vae', 'images')   # cat.py reads
 OUTPUTS = ('meta.json', 'latents.npy', 'labels.npy', 'images.bin', 'images_index.npy', 'skipped.txt')
 
 # ----------------------------------------------------------------------------------------------
@@ -69,17 +67,26 @@ def to_rgb(img):
     return img.convert('RGB')
 
 
-def list_images(root):
-    """Class folders (sorted names) and their image files (sorted relative paths, recursive)."""
+def list_images(root, one_class=False):
+    """-> (classes, files, labels, note). Class folders (sorted names) with their image files (sorted relative paths,
+    recursive); or one unlabelled class, every image under root, when root holds images itself or one_class is set."""
+    def images(d):
+        return sorted(os.path.relpath(os.path.join(dirpath, f), root) for dirpath, _, fs in os.walk(d) for f in fs
+                      if os.path.splitext(f)[1].lower() in IMAGE_EXTS and not f.startswith('.'))
+    top = [f for f in os.listdir(root) if os.path.splitext(f)[1].lower() in IMAGE_EXTS and not f.startswith('.')]
+    if top or one_class:
+        files = images(root)
+        why = '--one-class' if one_class else f'{plural(len(top), "image")} directly in it'
+        return [os.path.basename(os.path.abspath(root))], files, [0] * len(files), \
+            f'{root}: one unlabelled class of {plural(len(files), "image")} ({why}; class folders are read only ' \
+            f'when the folder holds no images itself)'
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith('.'))
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        found = [os.path.relpath(os.path.join(dirpath, f), root)
-                 for dirpath, _, fs in os.walk(os.path.join(root, name)) for f in fs
-                 if os.path.splitext(f)[1].lower() in IMAGE_EXTS and not f.startswith('.')]
-        files += sorted(found)
-        labels += [c] * len(found)
-    return classes, files, labels
+    found = [images(os.path.join(root, name)) for name in classes]
+    return classes, sum(found, []), [c for c, f in enumerate(found) for _ in f], None
+
+
+def plural(n, word, words=None):
+    return f'{n} {word if n == 1 else words or word + "s"}'
 
 
 def resize_arr(img, size):
@@ -147,11 +154,10 @@ def plan_run(args):
     out, parts, src = args.out, os.path.join(args.out, 'parts'), args.source
     if not os.path.isdir(src):
         fail(f'{src} is not a directory')
-    classes, files, labels = list_images(src)
-    if not classes:
-        fail(f'{src} has no class sub-folders (expected one folder per class)')
+    classes, files, labels, note = list_images(src, args.one_class)
     if not files:
-        fail(f'{src} has class folders but no image files ({", ".join(sorted(IMAGE_EXTS))})')
+        fail(f'{src} holds no image files ({", ".join(sorted(IMAGE_EXTS))}), neither itself nor in sub-folders')
+    print(note or f'{src}: {plural(len(files), "image")} in {plural(len(classes), "class folder")}')
     pixels = args.vae.lower() == 'none'
     vae = None if pixels else os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae
     r = args.resolution // (1 if pixels else 8)                   # training resolution: the image, or the latent
@@ -260,64 +266,9 @@ def assemble(out, plan, part_paths, scaling_factor):
                 jpeg=dict(quality=JPEG_QUALITY, subsampling='4:4:4') if plan['images'] else None)
     save_atomic(os.path.join(out, 'meta.json'), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     shutil.rmtree(os.path.join(out, 'parts'))
-    print(f'wrote {N} samples of {num_classes} classes to {out} ({len(skipped)} files skipped, '
-          f'{len(empty)} empty class folders{", see skipped.txt" if report else ""})')
-
-# ----------------------------------------------------------------------------------------------
-# Checking a dataset directory: cat.py and fid.py call this before they read one
-# ----------------------------------------------------------------------------------------------
-
-def check_data_dir(path, patch=2):
-    """Validate a dataset directory completely before anything is built: every meta.json key cat.py reads, the
-    files against it, the labels, and the geometry (r / patch must give each of the four scales a token). Returns
-    meta.json; any problem is one line that names the fix."""
-    redo = f"re-run prepare_latents.py for '{path}'"
-    if not os.path.isdir(path):
-        raise SystemExit(f"error: no dataset directory '{path}'. Make one with `python prepare_latents.py --images "
-                         f"DIR --out {path}` (README: Train on your own data), or try the toy set with --data toy.")
-    try:
-        with open(os.path.join(path, 'meta.json')) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise SystemExit(f"error: '{path}' has no meta.json, so it is not a finished dataset: re-run "
-                         f"prepare_latents.py with the same arguments to complete it.")
-    except ValueError as e:
-        raise SystemExit(f"error: '{path}/meta.json' is not valid JSON ({e}): {redo}.")
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise SystemExit(f"error: '{path}/meta.json' lacks {', '.join(map(repr, missing))}: {redo} (pixel data: "
-                         f"\"vae\": null, \"scaling_factor\": 1).")
-    if meta['format_version'] != DATA_FORMAT_VERSION:
-        raise SystemExit(f"error: '{path}' has format_version {meta['format_version']!r}, this cat.py reads "
-                         f"{DATA_FORMAT_VERSION}: {redo}.")
-    count = lambda v: type(v) is int and v > 0
-    shape, sf = meta['latent_shape'], meta['scaling_factor']
-    for key, ok, want in (('N', count(meta['N']), 'a positive integer'),
-                          ('num_classes', count(meta['num_classes']), 'a positive integer'),
-                          ('latent_shape', isinstance(shape, list) and len(shape) == 3 and all(map(count, shape))
-                           and shape[0] % 2 == 0 and shape[1] == shape[2], '[2C, r, r] (mean | std of C channels)'),
-                          ('scaling_factor', type(sf) in (int, float) and sf > 0, 'a positive number'),
-                          ('vae', meta['vae'] is None or isinstance(meta['vae'], str), 'a VAE name or null (pixels)'),
-                          ('images', isinstance(meta['images'], bool), 'true or false')):
-        if not ok:
-            raise SystemExit(f"error: '{path}/meta.json' has {key} = {meta[key]!r}, expected {want}: {redo}.")
-    r, unit, pixels = shape[1], 2 ** K * patch, meta['vae'] is None
-    if r % unit:
-        raise SystemExit(f"error: '{path}' holds {r} x {r} {'images' if pixels else 'latents'}, but CAT's four scales "
-                         f"(r/8, r/4, r/2, r) with patch {patch} need r to be a multiple of {unit}: {redo} with "
-                         f"--resolution {unit if pixels else 8 * unit} (or a multiple of it).")
-    for name in ['latents.npy', 'labels.npy'] + (['images.bin', 'images_index.npy'] if meta['images'] else []):
-        if not os.path.exists(os.path.join(path, name)):
-            raise SystemExit(f"error: '{path}' has no {name}, which its meta.json promises: {redo}.")
-    lat = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r')
-    lab = np.load(os.path.join(path, 'labels.npy'), mmap_mode='r')
-    if lat.shape != (meta['N'], *shape) or lab.shape != (meta['N'],):
-        raise SystemExit(f"error: '{path}' does not match its meta.json (latents {tuple(lat.shape)}, labels "
-                         f"{tuple(lab.shape)}, N={meta['N']}, latent_shape={shape}): {redo}.")
-    if lab.min() < 0 or lab.max() >= meta['num_classes']:
-        raise SystemExit(f"error: '{path}' has labels outside [0, num_classes = {meta['num_classes']}) (from "
-                         f"{lab.min()} to {lab.max()}): {redo}, or fix num_classes in its meta.json.")
-    return meta
+    print(f'wrote {plural(N, "sample")} of {plural(num_classes, "class", "classes")} to {out} ('
+          f'{plural(len(skipped), "file")} skipped, {plural(len(empty), "empty class folder")}'
+          f'{", see skipped.txt" if report else ""})')
 
 # ----------------------------------------------------------------------------------------------
 # Main
@@ -397,11 +348,14 @@ def main(args):
         dist.destroy_process_group()
 
 
-if __name__ == '__main__':
+def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument('--imagenet', dest='source', help='ILSVRC2012 train folder: the ImageNet recipe (256, SD-VAE)')
-    src.add_argument('--images', dest='source', help='any folder with one sub-folder of images per class')
+    src.add_argument('--images', dest='source', help='a folder with one sub-folder of images per class, or a folder of '
+                     'images (one unlabelled class: every image under it)')
+    parser.add_argument('--one-class', action='store_true',
+                        help='one unlabelled class from every image under --images, even if it holds only sub-folders')
     parser.add_argument('--out', default=DEFAULT_DATA, help=f'dataset directory to write (default {DEFAULT_DATA})')
     parser.add_argument('--resolution', type=int, default=256, help='image side R after cropping (default 256)')
     parser.add_argument('--crop', choices=['center', 'resize'], default='center',
@@ -410,10 +364,15 @@ if __name__ == '__main__':
                         help="diffusers name (sd-vae-ft-ema / -ft-mse), a save_pretrained dir, or 'none' (pixels)")
     parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='encoder precision')
     parser.add_argument('--batch', type=int, default=64, help='encoder batch per rank')
-    parser.add_argument('--workers', type=int, default=8, help='image-decoding DataLoader workers per rank')
+    parser.add_argument('--workers', type=int, default=min(8, len(os.sched_getaffinity(0))),
+                        help='image-decoding DataLoader workers per rank (default: the cores available, at most 8)')
     parser.add_argument('--chunk', type=int, default=10000, help='images per resumable chunk')
     parser.add_argument('--no-images', action='store_true', help='store no JPEG crops (no REPA)')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace a complete output or an unfinished one with other settings')
     parser.add_argument('--stop-after-chunks', type=int, default=0, help=argparse.SUPPRESS)
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    main(get_args())

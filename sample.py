@@ -28,162 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cat
-import fid
 
 SEED_STRIDE = 1_000_003     # sample i of --seed s uses the seed s * SEED_STRIDE + i
-
-
-# ----------------------------------------------------------------------------------------------
-# Images: EMA samples, decoding (VAE or pixels), grids
-# ----------------------------------------------------------------------------------------------
-
-
-def to_uint8(x):
-    """[-1, 1] images [N, 3, H, W] -> uint8 [N, H, W, 3]."""
-    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def decode(x, info, vae=None):
-    """cat.Generator output -> uint8 images [N, H, W, 3]: pixel data directly; latents through the VAE
-    (x / scaling_factor), or, without a VAE, a false-colour view of latent channels 0..2."""
-    if info['kind'] != 'latent':
-        return to_uint8(x)
-    if vae is None:
-        x = x[:, :3] / x[:, :3].flatten(1).abs().amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
-        return to_uint8(F.interpolate(x, scale_factor=8, mode='nearest'))
-    return to_uint8(torch.cat([vae.decode(b.float() / info['scale']).sample for b in x.split(32)]))
-
-
-def enlarge(images, size=64):
-    """uint8 [N, H, W, 3] -> nearest-neighbour enlarged to at least `size` pixels, for pictures of small images."""
-    f = max(1, size // images.shape[1])
-    return images.repeat_interleave(f, 1).repeat_interleave(f, 2)
-
-
-def save_grid(images, nrow, path):
-    """uint8 [N, H, W, 3] -> one PNG, nrow images per row."""
-    from PIL import Image
-    N, H, W, _ = images.shape
-    rows = -(-N // nrow)
-    grid = torch.zeros(rows * H, nrow * W, 3, dtype=torch.uint8)
-    for i in range(N):
-        grid[i // nrow * H:(i // nrow + 1) * H, i % nrow * W:(i % nrow + 1) * W] = images[i]
-    Image.fromarray(grid.numpy()).save(path)
-
-
-@torch.no_grad()
-def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
-    """EMA samples in batches: the final h_K, or every stage [h_0..h_K] stacked [cat.K+1, N, C, R, R]."""
-    outs = []
-    for zb, cb in zip(z.split(batch), c.split(batch)):
-        hs = G(zb, cb, psi)
-        outs.append(torch.stack(hs) if all_stages else hs[-1])
-    return torch.cat(outs, dim=1 if all_stages else 0)
-
-
-def pixels(ds, idx):
-    """Images idx of a pixel-space data set (cat.LatentDataset) as float [n, C, r, r] in [-1, 1], and their labels."""
-    ds.open()
-    idx = np.sort(np.asarray(idx))
-    C = ds.latents.shape[1] // 2
-    return torch.from_numpy(ds.latents[idx, :C].astype(np.float32)), torch.from_numpy(ds.labels[idx].copy())
-
-# ----------------------------------------------------------------------------------------------
-# Training-time evaluation (cat.py's --eval-every / --fid-every)
-# ----------------------------------------------------------------------------------------------
-
-
-class Evaluation:
-    """Rank 0's view of training, every --eval-every steps on a fixed set of EMA samples (class c = i mod classes):
-    the cross-scale metrics of Eq. 1, a sample grid (pixel data: one row per class; latents: decoded), and for pixel
-    data the data set's own classifier (fid.py): class accuracy and a Frechet distance in its features. With
-    --fid-every, FID of fid_n samples against --fid-ref."""
-    def __init__(self, args, info, ds, device, run_dir, log):
-        self.args, self.info, self.device, self.run_dir = args, info, device, run_dir
-        self.vae = self.clf = self.detector = None
-        if info['kind'] == 'latent':
-            self.vae = cat.load_vae(args.vae or info['vae'], device, required=False)
-            if self.vae is None:
-                log(f"warning: VAE '{args.vae or info['vae']}' unavailable: sample grids show latent channels 0-2.")
-        else:
-            self.clf, self.reals = self.data_classifier(ds, log)
-        if args.fid_every:
-            try:
-                self.detector = fid.load_detector(args.fid_detector, device)
-            except SystemExit as e:
-                log(f"warning: {e} FID during training is off.")
-
-    def data_classifier(self, ds, log):
-        """fid.SmallClassifier on the training images (toy: fresh toy images, >= 98 % required on held-out ones),
-        cached in the run directory; and 2n real images for the Frechet distance (data sets: the first 2n of the same
-        seeded permutation, so on a set smaller than 2n + 2000 they overlap the classifier's training images)."""
-        a, info, path = self.args, self.info, os.path.join(self.run_dir, 'classifier.pt')
-        n, res, nc = a.eval_n, info['res'], info['num_classes']
-        if info['kind'] == 'toy':
-            train = cat.make_toy(300 * 128, seed=a.seed + 1000, res=res)
-            val = cat.make_toy(2000, seed=a.seed + 2000, res=res)
-            reals = cat.make_toy(2 * n, seed=a.seed + 777, res=res)[0]
-        else:                                # a seeded split of the data set: up to 2000 held out; 2n for the FD
-            perm = torch.randperm(info['N'], generator=torch.Generator().manual_seed(a.seed + 777)).numpy()
-            hold = min(2000, info['N'] // 10)
-            train, val = pixels(ds, perm[hold:hold + 300 * 128]), pixels(ds, perm[:hold])
-            reals = pixels(ds, perm[:2 * min(n, info['N'] // 2)])[0]
-        if os.path.exists(path):
-            clf = fid.SmallClassifier(res, nc, info['channels'])
-            clf.load_state_dict(torch.load(path, map_location='cpu'))
-            return clf.eval(), reals
-        clf = fid.train_classifier(*train, nc, val, seed=a.seed)
-        log(f"data set classifier: {100 * clf.val_acc:.1f}% on {len(val[1])} held-out real images")
-        if info['kind'] == 'toy' and clf.val_acc < 0.98:
-            raise RuntimeError(f'toy classifier val accuracy {clf.val_acc:.3f} < 0.98')
-        torch.save(clf.state_dict(), path)
-        return clf, reals
-
-    def due(self, step):
-        return self.args.eval_every and (step % self.args.eval_every == 0 or step == self.args.steps)
-
-    @torch.no_grad()
-    def __call__(self, ema, step):
-        a, info = self.args, self.info
-        g = torch.Generator().manual_seed(a.seed + 12345)
-        z = torch.randn(a.eval_n, ema.z_dim, generator=g).to(self.device)
-        c = (torch.arange(a.eval_n) % info['num_classes']).to(self.device)
-        with cat.autocast(a.precision, self.device):
-            hs = generate(ema, z, c, all_stages=True)
-        hs = list(hs.float())
-        out = {f'{name}_{k}': v for name, vals in cat.cross_scale_metrics(hs).items() for k, v in enumerate(vals)}
-        for name in ('delta', 'R', 'A', 'delta_h'):
-            out[name] = sum(out[f'{name}_{k}'] for k in range(cat.K)) / cat.K
-        x = hs[-1]
-        if self.clf is not None:
-            n = len(self.reals) // 2
-            out.update(fid.classifier_metrics(self.clf, x[:n].cpu(), c[:n].cpu(), self.reals))
-            nc = info['num_classes']                          # one row per class (at most 16), up to 10 seeds
-            rows, cols = min(nc, 16), min(10, len(x) // nc)
-            idx = (torch.arange(rows)[:, None] + nc * torch.arange(cols)[None]).flatten()
-            save_grid(enlarge(decode(x[idx], info)), cols, os.path.join(self.run_dir, f'samples-{step:07d}.png'))
-        else:
-            save_grid(decode(x[:32], info, self.vae), 8, os.path.join(self.run_dir, f'samples-{step:07d}.png'))
-        return out
-
-    def fid_due(self, step):
-        return self.detector is not None and (step % self.args.fid_every == 0 or step == self.args.steps)
-
-    @torch.no_grad()
-    def fid_score(self, ema):
-        """FID of fid_n EMA samples (uniform random classes, fixed seed) against the --fid-ref statistics."""
-        a, info = self.args, self.info
-        if info['kind'] == 'latent' and self.vae is None:
-            return None
-        g = torch.Generator().manual_seed(a.seed + 999)
-        z = torch.randn(a.fid_n, ema.z_dim, generator=g)
-        c = torch.randint(0, info['num_classes'], (a.fid_n,), generator=g)
-        images = []
-        for zb, cb in zip(z.split(256), c.split(256)):
-            with cat.autocast(a.precision, self.device):
-                images.append(decode(ema(zb.to(self.device), cb.to(self.device))[-1].float(), info, self.vae))
-        return fid.fid_from_images(torch.cat(images).numpy(), a.fid_ref, self.detector, self.device)
-
 
 
 def sample_inputs(idx, args, z_dim, num_classes):
@@ -222,8 +68,8 @@ def write_npz(path, parts, labels):
 def stages(G, args, info, vae, device, path):
     z, c = sample_inputs(range(8), args, G.z_dim, G.num_classes)
     with cat.autocast(args.precision, device):
-        hs = generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)  # [K+1, 8, C, R, R]
-    save_grid(enlarge(decode(hs.transpose(0, 1).flatten(0, 1).float(), info, vae)), hs.shape[0], path)
+        hs = cat.generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)  # [K+1, 8, C, R, R]
+    cat.save_grid(cat.decode(hs.transpose(0, 1).flatten(0, 1).float(), info, vae), hs.shape[0], path)
     print(f'wrote {path} (rows: samples 0-7, columns: h_0..h_{cat.K})')
 
 
@@ -231,7 +77,7 @@ def analyze(G, args, device):
     n = min(args.num or 1000, 1000)
     z, c = sample_inputs(range(n), args, G.z_dim, G.num_classes)
     with cat.autocast(args.precision, device):
-        hs = generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)
+        hs = cat.generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)
     m = {name: v + [sum(v) / len(v)] for name, v in cat.cross_scale_metrics(list(hs.float())).items()}
     print(f'cross-scale metrics (Eq. 1) over {n} samples, psi {args.psi:g}; floor: the same with h_k = h_K')
     print(f"{'':14}" + ''.join(f'{col:>9}' for col in [f'k={k}' for k in range(cat.K)] + ['mean']))
@@ -253,7 +99,7 @@ def interp(G, args, info, vae, device, path, steps=8):
         w = G.truncate(G.style(z, c), c, args.psi).float()
         t = torch.linspace(0, 1, steps, device=device)[None, :, None]
         h = G.synthesis(w[0::2, None].lerp(w[1::2, None], t).flatten(0, 1))[-1]
-    save_grid(enlarge(decode(h.float(), info, vae)), steps, path)
+    cat.save_grid(cat.decode(h.float(), info, vae), steps, path)
     print(f'wrote {path} (rows: samples 0>1, 2>3, 4>5, 6>7 in {steps} steps)')
 
 def curves(runs, path):
@@ -307,6 +153,18 @@ def curves(runs, path):
     fig.savefig(path, dpi=110)
     print(f'wrote {path}')
 
+def exact_gp(D, xs, c):
+    """What the approximated R1/R2 estimates: per sample, the mean over scales k of ||grad_x d_k||^2 (x = all scales;
+    with the block-diagonal mask only x_k counts), by double backprop in full fp32 with the math attention kernel."""
+    from torch.nn.attention import sdpa_kernel, SDPBackend
+    xs = [x.detach().float().requires_grad_(True) for x in xs]
+    with cat.autocast('fp32', xs[0].device), cat.full_fp32(), sdpa_kernel(SDPBackend.MATH):
+        d = D(xs, c)
+        sq = [g.flatten(1).square().sum(1) for k in range(d.shape[1])
+              for g in torch.autograd.grad(d[:, k].sum(), xs, create_graph=True)]
+    return sum(sq) / d.shape[1]
+
+
 def gp_check(ckpt, n=64, seed=0, draws=8, out=print):
     """For the D of checkpoint ckpt, on n real and n fake samples (augmented as in training):
     exact R1 / R2 (fp32 double backprop) against the approximated penalty averaged over `draws` perturbations, for
@@ -335,7 +193,7 @@ def gp_check(ckpt, n=64, seed=0, draws=8, out=print):
                                                                              materialize_grads=True)])
     res = {}
     for name, xs in (('R1', cat.multiscale(x)), ('R2', cat.multiscale(fake.chunk(cat.K + 1)))):
-        exact = cat.exact_gp(D, xs, c).mean()
+        exact = exact_gp(D, xs, c).mean()
         g_exact = flat(exact)
         res[name] = dict(exact=exact.item())
         for prec in ('bf16', 'fp32'):
@@ -368,7 +226,7 @@ def sample_npz(G, args, info, vae, device, rank, world, out):
         z, c = sample_inputs(idx, args, G.z_dim, G.num_classes)
         with cat.autocast(args.precision, device):
             h = G(z.to(device), c.to(device), args.psi)[-1]
-        mine.append(decode(h.float(), info, vae))
+        mine.append(cat.decode(h.float(), info, vae))
         pbar.update(min(len(idx) * world, pbar.total - pbar.n))   # ranks run in step: rank 0's rate x world
     pbar.close()
     mine = torch.cat(mine).numpy() if len(mine) else None
@@ -380,7 +238,7 @@ def sample_npz(G, args, info, vae, device, rank, world, out):
         parts = [mine] + [np.load(part(r), mmap_mode='r') for r in range(1, world) if len(runs[r])]
         write_npz(out, parts, sample_inputs(range(args.num), args, G.z_dim, G.num_classes)[1].numpy())
         grid = os.path.splitext(out)[0] + '.png'
-        save_grid(enlarge(torch.from_numpy(np.concatenate([p[:64] for p in parts])[:64])), 8, grid)
+        cat.save_grid(torch.from_numpy(np.concatenate([p[:64] for p in parts])[:64]), 8, grid)
         for r in range(1, world):
             if len(runs[r]):
                 os.remove(part(r))

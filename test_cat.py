@@ -1,5 +1,5 @@
 """CAT test suite: CPU only, tiny configs, a few minutes on 2 cores.  Run: pytest test_cat.py"""
-import argparse, io, json, math, os, shutil, socket, subprocess, sys, warnings
+import argparse, io, json, math, os, re, shutil, socket, subprocess, sys, warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -452,6 +452,35 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(sa[i]['exp_avg_sq'], sb[i]['exp_avg_sq']) for i in sa)
 
 
+def test_resume_into_a_new_directory_starts_there(tmp_path, capsys):
+    """A requeue script repeats one command: --resume with --out DIR starts a new run when DIR does not exist yet (one
+    line says so), and the same command then continues it; a missing --resume FILE stays an error."""
+    cmd = TINY + ['--out', str(tmp_path / 'new' / 'run'), '--resume']
+    run_cat(cmd + ['--steps', '2'])
+    assert 'no checkpoint in ' in capsys.readouterr().out and load(tmp_path / 'new' / 'run')['step'] == 2
+    run_cat(cmd + ['--steps', '3'])
+    assert load(tmp_path / 'new' / 'run')['step'] == 3
+    run_cat(TINY + ['--steps', '1', '--resume', str(tmp_path / 'other')])          # --resume DIR alone
+    assert load(tmp_path / 'other')['step'] == 1
+    with pytest.raises(SystemExit, match='no such checkpoint file'):
+        run_cat(TINY + ['--steps', '1', '--resume', str(tmp_path / 'missing.pt')])
+    assert not (tmp_path / 'missing.pt').exists()
+
+
+def test_cat_stands_alone(tmp_path):
+    """cat.py imports none of its companions and needs no sys.modules trick: a copy of cat.py alone trains the toy set
+    with its evaluation."""
+    src = open(os.path.join(HERE, 'cat.py')).read()
+    assert not re.search(r'^\s*(import|from)\s+(sample|fid|prepare_latents)\b', src, re.M) and 'sys.modules' not in src
+    shutil.copy(os.path.join(HERE, 'cat.py'), tmp_path)
+    code = ("import sys, cat; cat.JUDGE_STEPS = 100; cat.JUDGE_MIN_ACC = 0; cat.train(cat.get_args(sys.argv[1:])); "
+            "assert not {'sample', 'fid', 'prepare_latents'} & set(sys.modules)")
+    r = subprocess.run([sys.executable, '-c', code, *TINY, '--steps', '2', '--eval-every', '2', '--eval-n', '50',
+                        '--out', 'r'], cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / 'r' / 'log.txt').read_text().splitlines()[-1].startswith('toy: shape_acc=')
+
+
 def test_existing_run_dir_is_refused(tmp_path):
     run_cat(TINY + ['--steps', '1', '--out', str(tmp_path / 'r')])
     before = os.path.getmtime(tmp_path / 'r' / 'latest.pt')
@@ -530,7 +559,7 @@ LATENT = ['--model', 'T', '--batch-size', '8', '--precision', 'fp32', '--eval-ev
 
 def test_latent_dataset_training_step(tmp_path):
     data = make_latent_dir(tmp_path / 'data')
-    ds = cat.LatentDataset(str(data), prepare_latents.check_data_dir(str(data)), images=False)
+    ds = cat.LatentDataset(str(data), cat.check_data_dir(str(data)), images=False)
     m, c, img = ds[3]
     assert m.shape == (8, 32, 32) and m.dtype == torch.float16 and c == 3 and img.numel() == 0
     x = cat.posterior_sample(m[None], torch.ones(1, 4, 32, 32), 0.18215)
@@ -661,26 +690,74 @@ def test_toy_make_deterministic_balanced():
     assert counts.max() - counts.min() <= 1
 
 
-def test_data_classifier_and_metrics():
-    """fid.py's small classifier, trained on toy images: it separates good samples from blurred and noisy ones, and the
-    mirrored-sample accuracy tells an asymmetric class from its mirror image."""
-    clf = fid.train_classifier(*make_toy(150 * 128, seed=1000), 10, make_toy(2000, seed=2000), steps=150)
-    assert clf.val_acc >= 0.98 and not clf.training
-    assert clf.features(torch.zeros(2, 3, 16, 16)).shape == (2, 128)
-    real, _ = make_toy(400, seed=7)
-    fx, fy = make_toy(200, seed=8)
-    good = fid.classifier_metrics(clf, fx, fy, real)
-    assert good['class_acc'] > 0.98 and good['class_acc_flip'] > 0.9           # toy shapes are mirror-symmetric
-    noise = fid.classifier_metrics(clf, torch.rand(200, 3, 16, 16) * 2 - 1, fy, real)
-    blur = fid.classifier_metrics(clf, F.interpolate(F.avg_pool2d(fx, 4), scale_factor=4.0, mode='bilinear'), fy, real)
-    assert noise['fd'] > blur['fd'] > 2 * good['fd_floor'] and good['fd'] < 3 * good['fd_floor'] + 1
-    # an asymmetric data set: the class is which side a bar is on; mirrored samples land in the other class
-    x = -torch.ones(400, 3, 16, 16)
-    y = torch.arange(400) % 2
-    x[y == 0, :, :, :5], x[y == 1, :, :, -5:] = 1, 1
-    clf = fid.train_classifier(x, y, 2, (x[:100], y[:100]), steps=50, batch=32)
-    m = fid.classifier_metrics(clf, x[:100], y[:100], x[100:300])
-    assert m['class_acc'] == 1 and m['class_acc_flip'] == 0 and abs(m['fd']) < 1e-2
+@pytest.fixture(scope='module')
+def toy_judges():
+    """The toy's judge (trained as the training evaluation trains it, fewer steps) and its shape judge (random hues)."""
+    judge = cat.train_judge(*make_toy(150 * 128, seed=1000), 10, steps=150)
+    shape = cat.train_judge(*make_toy(150 * 128, seed=1001, random_hue=True), 10, steps=150, seed=1)
+    return judge, shape
+
+
+def test_judge_separates_good_blurred_and_noisy_samples(toy_judges):
+    judge, shape = toy_judges
+    assert not judge.training and judge.features(torch.zeros(2, 3, 16, 16)).shape == (2, 128)
+    assert cat.class_accuracy(judge, *make_toy(2000, seed=2000), 10)[0] >= 0.98
+    assert cat.class_accuracy(shape, *make_toy(2000, seed=2001, random_hue=True), 10)[0] >= 0.95
+    real, c_real = make_toy(400, seed=7)
+    fx, fy = make_toy(200, seed=8)                  # the same class counts as set A (any 10-block is balanced)
+    m = lambda x: cat.judge_metrics(judge, x, fy, real, c_real, 10, shape_judge=shape)
+    good, noise = m(fx), m(torch.rand(200, 3, 16, 16) * 2 - 1)
+    blur = m(F.interpolate(F.avg_pool2d(fx, 4), scale_factor=4.0, mode='bilinear'))     # blobs of the right hue
+    assert good['class_acc'] > 0.98 and good['shape_acc'] > 0.9 and good['class_acc_flip'] > 0.9   # symmetric shapes
+    assert good['fd'] < 3 * good['fd_floor'] + 1 and noise['fd'] > blur['fd'] > 2 * good['fd_floor']
+    assert blur['shape_acc'] < 0.6 and good['recall'] > 0.7 * good['recall_floor']
+    # every sample at the centre at one size: the features keep position and size, so diversity and recall fall
+    centred = torch.stack([make_toy(1, seed=100 + k)[0][0] for k in range(10)])      # one fixed image per class ...
+    one = m(centred[fy])                                                              # ... drawn for every sample
+    assert one['diversity'] < 0.05 and one['recall'] < 0.1 and good['diversity'] > 0.8
+
+
+def test_judge_metrics_identical_sets_and_one_image_per_class():
+    """Fakes equal to real set A: every distance-based metric at its ideal (fd 0, precision = recall = diversity = 1).
+    A generator that draws one image per class: diversity 0 and recall near 0."""
+    torch.manual_seed(0)
+    judge = cat.Judge(16, 3, 3)
+    real = torch.rand(300, 3, 16, 16) * 2 - 1
+    c_real = torch.arange(300) % 3
+    same = cat.judge_metrics(judge, real[:150], c_real[:150], real, c_real, 3)
+    assert abs(same['fd']) < 1e-6 and same['precision'] == same['recall'] == 1.0 and same['diversity'] == pytest.approx(1)
+    assert same['fd_floor'] > 0 and 0 < same['recall_floor'] <= 1
+    one = cat.judge_metrics(judge, real[:3][c_real[:150]], c_real[:150], real, c_real, 3)
+    assert one['diversity'] == 0 and one['recall'] <= 3 / 150 and one['precision'] == 1.0
+    assert set(f'class_acc_{k}' for k in range(3)) | {'min_class_acc', 'diversity_2'} <= set(one)
+    assert 'class_acc' not in cat.judge_metrics(judge, real[:150], c_real[:150], real, c_real, 3, labelled=False)
+
+
+class FlatJudge(nn.Module):
+    """features = the image's values; the class is the sign of pixel 0."""
+    def features(self, x):
+        return x.flatten(1)
+
+    def forward(self, x):
+        return torch.stack([-x.flatten(1)[:, 0], x.flatten(1)[:, 0]], 1)
+
+
+def test_judge_metrics_by_hand():
+    """Two classes of 1-pixel, 2-channel 'images' (features = their values), worked out by hand."""
+    pt = lambda *v: torch.tensor(v, dtype=torch.float).view(-1, 2, 1, 1)
+    # set A (first 4) and B (last 4); classes 1, 1, 0, 0 (class = sign of channel 0)
+    real = torch.cat([pt(1, 0, 3, 0, -1, 0, -1, 4), pt(1, 1, 3, 1, -1, 1, -1, 3)])
+    c_real = torch.tensor([1, 1, 0, 0, 1, 1, 0, 0])
+    fake = pt(1, 0, 2, 0, -1, 0, 1, 0)                # classes 1, 1, 0, 0: the last is on the wrong side
+    m = cat.judge_metrics(FlatJudge(), fake, c_real[:4], real, c_real, 2)
+    # class 1: fakes 1 apart, reals 2 apart -> 0.5; class 0: fakes (-1,0), (1,0) 2 apart, reals 4 apart -> 0.5
+    assert m['diversity_1'] == pytest.approx(0.5) and m['diversity_0'] == pytest.approx(0.5)
+    assert m['diversity'] == pytest.approx(0.5)
+    assert m['class_acc'] == 0.75 and m['class_acc_1'] == 1 and m['class_acc_0'] == 0.5 and m['min_class_acc'] == 0.5
+    # precision / recall with k = 1 on a line: reals 0, 1, 2, 3 (radius 1 each) hold all three fakes; the fakes 0,
+    # 0.2, 0.3 (radii 0.2, 0.1, 0.1) reach only the real 0
+    line = lambda *v: np.array(v, dtype=np.float32)[:, None]
+    assert cat.precision_recall(line(0, 1, 2, 3), line(0, 0.2, 0.3), k=1) == (1.0, 0.25)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1010,17 +1087,16 @@ def test_prepare_refusals(tree, base, tmp_path):
     from prepare_latents import plan_run
     opts = lambda source, out, vae=vae, **kw: argparse.Namespace(**{**dict(
         source=str(source), out=str(out), vae=str(vae), resolution=256, crop='center', precision='fp32', chunk=3,
-        no_images=False, overwrite=False), **kw})
+        no_images=False, overwrite=False, one_class=False), **kw})
     with pytest.raises(SystemExit, match='error: .*nope is not a directory'):
         plan_run(opts(tmp_path / 'nope', tmp_path / 'x'))
     with pytest.raises(SystemExit, match=r'--resolution 64 gives 8 x 8 latents.*multiple of 16'):
         plan_run(opts(root, tmp_path / 'x', resolution=64))
     with pytest.raises(SystemExit, match=r'--resolution 8 gives 8 x 8 images.*multiple of 16'):
         plan_run(opts(root, tmp_path / 'x', resolution=8, vae='none'))
-    (tmp_path / 'flat').mkdir()
-    Image.new('RGB', (8, 8)).save(tmp_path / 'flat/a.JPEG')
-    with pytest.raises(SystemExit, match='no class sub-folders'):
-        plan_run(opts(tmp_path / 'flat', tmp_path / 'x'))
+    (tmp_path / 'empty/sub').mkdir(parents=True)
+    with pytest.raises(SystemExit, match='holds no image files'):
+        plan_run(opts(tmp_path / 'empty', tmp_path / 'x'))
 
     # an unfinished run refuses a different tree or VAE once a chunk is finished; --overwrite starts over
     tree2, vae2, out2 = tmp_path / 'tree2', tmp_path / 'vae2', tmp_path / 'data'
@@ -1093,7 +1169,7 @@ def test_sample_npz_shape_count_and_grid(single):
     x = load_npz(single)
     assert x.shape == (10, 16, 16, 3) and x.dtype == np.uint8
     assert not np.array_equal(x[0], x[1])
-    assert Image.open(single[:-4] + '.png').size == (8 * 64, 2 * 64)      # 8 per row, toy enlarged x4
+    assert Image.open(single[:-4] + '.png').size == (8 * 65 + 1, 2 * 65 + 1)   # 8 per row, x4, 1-pixel gaps
 
 
 def test_sample_torchrun_identical(ckpt, single, tmp_path):
@@ -1143,20 +1219,29 @@ def test_sample_bad_checkpoints(ckpt, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['half.pt', 'other.pt']                # nothing written
 
 
+def tiles(png, size=64):
+    """A grid PNG (1-pixel gaps) -> its tiles [rows, cols, size, size, 3]; the gaps must be white."""
+    g = np.asarray(Image.open(png))
+    rows, cols = (g.shape[0] - 1) // (size + 1), (g.shape[1] - 1) // (size + 1)
+    assert g.shape[:2] == (rows * (size + 1) + 1, cols * (size + 1) + 1) and (g[::size + 1] == 255).all()
+    return np.stack([np.stack([g[1 + i * (size + 1):(i + 1) * (size + 1), 1 + j * (size + 1):(j + 1) * (size + 1)]
+                               for j in range(cols)]) for i in range(rows)])
+
+
 def test_sample_research_views(ckpt, single, tmp_path):
     """--num 0: no .npz; stages grid 8 rows x 4 stages, its h_3 column = the samples; interp 4 x 8; Eq. 1 table."""
     out, js = tmp_path / 'r.npz', tmp_path / 'm.json'
     r = run_sample('--ckpt', ckpt, '--num-samples', 0, '--batch', 4, '--stages', '--interp', '--analyze', '--json', js,
                    '--out', out)
     assert not out.exists()
-    stages = np.asarray(Image.open(tmp_path / 'r-stages.png'))
-    assert stages.shape == (8 * 64, 4 * 64, 3)
+    stages = tiles(tmp_path / 'r-stages.png')
+    assert stages.shape == (8, 4, 64, 64, 3)
     x = load_npz(single)[:8].repeat(4, 1).repeat(4, 2)                              # same seeds, same batches of 4
-    assert np.array_equal(stages[:, 3 * 64:].reshape(8, 64, 64, 3), x)
-    interp = np.asarray(Image.open(tmp_path / 'r-interp.png'))
-    assert interp.shape == (4 * 64, 8 * 64, 3)
-    assert np.abs(interp[:64, :64].astype(int) - x[0]).max() <= 2              # t = 0 is sample 0 (batch of 32)
-    assert np.abs(interp[:64, -64:].astype(int) - x[1]).max() <= 2             # t = 1 is sample 1
+    assert np.array_equal(stages[:, 3], x)
+    interp = tiles(tmp_path / 'r-interp.png')
+    assert interp.shape == (4, 8, 64, 64, 3)
+    assert np.abs(interp[0, 0].astype(int) - x[0]).max() <= 2              # t = 0 is sample 0 (batch of 32)
+    assert np.abs(interp[0, -1].astype(int) - x[1]).max() <= 2             # t = 1 is sample 1
     for name in ('delta', 'R', 'A', 'k=0', 'mean'):
         assert name in r.stdout
     m = json.load(open(js))
@@ -1221,15 +1306,67 @@ def test_own_pixel_data_end_to_end(tmp_path):
     ev = [json.loads(l) for l in open(run / 'metrics.jsonl') if 'class_acc' in l][-1]
     assert ev['step'] == 4 and 0 <= ev['class_acc'] <= 1 and math.isfinite(ev['fd'])
     assert ev['R_floor_2'] == ev['delta_floor_2'] and abs(ev['A_floor_2'] - 1) < 1e-5    # Eq. 1's floor is logged
-    assert Image.open(run / 'samples-0000004.png').size == (64 * 6, 64 * 3)      # 3 classes x 6 seeds, x4 enlarged
+    assert Image.open(run / 'samples-0000004.png').size == (65 * 10 + 1, 65 * 3 + 1)   # 3 classes x 10 seeds, x4
 
     run_sample('--ckpt', run / 'latest.pt', '--num-samples', 12, '--stages', '--out', tmp_path / 's.npz')
     with np.load(tmp_path / 's.npz') as z:
         assert z['arr_0'].shape == (12, 16, 16, 3) and z['arr_0'].dtype == np.uint8 and z['arr_1'].shape == (12,)
-    assert Image.open(tmp_path / 's-stages.png').size == (64 * 4, 64 * 8)
+    assert Image.open(tmp_path / 's-stages.png').size == (65 * 4 + 1, 65 * 8 + 1)
     r = _run(tmp_path, 's.npz', '--ref', str(data), '--detector', _detector(tmp_path), '--json', 'm.json')
     assert r.returncode == 0, r.stderr
     assert math.isfinite(json.loads((tmp_path / 'm.json').read_text())['fid'])
+
+
+def test_unlabelled_folder_end_to_end(tmp_path):
+    """A folder of images without class folders (some in a nested folder): one class, said in one line; trains with
+    an evaluation in label-free features (random CNN) that names its feature space; samples; scores."""
+    rng, root = np.random.default_rng(1), tmp_path / 'faces'
+    (root / 'more').mkdir(parents=True)
+    for i in range(14):
+        a = rng.integers(0, 60, (20, 20, 3), dtype=np.uint8)
+        a[5 + i % 5:12 + i % 5, 4:14] = 200
+        Image.fromarray(a).save((root / 'more' if i >= 10 else root) / f'{i}.png')
+    data, run = tmp_path / 'data16', tmp_path / 'run'
+    r = prepare('--images', root, '--out', data, '--resolution', 16, '--vae', 'none')
+    assert r.returncode == 0, r.stderr
+    assert f'{root}: one unlabelled class of 14 images (10 images directly in it;' in r.stdout
+    assert 'wrote 14 samples of 1 class to' in r.stdout and '0 files skipped, 0 empty class folders' in r.stdout
+    assert json.loads((data / 'meta.json').read_text())['num_classes'] == 1
+    out = subprocess.run([sys.executable, 'cat.py', '--data', str(data), '--model', 'T', '--batch-size', '8',
+                          '--steps', '2', '--eval-n', '7', '--out', str(run)], cwd=HERE, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 'judge features: random CNN (untrained judge' in (run / 'log.txt').read_text()
+    ev = [json.loads(l) for l in open(run / 'metrics.jsonl') if '"fd"' in l][-1]
+    assert 'class_acc' not in ev and ev['features'].startswith('random CNN')
+    assert all(math.isfinite(ev[k]) for k in ('fd', 'fd_floor', 'precision', 'recall', 'recall_floor', 'diversity'))
+    assert Image.open(run / 'samples-0000002.png').size == (10 * 65 + 1,) * 2          # one class: 10 rows of 10
+    assert Image.open(run / 'reals.png').size == (10 * 65 + 1, 2 * 65 + 1)            # the 14 reals, in rows of 10
+    run_sample('--ckpt', run / 'latest.pt', '--num-samples', 6, '--out', tmp_path / 's.npz')
+    r = _run(tmp_path, 's.npz', '--ref', str(data), '--detector', _detector(tmp_path), '--json', 'm.json')
+    assert r.returncode == 0, r.stderr
+    assert math.isfinite(json.loads((tmp_path / 'm.json').read_text())['fid'])
+
+
+def test_one_image_generator_scores_worse_in_label_free_features():
+    """The one-class evaluation's random CNN features: a generator that draws one image is clearly worse than a second
+    real set on every label-free metric."""
+    real = make_toy(600)[0]
+    c = torch.zeros(600, dtype=torch.long)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        judge = cat.Judge(16, 1, 3).eval()
+    one = cat.judge_metrics(judge, real[:1].expand(300, -1, -1, -1), c[:300], real, c, 1, labelled=False)
+    assert one['diversity'] == 0 and one['recall'] < 0.02 and one['fd'] > 3 * one['fd_floor']
+    assert one['recall_floor'] > 0.8 and 'class_acc' not in one
+
+
+def test_prepare_defaults_on_a_cpu():
+    """Image-decoding workers default to the cores available (at most 8); messages count in the singular for one."""
+    sys.path.insert(0, HERE)
+    import prepare_latents
+    assert 1 <= prepare_latents.get_args(['--images', 'x']).workers <= min(8, len(os.sched_getaffinity(0)))
+    assert prepare_latents.plural(1, 'class', 'classes') == '1 class' and prepare_latents.plural(2, 'image') == '2 images'
 
 
 def test_curves_draws_fig4_layout_or_says_matplotlib_is_missing(tmp_path):
@@ -1273,7 +1410,7 @@ def test_bad_pixel_meta_exits_with_one_line(tmp_path):
 def test_prepare_then_train(base, tmp_path):
     """cat.py trains on what prepare_latents.py wrote (with REPA's images read from images.bin)."""
     out, _ = base
-    ds = cat.LatentDataset(str(out), prepare_latents.check_data_dir(str(out)), images=True)
+    ds = cat.LatentDataset(str(out), cat.check_data_dir(str(out)), images=True)
     m, c, img = ds[0]
     assert m.shape == (8, 32, 32) and img.shape == (3, 256, 256) and img.dtype == torch.uint8
     r = cat.train(cat.get_args(LATENT + ['--data', str(out), '--steps', '1', '--out', str(tmp_path / 'r')]))
@@ -1283,7 +1420,7 @@ def test_prepare_then_train(base, tmp_path):
 def test_training_logs_fid_with_stand_in_detector(tmp_path):
     det = _detector(tmp_path)
     x, _ = make_toy(64, seed=5)
-    feats, _ = fid.detector_outputs(fid.load_detector(det), sample.to_uint8(x).numpy(), batch=32)
+    feats, _ = fid.detector_outputs(fid.load_detector(det), cat.to_uint8(x).numpy(), batch=32)
     mu, sigma = fid.feature_stats(feats)
     np.savez(tmp_path / 'ref.npz', mu=mu, sigma=sigma)
     run = run_cat(TINY + ['--steps', '2', '--fid-every', '2', '--fid-n', '40', '--fid-ref', str(tmp_path / 'ref.npz'),
@@ -1342,23 +1479,29 @@ def test_compiled_blocks_match_eager():
     assert set(D.state_dict()) == set(tiny_D(depth=1).state_dict())      # keys unchanged: checkpoints stay portable
 
 
-def test_toy_run_with_evaluator(tmp_path):
-    """A few toy steps with the evaluator: the toy line, the cached classifier, cross-scale metrics, the grid."""
+def test_toy_run_with_evaluator(tmp_path, monkeypatch):
+    """A few toy steps with the evaluator: the toy line with every summary, the cached judges, per-class values in
+    metrics.jsonl, Eq. 1, the sample grid (one row per class, 1-pixel gaps) and the grid of real images."""
+    monkeypatch.setattr(cat, 'JUDGE_STEPS', 150)
     run = run_cat(TINY + ['--steps', '2', '--eval-every', '2', '--eval-n', '100', '--out', str(tmp_path / 'r')])
     log = open(os.path.join(run, 'log.txt')).read().splitlines()
-    assert log[-1].startswith('toy: class_acc=') and 'fd_floor=' in log[-1]
+    assert log[-1].startswith('toy: shape_acc=') and all(f' {k}=' in log[-1] for k in cat.TOY_SUMMARY[1:])
+    assert any(line.startswith('shape_judge: ') for line in log)
     rows = [json.loads(l) for l in open(os.path.join(run, 'metrics.jsonl'))]
     ev = [r for r in rows if 'class_acc' in r][0]
     assert 0 <= ev['class_acc'] <= 1 and ev['fd'] > ev['fd_floor'] > 0 and all(f'delta_{k}' in ev for k in range(3))
-    assert os.path.exists(os.path.join(run, 'classifier.pt'))
-    assert os.path.exists(os.path.join(run, 'samples-0000002.png'))
+    assert ev['min_class_acc'] == min(ev[f'class_acc_{k}'] for k in range(10)) and 'diversity_9' in ev
+    assert ev['features'].startswith('judge') and 0 <= ev['recall'] <= 1 and 0 < ev['recall_floor'] <= 1
+    assert os.path.exists(os.path.join(run, 'judge.pt'))
+    for name in ('samples-0000002.png', 'reals.png'):       # 10 rows x 10 seeds of 16 px x 4, 1-pixel gaps
+        assert Image.open(os.path.join(run, name)).size == (10 * 65 + 1, 10 * 65 + 1)
 
 
 def test_sample_then_fid_on_toy_checkpoint(single, tmp_path):
     """sample.py's .npz of a toy checkpoint through fid.py with the stand-in detector, against real toy images."""
     det = _detector(tmp_path)
     x, _ = make_toy(64, seed=3)
-    np.savez(tmp_path / 'ref.npz', arr_0=sample.to_uint8(x).numpy())
+    np.savez(tmp_path / 'ref.npz', arr_0=cat.to_uint8(x).numpy())
     r = _run(tmp_path, str(single), '--ref', str(tmp_path / 'ref.npz'), '--detector', det,
              '--json', str(tmp_path / 'm.json'))
     assert r.returncode == 0, r.stderr

@@ -37,10 +37,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-# ----------------------------------------------------------------------------------------------
-# Notation and configs (Table 6). K+1 = 4 stages k = 0..3, coarse to fine.
-# ----------------------------------------------------------------------------------------------
-
+# ==== Notation and configs ==== Table 6. K+1 = 4 stages k = 0..3, coarse to fine.
 K = 3                                   # index of the final stage; stages are k = 0..K
 W_CONS = (1 / 3, 1 / 2, 1.0)            # w_k of Eq. 2 for k = 0, 1, 2 (weaker for coarse stages)
 DEFAULT_DATA = 'data/imagenet256'       # what prepare_latents.py writes by default
@@ -64,10 +61,7 @@ D_CONFIGS = {'T': NetConfig(2, 32, 2, 64), 'S': NetConfig(4, 64, 2, 128),
 PAPER_STEPS = {'B': 50_000, 'M': 100_000, 'H': 150_000}      # 20 / 40 / 60 epochs at batch 512 (Sec. 4)
 D_FOR_G = {'T': 'T', 'S': 'S', 'B': 'B', 'M': 'B', 'H': 'B'}   # the paper: one Base D for every G size
 
-# ----------------------------------------------------------------------------------------------
-# Shared building blocks (App. A.1), and the precision helpers of autocast and TF32
-# ----------------------------------------------------------------------------------------------
-
+# ==== Shared building blocks ==== App. A.1, and the precision helpers of autocast and TF32.
 def sincos_2d(dim, n):
     """Fixed 2D sin-cos embedding of an n x n grid, [n*n, dim]: the first half of the channels encodes the row, the
     second half the column (MAE, DiT and GAT put the column first: the same embedding up to a channel permutation)."""
@@ -177,11 +171,8 @@ def unpatchify(t, p, C):
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
-# ----------------------------------------------------------------------------------------------
-# Generator (GAT's; Table 6, App. A.1): fixed sin-cos input tokens, style w from (z, c) through an
-# equalized-lr mapping network, AdaLN blocks, four output heads with output skip accumulation.
-# ----------------------------------------------------------------------------------------------
-
+# ==== Generator ==== GAT's (Table 6, App. A.1): fixed sin-cos input tokens, style w from (z, c) through an equalized-lr
+# mapping network, AdaLN blocks, four output heads with output skip accumulation.
 class GBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -270,11 +261,8 @@ class Generator(nn.Module):
         mean = sums / counts.clamp(min=1)[:, None]
         self.w_avg.copy_(torch.where(counts[:, None] > 0, self.w_avg.lerp(mean, 1 - self.w_avg_beta), self.w_avg))
 
-# ----------------------------------------------------------------------------------------------
-# Scale-wise discriminator (Sec. 3.1, Fig. 3, App. A.1): x_k = r_k(h_k) at res/8, res/4, res/2, res; one
-# shared transformer; a block-diagonal attention mask keeps d_k a function of x_k alone.
-# ----------------------------------------------------------------------------------------------
-
+# ==== Scale-wise discriminator ==== Sec. 3.1, Fig. 3, App. A.1: x_k = r_k(h_k) at res/8, res/4, res/2, res; one shared
+# transformer; a block-diagonal attention mask keeps d_k a function of x_k alone.
 def r_k(h, k, mode='area'):
     """Resize to scale k: res / 2^(K-k). Area (average-pool) downsampling by default."""
     f = 2 ** (K - k)
@@ -357,12 +345,9 @@ class Discriminator(nn.Module):
             d = (self.head(cls) * e[:, None]).sum(-1)
         return (d, x[:, self.segments[-1][0]:]) if return_tokens else d
 
-# ----------------------------------------------------------------------------------------------
-# Augmentation: GAT's DiffAugment policy 'color,translation,cutout,flip', applied with probability 1 to every D
-# input of both steps (losses/diffaug.py, losses/Rp_PT_loss.py). The same parameters go to every stage of one
-# sample (augment at full resolution, then r_k).
-# ----------------------------------------------------------------------------------------------
-
+# ==== Augmentation ==== GAT's DiffAugment policy 'color,translation,cutout,flip', applied with probability 1 to every D
+# input of both steps (losses/diffaug.py, losses/Rp_PT_loss.py). The same parameters go to every stage of one sample
+# (augment at full resolution, then r_k).
 def draw_aug(n, res, g, device):
     """Per-sample augmentation parameters from generator g, with GAT's probabilities and sizes: colour on a random half
     of the samples; translation by up to 1/8 of the side; a half-side cutout square centred anywhere on the image (even
@@ -408,10 +393,7 @@ def augment(x, a, color=True, cutout=True, scale=1):
         x = x * (~hole)[:, None].to(x.dtype)
     return torch.where(a['flip'].view(B, 1, 1, 1), x.flip(-1), x)
 
-# ----------------------------------------------------------------------------------------------
-# Objectives (Sec. 3.2, Table 6): RpGAN, approximated R1/R2, consistency L_cons (Eq. 2), D-side REPA.
-# ----------------------------------------------------------------------------------------------
-
+# ==== Objectives ==== Sec. 3.2, Table 6: RpGAN, approximated R1/R2, consistency L_cons (Eq. 2), D-side REPA.
 def rpgan_d_loss(d_real, d_fake):
     """L_D = mean_k softplus(-(d_k(real) - d_k(fake))), pairs (real i, fake i)."""
     return F.softplus(d_fake - d_real).mean()
@@ -468,10 +450,7 @@ def dino_features(dino, img, aug=None, res=32):
         x = augment(x, aug, color=False, cutout=False, scale=224 // res)
     return dino.forward_features(x)
 
-# ----------------------------------------------------------------------------------------------
-# Cross-scale metrics (Eq. 1): how coherently the stages accumulate toward the final output.
-# ----------------------------------------------------------------------------------------------
-
+# ==== Cross-scale metrics ==== Eq. 1: how coherently the stages accumulate toward the final output.
 def cross_scale_metrics(hs):
     """delta_k, R_k, A_k of Eq. 1 (lists over k < K) from [h_0..h_K], per-sample values averaged over the batch; x_k =
     r_k(h_k), r_K = bilinear upsampling. Not in the paper: delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw outputs (what
@@ -492,11 +471,8 @@ def cross_scale_metrics(hs):
     delta_h = [((hK - hs[k].float().flatten(1)).norm(dim=1) / hK.norm(dim=1)).mean().item() for k in range(K)]
     return dict(delta=delta, R=R, A=A, delta_h=delta_h, delta_floor=delta_f, R_floor=R_f, A_floor=A_f)
 
-# ----------------------------------------------------------------------------------------------
-# Data: a dataset directory written by prepare_latents.py (SD-VAE latents, or images in pixel space), and the
+# ==== Data ==== a dataset directory written by prepare_latents.py (SD-VAE latents, or images in pixel space), and the
 # built-in toy set. Real latents are drawn from the stored VAE posterior at each use.
-# ----------------------------------------------------------------------------------------------
-
 def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
     """Frozen SD-VAE from a hub name or save_pretrained directory; unavailable: SystemExit, or None if not required."""
     from diffusers.models import AutoencoderKL
@@ -722,11 +698,8 @@ def make_toy(n, seed=0, res=16, random_hue=False):
     x = (bg - bg * mask)[:, None] + rgb[:, :, None, None] * (mask * tex)[:, None]
     return x.clamp_(0, 1).mul_(2).sub_(1), y
 
-# ----------------------------------------------------------------------------------------------
-# One training iteration: a D step, then a G step (App. A.2). Each step is a small module so that DDP
-# wraps exactly the parameters it trains (G is only sampled in the D step; D is frozen in the G step).
-# ----------------------------------------------------------------------------------------------
-
+# ==== One training iteration ==== a D step, then a G step (App. A.2). Each step is a small module so that DDP wraps
+# exactly the parameters it trains (G is only sampled in the D step; D is frozen in the G step).
 def step_noise(seed, step, n, G, device):
     """All randomness of one iteration for the global batch of n samples, a pure function of (seed, step):
     exact resume and world-size invariance without saving RNG states."""
@@ -891,12 +864,9 @@ def model_configs(args, info):
             dict(depth=d.depth, width=d.width, heads=d.heads, cmap_dim=d.cmap,
                  repa_dim=768 if args.lambda_repa > 0 else 0, mask=not args.no_mask, **common))
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation (rank 0, every --eval-every steps): EMA sample grids, Eq. 1 on EMA samples and, for pixel data, a judge
-# of the data set's own (a small CNN trained on it): class and shape accuracy, and a Frechet distance, precision/
-# recall and diversity in its features, each next to its real-vs-real floor. fid.py and sample.py build on these.
-# ----------------------------------------------------------------------------------------------
-
+# ==== Evaluation ==== rank 0, every --eval-every steps: EMA sample grids, Eq. 1 on EMA samples and, for pixel data,
+# a judge of the data set's own (a small CNN trained on it): class and shape accuracy, and a Frechet distance,
+# precision/recall and diversity in its features, each next to its real-vs-real floor. fid.py, sample.py build on these.
 def to_uint8(x):
     """[-1, 1] images [N, 3, H, W] -> uint8 [N, H, W, 3]."""
     return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -1179,10 +1149,7 @@ class Evaluation:
         with np.load(a.fid_ref) as ref:
             return frechet_distance(*feature_stats(torch.cat(feats).numpy()), ref['mu'], ref['sigma'])
 
-# ----------------------------------------------------------------------------------------------
-# Training loop (Table 6): DDP through torchrun, run directory and resume, checkpoints, logging, evaluation.
-# ----------------------------------------------------------------------------------------------
-
+# ==== Training loop ==== Table 6: DDP through torchrun, run directory and resume, checkpoints, logging, evaluation.
 CKPT_VERSION = 2            # 2: GAT's form of the equalized-lr weights (version-1 weights would load but mean else)
 
 def setup_ddp():
@@ -1420,11 +1387,8 @@ def train(args):
         dist.destroy_process_group()
     return dict(run_dir=run_dir, G=m.G, D=m.D, ema=m.ema, eval=last_eval, step=done)
 
-# ----------------------------------------------------------------------------------------------
-# Cost (Table 2, App. A.2): --summary counts parameters and multiply-adds on the meta device (no GPU needed);
+# ==== Cost ==== Table 2, App. A.2: --summary counts parameters and multiply-adds on the meta device (no GPU needed);
 # --bench times whole training iterations on synthetic latents. Model FLOPs: 2 x (4F_G + 10.5F_D) per sample.
-# ----------------------------------------------------------------------------------------------
-
 PEAK_BF16_TFLOPS = {'H100': 989.4, 'H200': 989.4, 'A100': 312.0, 'L40S': 362.0}   # dense, from vendor spec sheets
 
 def count_macs(fn):
@@ -1511,10 +1475,7 @@ def bench(args, out=print):
     return dict(device=name, batch_per_device=b, ms_per_it=t * 1e3, img_per_s_per_device=b / t, tflops=tflops,
                 mfu=tflops / peak if peak else None, peak_mem=mem)
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-
+# ==== Command line ====
 def get_args(argv=None):
     p = argparse.ArgumentParser(description='CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449)')
     p.add_argument('--model', default=None, help='G size: S, B, M, H (Table 6; default B, toy S); T is for tests')

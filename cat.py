@@ -1,10 +1,8 @@
-"""
-CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449), one file.
+"""CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449), one file.
 
 A one-step class-conditional transformer GAN in SD-VAE latent space. The generator (GAT's) emits four accumulated
-outputs h_0..h_3; a scale-wise discriminator judges x_k = r_k(h_k) at four resolutions through one transformer
-with block-diagonal attention; a generator-side consistency loss (Eq. 2) keeps h_0..h_2 on the trajectory of the
-final output h_3.
+outputs h_0..h_3; a scale-wise discriminator judges x_k = r_k(h_k) at four resolutions through one transformer with
+block-diagonal attention; a generator-side consistency loss (Eq. 2) keeps h_0..h_2 on the trajectory of the final h_3.
 
     python cat.py --data toy                                  # the embedded default: CPU, minutes
     python cat.py --model H --summary                         # params / GFLOPs of Table 6, no GPU needed
@@ -27,8 +25,7 @@ Sections, top to bottom in the paper's order (each opens with a banner of that n
     Cost                      Table 2, App. A.2: --summary, --bench
     Command line
 """
-import argparse, contextlib, copy, glob, io, json, math, os, re, signal, time, warnings
-from dataclasses import dataclass
+import argparse, collections, contextlib, copy, glob, io, json, math, os, re, signal, time, warnings
 
 import numpy as np
 import torch
@@ -46,13 +43,8 @@ DINO_NAME = 'vit_base_patch14_dinov2.lvd142m'
 Z_DIM = 64                  # z ~ N(0, I) and the class embedding of G's mapping network (App. A.1)
 TOY_STEPS = 700             # the embedded default: about 8 minutes on 2 CPU cores
 
-@dataclass
-class NetConfig:
-    depth: int
-    width: int
-    heads: int
-    cmap: int = 2048        # D only: dimension of the projection head / class embedding (GAT: 2048)
-
+# cmap, D only: dimension of the projection head / class embedding (GAT: 2048)
+NetConfig = collections.namedtuple('NetConfig', 'depth width heads cmap', defaults=[2048])
 # G: output layers are uniformly spaced, depth/4 * (1, 2, 3, 4) (Table 6: 3,6,9,12 / 6,12,18,24 / 8,16,24,32).
 G_CONFIGS = {'T': NetConfig(4, 32, 2), 'S': NetConfig(4, 64, 2),     # T: tests only; S: the toy run and CPU experiments
              'B': NetConfig(12, 768, 12), 'M': NetConfig(24, 768, 12), 'H': NetConfig(32, 1280, 16)}
@@ -149,16 +141,14 @@ class Attention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, L, C))
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim):
         super().__init__()
+        hidden = int(2 / 3 * 4 * dim)       # MLP ratio 4 at SwiGLU's parameter parity
         self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
         x1, x2 = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(x1) * x2)
-
-def swiglu_hidden(width):
-    return int(2 / 3 * 4 * width)       # MLP ratio 4 at SwiGLU's parameter parity
 
 def patchify(x, p):
     B, C, H, W = x.shape
@@ -176,10 +166,8 @@ def modulate(x, shift, scale):
 class GBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
-        self.norm1 = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)
-        self.mlp = SwiGLU(width, swiglu_hidden(width))
+        self.norm1, self.attn = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False), Attention(width, heads)
+        self.norm2, self.mlp = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False), SwiGLU(width)
         self.ada = nn.Linear(width, 6 * width)      # w -> shift, scale, gate for attention and MLP
 
     def forward(self, x, w, rope):
@@ -191,8 +179,7 @@ class OutputHead(nn.Module):
     """o_k = unpatchify(Linear(modulate(RMSNorm(tokens), w)))."""
     def __init__(self, width, patch, channels):
         super().__init__()
-        self.norm = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)
-        self.ada = nn.Linear(width, 2 * width)
+        self.norm, self.ada = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False), nn.Linear(width, 2 * width)
         self.linear = nn.Linear(width, patch * patch * channels)
         self.patch, self.channels = patch, channels
 
@@ -280,7 +267,7 @@ class DBlock(nn.Module):
     def __init__(self, width, heads, layerscale=0.1):
         super().__init__()
         self.norm1, self.attn = nn.RMSNorm(width, eps=1e-6), Attention(width, heads)
-        self.norm2, self.mlp = nn.RMSNorm(width, eps=1e-6), SwiGLU(width, swiglu_hidden(width))
+        self.norm2, self.mlp = nn.RMSNorm(width, eps=1e-6), SwiGLU(width)
         self.ls1, self.ls2 = (nn.Parameter(torch.full((width,), layerscale)) for _ in range(2))
 
     def forward(self, x, rope, segments):
@@ -301,16 +288,14 @@ class Discriminator(nn.Module):
         self.segments = list(zip(bounds[:-1], bounds[1:]))
         self.patch_embed = nn.Linear(patch * patch * channels, width)                # shared by all scales
         self.register_buffer('pos', torch.cat([sincos_2d(width, n) for n in self.grids]), persistent=False)
-        self.scale_embed = nn.Parameter(torch.zeros(K + 1, width))
-        self.cls = nn.Parameter(torch.zeros(K + 1, width))
+        self.scale_embed, self.cls = (nn.Parameter(torch.zeros(K + 1, width)) for _ in range(2))
         ropes = [rope_2d(width // heads, n, n_cls=1) for n in self.grids]         # RoPE on each scale's own grid
         self.register_buffer('rope_cos', torch.cat([r[0] for r in ropes]), persistent=False)
         self.register_buffer('rope_sin', torch.cat([r[1] for r in ropes]), persistent=False)
         self.blocks = nn.ModuleList([DBlock(width, heads) for _ in range(depth)])
         self.norm = nn.RMSNorm(width, eps=1e-6)
         # projection head (as GAT): d_k = <Linear(RMSNorm(cls_k)), e(c)>, e(c) through an equalized-lr 2-layer mapping
-        self.head = nn.Linear(width, cmap_dim)
-        self.class_embed = nn.Embedding(num_classes, cmap_dim)
+        self.head, self.class_embed = nn.Linear(width, cmap_dim), nn.Embedding(num_classes, cmap_dim)
         self.class_map = nn.Sequential(EqualLinear(cmap_dim, cmap_dim), nn.SiLU(), EqualLinear(cmap_dim, cmap_dim))
         # REPA projector (training only): finest-scale tokens -> DINOv2 feature space
         self.proj = nn.Sequential(nn.Linear(width, 2048), nn.SiLU(), nn.Linear(2048, 2048), nn.SiLU(),
@@ -359,16 +344,6 @@ def draw_aug(n, res, g, device):
                 flip=u[:, 4] < 0.4, shift=torch.randint(-t, t + 1, (n, 2), generator=g, device=device),
                 cut=torch.randint(0, res + 1 - s % 2, (n, 2), generator=g, device=device) - s // 2)   # top-left corner
 
-def _translate(x, shift):
-    """Per-sample integer translation with zero fill."""
-    B, C, H, W = x.shape
-    ar_h, ar_w = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
-    iy, ix = ar_h[None] - shift[:, :1], ar_w[None] - shift[:, 1:]                 # source rows / columns [B, H]
-    vy, vx = (iy >= 0) & (iy < H), (ix >= 0) & (ix < W)
-    x = x.gather(2, iy.clamp(0, H - 1)[:, None, :, None].expand(B, C, H, W))
-    x = x.gather(3, ix.clamp(0, W - 1)[:, None, None, :].expand(B, C, H, W))
-    return x * (vy[:, None, :, None] & vx[:, None, None, :]).to(x.dtype)
-
 def augment(x, a, color=True, cutout=True, scale=1):
     """x [B, C, H, W] (or [n*B, ...] for n stacked stages, parameters repeated) -> augmented x. Colour as GAT's
     rand_brightness_saturation_contrast: both means are taken before the brightness shift. Each image uses its own
@@ -377,6 +352,7 @@ def augment(x, a, color=True, cutout=True, scale=1):
     rep = x.shape[0] // a['flip'].shape[0]
     a = {k: v.repeat(rep, *[1] * (v.dim() - 1)) for k, v in a.items()}
     B, C, H, W = x.shape
+    ar_h, ar_w = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
     v = lambda t: t.to(x.dtype).view(B, 1, 1, 1)
     if color:
         m_pix, m_img = x.mean(dim=1, keepdim=True), x.mean(dim=(1, 2, 3), keepdim=True)
@@ -384,11 +360,16 @@ def augment(x, a, color=True, cutout=True, scale=1):
         y = (y - m_pix) * v(a['sat']) + m_pix
         y = (y - m_img) * v(a['contrast']) + m_img
         x = torch.where(a['color'].view(B, 1, 1, 1), y, x)
-    x = _translate(x, a['shift'] * scale)
+    shift = a['shift'] * scale                                  # per-sample integer translation with zero fill
+    iy, ix = ar_h[None] - shift[:, :1], ar_w[None] - shift[:, 1:]                 # source rows / columns [B, H]
+    vy, vx = (iy >= 0) & (iy < H), (ix >= 0) & (ix < W)
+    x = x.gather(2, iy.clamp(0, H - 1)[:, None, :, None].expand(B, C, H, W))
+    x = x.gather(3, ix.clamp(0, W - 1)[:, None, None, :].expand(B, C, H, W))
+    x = x * (vy[:, None, :, None] & vx[:, None, None, :]).to(x.dtype)
     if cutout:
         s = int(H * 0.5 + 0.5)
-        dy = torch.arange(H, device=x.device).view(1, H, 1) - a['cut'][:, 0].view(B, 1, 1)
-        dx = torch.arange(W, device=x.device).view(1, 1, W) - a['cut'][:, 1].view(B, 1, 1)
+        dy = ar_h.view(1, H, 1) - a['cut'][:, 0].view(B, 1, 1)
+        dx = ar_w.view(1, 1, W) - a['cut'][:, 1].view(B, 1, 1)
         hole = (dy >= 0) & (dy < s) & (dx >= 0) & (dx < s)
         x = x * (~hole)[:, None].to(x.dtype)
     return torch.where(a['flip'].view(B, 1, 1, 1), x.flip(-1), x)
@@ -403,8 +384,7 @@ def rpgan_g_loss(d_fake, d_real):
     return F.softplus(d_real.detach() - d_fake).mean()
 
 def approx_gp(d, d_perturbed, sigma):
-    """Approximated R1/R2 (Seaweed-APT): mean over samples and scales of ((d(x) - d(x + sigma*eps)) / sigma)^2,
-    whose expectation over eps is ||grad_x d||^2 for small sigma."""
+    """Approximated R1/R2 (Seaweed-APT): mean ((d(x) - d(x + sigma eps)) / sigma)^2, ~ ||grad_x d||^2 as sigma -> 0."""
     return ((d - d_perturbed) / sigma).square().mean()
 
 def approx_gp_pass(D, xs, eps, c, sigma, precision):
@@ -459,7 +439,6 @@ def cross_scale_metrics(hs):
     full = hs[-1].shape[-1]
     up = lambda x: (F.interpolate(x, size=(full, full), mode='bilinear', align_corners=False)
                     if x.shape[-1] != full else x)
-
     def eq1(hs):
         xs = [up(r_k(h.float(), k)).flatten(1) for k, h in enumerate(hs)]
         xK, nK = xs[-1], xs[-1].norm(dim=1)
@@ -529,8 +508,7 @@ def check_data_dir(path, patch=2):
     for name in ['latents.npy', 'labels.npy'] + (['images.bin', 'images_index.npy'] if meta['images'] else []):
         if not os.path.exists(os.path.join(path, name)):
             raise SystemExit(f"error: '{path}' has no {name}, which its meta.json promises: {redo}.")
-    lat = np.load(os.path.join(path, 'latents.npy'), mmap_mode='r')
-    lab = np.load(os.path.join(path, 'labels.npy'), mmap_mode='r')
+    lat, lab = (np.load(os.path.join(path, name), mmap_mode='r') for name in ('latents.npy', 'labels.npy'))
     if lat.shape != (meta['N'], *shape) or lab.shape != (meta['N'],):
         raise SystemExit(f"error: '{path}' does not match its meta.json (latents {tuple(lat.shape)}, labels "
                          f"{tuple(lab.shape)}, N={meta['N']}, latent_shape={shape}): {redo}.")
@@ -568,9 +546,8 @@ class LatentDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(self.latents[i])), int(self.labels[i]), img
 
 def open_data(args):
-    """-> info (kind 'toy' | 'pixel' | 'latent', N, channels, res, num_classes, scale, vae, meta), the data (toy
-    tensors or a LatentDataset) and notes to log. A data set without images turns REPA off, with a note, unless
-    --lambda-repa was given."""
+    """-> info (kind 'toy' | 'pixel' | 'latent', N, channels, res, num_classes, scale, vae, meta), the data (toy tensors
+    or a LatentDataset), notes to log. Data without images turn REPA off (a note) unless --lambda-repa was given."""
     if args.data == 'toy':
         x, y = make_toy(args.toy_n, seed=args.seed, res=args.toy_res)
         info = dict(kind='toy', N=len(y), channels=3, res=args.toy_res, num_classes=int(y.max()) + 1, scale=1.0,
@@ -593,32 +570,18 @@ def posterior_sample(moments, eps, scale):
     C = moments.shape[1] // 2
     return (moments[:, :C].float() + moments[:, C:].float() * eps) * scale
 
-class StepSampler:
-    """Batch indices as a pure function of (seed, step): epoch-wise permutations, this rank's slice of the global
-    batch. Resuming at any step replays the same data, and any world size sees the same global batches."""
-    def __init__(self, n, global_batch, rank, world, seed, start, steps):
-        self.n, self.gb, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
-        self.start, self.steps, self._perm = start, steps, (None, None)
-
-    def perm(self, epoch):
-        if self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=g))
-        return self._perm[1]
-
-    def batch(self, step):
-        idx, pos = [], step * self.gb
-        while len(idx) < self.gb:
-            epoch, off = divmod(pos + len(idx), self.n)
-            idx += self.perm(epoch)[off:off + self.gb - len(idx)].tolist()
-        b = self.gb // self.world
-        return idx[self.rank * b:(self.rank + 1) * b]
-
-    def __iter__(self):
-        return (self.batch(step) for step in range(self.start, self.steps))
-
-    def __len__(self):
-        return self.steps - self.start
+def step_indices(n, global_batch, rank, world, seed, start, steps):
+    """Per step from start to steps, this rank's slice of the global batch: indices as a pure function of (seed, step),
+    epoch-wise permutations. Resuming at any step replays the same data; any world size sees the same global batches."""
+    b, epoch = global_batch // world, None
+    for step in range(start, steps):
+        idx, pos = [], step * global_batch
+        while len(idx) < global_batch:
+            e, off = divmod(pos + len(idx), n)
+            if e != epoch:          # the permutation of an epoch, kept while its batches are drawn
+                epoch, perm = e, torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+            idx += perm[off:off + global_batch - len(idx)].tolist()
+        yield idx[rank * b:(rank + 1) * b]
 
 def real_batches(ds, info, sampler, device, workers):
     """Yields this rank's (x, c, img) per step; x is the posterior (mean | std) for data sets, pixels for toy."""
@@ -642,32 +605,20 @@ TOY_SUMMARY = ('shape_acc', 'class_acc', 'min_class_acc', 'fd', 'fd_floor', 'pre
                'recall_floor', 'diversity', 'delta', 'R', 'A', 'delta_h')       # the toy run's final line
 
 def _toy_sdf(c, x, y, s):
-    """Signed distance (pixels, <0 inside) of shape c at offsets x, y, half-size s."""
+    """Signed distance (pixels, <0 inside) of shape c at offsets x, y (image y points down), half-size s."""
     ax, ay = x.abs(), y.abs()
-    if c == 0:
-        return (x * x + y * y).sqrt() - s
-    if c == 1:
-        return torch.maximum(ax, ay) - 0.8 * s
-    if c == 2:
-        return ((x * x + y * y).sqrt() - 0.72 * s).abs() - 0.28 * s
-    if c in (3, 8):
-        if c == 8:  # rotate by 45 degrees
-            ax, ay = (x + y).abs() / 2 ** 0.5, (x - y).abs() / 2 ** 0.5
-        return torch.minimum(torch.maximum(ax - s, ay - 0.3 * s), torch.maximum(ay - s, ax - 0.3 * s))
-    if c == 4:
-        return torch.maximum(ax - 1.1 * s, ay - 0.38 * s)
-    if c == 5:
-        return torch.maximum(ay - 1.1 * s, ax - 0.38 * s)
-    if c == 6:  # apex up (image y points down), slanted edges of slope 2
-        return torch.maximum(y - 0.7 * s, (2 * ax - y - 1.05 * s) / 5 ** 0.5)
-    if c == 7:
-        return (ax + ay - 1.15 * s) / 2 ** 0.5
-    return (torch.maximum(ax, ay) - 0.68 * s).abs() - 0.25 * s  # frame
-
-def _hsv_to_rgb(h, s, v):
-    """Vectorized HSV -> RGB; h in [0, 1), returns [..., 3]."""
-    k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * h[..., None]) % 6
-    return v[..., None] - (v * s)[..., None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+    plus = lambda ax, ay: torch.minimum(torch.maximum(ax - s, ay - 0.3 * s), torch.maximum(ay - s, ax - 0.3 * s))
+    shapes = (lambda: (x * x + y * y).sqrt() - s,                                   # disk
+              lambda: torch.maximum(ax, ay) - 0.8 * s,                              # square
+              lambda: ((x * x + y * y).sqrt() - 0.72 * s).abs() - 0.28 * s,         # ring
+              lambda: plus(ax, ay),                                                 # plus
+              lambda: torch.maximum(ax - 1.1 * s, ay - 0.38 * s),                   # horizontal bar
+              lambda: torch.maximum(ay - 1.1 * s, ax - 0.38 * s),                   # vertical bar
+              lambda: torch.maximum(y - 0.7 * s, (2 * ax - y - 1.05 * s) / 5 ** 0.5),  # triangle: apex up, slope 2
+              lambda: (ax + ay - 1.15 * s) / 2 ** 0.5,                              # diamond
+              lambda: plus((x + y).abs() / 2 ** 0.5, (x - y).abs() / 2 ** 0.5),     # X-cross: plus rotated by 45 deg
+              lambda: (torch.maximum(ax, ay) - 0.68 * s).abs() - 0.25 * s)          # frame
+    return shapes[c]()
 
 def make_toy(n, seed=0, res=16, random_hue=False):
     """Deterministic toy set: x [n, 3, res, res] float32 in [-1, 1], y [n] int64, shuffled so that every aligned block
@@ -689,7 +640,9 @@ def make_toy(n, seed=0, res=16, random_hue=False):
     mask = torch.sigmoid(-d / 0.35)  # soft, antialiased edge
     hue = (torch.tensor(TOY_HUES, dtype=torch.float32)[y] + (u(n) * 2 - 1) * 7) / 360 % 1
     hue = u(n) if random_hue else hue
-    rgb = _hsv_to_rgb(hue, 0.75 + 0.25 * u(n), 0.8 + 0.2 * u(n))  # [n, 3]
+    sat, val = 0.75 + 0.25 * u(n), 0.8 + 0.2 * u(n)
+    k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * hue[:, None]) % 6       # HSV -> RGB [n, 3]
+    rgb = val[:, None] - (val * sat)[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
     # fine texture: 1-px stripes (horizontal / vertical) or 1-px checker, random phase
     ix, iy = torch.arange(res)[None, :], torch.arange(res)[:, None]
     pats = torch.stack([(p + t) % 2 for t in (iy + 0 * ix, ix + 0 * iy, ix + iy) for p in (0, 1)])
@@ -792,17 +745,9 @@ def ema_update(ema, G, decay):
     for be, b in zip(ema.buffers(), G.buffers()):
         be.copy_(b)
 
-@dataclass
-class Models:
-    G: nn.Module
-    D: nn.Module
-    ema: nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    d_step: nn.Module           # DStep, DDP-wrapped when world > 1
-    g_step: nn.Module
-    world: int
-    micro: int
+# What build() returns: the nets, their optimizers, the DStep / GStep modules (DDP-wrapped when world > 1), the world
+# size and the per-process micro-batch.
+Models = collections.namedtuple('Models', 'G D ema opt_g opt_d d_step g_step world micro')
 
 def train_step(m, x, c, img, nz, args):
     """One iteration on this rank's batch (App. A.2): D step, then G step with D frozen, w_avg and EMA updates.
@@ -835,8 +780,7 @@ def train_step(m, x, c, img, nz, args):
 def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained_dino=True):
     """G, D, EMA, AdamW (0, 0.99) optimizers and the (DDP-wrapped) step modules; state from checkpoint ck if given."""
     torch.manual_seed(args.seed)
-    G = Generator(**g_cfg).to(device)
-    D = Discriminator(**d_cfg, attn_impl=args.d_attn).to(device)
+    G, D = Generator(**g_cfg).to(device), Discriminator(**d_cfg, attn_impl=args.d_attn).to(device)
     ema = copy.deepcopy(G).eval().requires_grad_(False)
     adamw = lambda net: torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0,
                                           fused=device.type == 'cuda')
@@ -1004,11 +948,9 @@ def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shap
 
 def pixels(ds, idx):
     """Images idx (in that order) of a pixel-space LatentDataset as float [n, C, r, r] in [-1, 1], and their labels."""
-    ds.open()
     idx = np.asarray(idx)
     order = np.argsort(idx)                 # read the memory map in ascending order, return in the order asked
-    inv = np.argsort(order)
-    C = ds.latents.shape[1] // 2
+    inv, C = np.argsort(order), ds.open().latents.shape[1] // 2
     x, y = ds.latents[idx[order], :C].astype(np.float32)[inv], ds.labels[idx[order]][inv]
     return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
 
@@ -1108,8 +1050,9 @@ class Evaluation:
             raise RuntimeError(f'{name}: accuracy {acc:.3f} < {JUDGE_MIN_ACC} on held-out toy images')
         return judge
 
-    def due(self, step):
-        return self.a.eval_every and (step % self.a.eval_every == 0 or step == self.a.steps)
+    def due(self, step, every):
+        """At multiples of `every` (--eval-every, --fid-every; 0: never) and at the last step."""
+        return every and (step % every == 0 or step == self.a.steps)
 
     @torch.no_grad()
     def __call__(self, ema, step):
@@ -1126,9 +1069,6 @@ class Evaluation:
         save_grid(decode(grid, info, self.vae), 10 if self.judge is not None else 8,
                   os.path.join(self.run_dir, f'samples-{step:07d}.png'))
         return out
-
-    def fid_due(self, step):
-        return self.detector is not None and (step % self.a.fid_every == 0 or step == self.a.steps)
 
     @torch.no_grad()
     def fid_score(self, ema):
@@ -1259,23 +1199,20 @@ def write_checkpoint(run_dir, state, args):
     for old in periodic[:-args.keep]:
         os.remove(old)
 
-class Logger:
-    """Rank 0: stdout (through tqdm), log.txt and metrics.jsonl in the run directory."""
-    def __init__(self, run_dir, rank):
-        self.rank, self.run_dir = rank, run_dir
-        if rank == 0:
-            os.makedirs(run_dir, exist_ok=True)
-            self.txt = open(os.path.join(run_dir, 'log.txt'), 'a')
-            self.jsonl = open(os.path.join(run_dir, 'metrics.jsonl'), 'a')
+def make_logger(run_dir, rank):
+    """log(msg, metrics=None): on rank 0 to stdout (through tqdm), log.txt and metrics.jsonl in the run directory."""
+    if rank != 0:
+        return lambda msg, metrics=None: None
+    from tqdm import tqdm
+    os.makedirs(run_dir, exist_ok=True)
+    txt, jsonl = (open(os.path.join(run_dir, name), 'a') for name in ('log.txt', 'metrics.jsonl'))
 
-    def __call__(self, msg, metrics=None):
-        if self.rank != 0:
-            return
-        from tqdm import tqdm
+    def log(msg, metrics=None):
         tqdm.write(msg)
-        print(msg, file=self.txt, flush=True)
+        print(msg, file=txt, flush=True)
         if metrics is not None:
-            print(json.dumps(metrics), file=self.jsonl, flush=True)
+            print(json.dumps(metrics), file=jsonl, flush=True)
+    return log
 
 class Preemption:
     """SIGTERM / SIGINT / SIGUSR1 (SLURM's warning) set a flag; every rank stops after the same iteration. With
@@ -1320,7 +1257,7 @@ def train(args):
     info, ds, notes = open_data(args)
     g_cfg, d_cfg = model_configs(args, info)
     run_dir, ck = resolve_run(args, info, g_cfg, d_cfg, rank, world)
-    log = Logger(run_dir, rank)
+    log = make_logger(run_dir, rank)
     if device.type == 'cpu' and args.model not in ('S', 'T'):
         notes.append(f"note: G-{args.model}/2 is sized for GPUs; for a small data set on the CPU see the README's "
                      f"'Train on your own data' (--model S --batch-size 64 --lr 1e-3 --ema-decay 0.99 --steps N)")
@@ -1330,8 +1267,8 @@ def train(args):
     start = 0 if ck is None else ck['step']
     if ck is not None:
         log(f"resumed from {ck['path']} at step {start}")
-    batches = real_batches(ds, info, StepSampler(info['N'], args.batch_size, rank, world, args.seed, start, args.steps),
-                           device, args.workers)
+    indices = step_indices(info['N'], args.batch_size, rank, world, args.seed, start, args.steps)
+    batches = real_batches(ds, info, indices, device, args.workers)
     evaluation = (Evaluation(args, info, ds, device, run_dir, log) if rank == 0 and (args.eval_every or args.fid_every)
                   else None)
     config = dict(G=g_cfg, D=d_cfg, args=vars(args), data={k: v for k, v in info.items() if k != 'meta'},
@@ -1361,11 +1298,11 @@ def train(args):
             metrics = dict(step=done, **dict(zip(names, vals)), sec_per_it=(time.time() - t0) / len(pending))
             pending, t0 = [], time.time()
             log(f"step {done}: " + ' '.join(f"{k}={v:.4g}" for k, v in metrics.items() if k != 'step'), metrics)
-        if evaluation and evaluation.due(done):
+        if evaluation and evaluation.due(done, args.eval_every):
             last_eval = evaluation(m.ema, done)              # the log line: summaries; metrics.jsonl: everything
             shown = {k: v for k, v in last_eval.items() if k != 'features' and not re.search(r'_\d+$', k)}
             log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in shown.items()), dict(step=done, **last_eval))
-        if evaluation and evaluation.fid_due(done):
+        if evaluation and evaluation.detector is not None and evaluation.due(done, args.fid_every):
             score = evaluation.fid_score(m.ema)
             if score is None:
                 log("warning: no VAE to decode samples: FID skipped.")
@@ -1555,11 +1492,10 @@ def main(argv=None):
     args = get_args(argv)
     if args.summary:
         summary(args)
-        return
-    if args.bench:
+    elif args.bench:
         bench(args)
-        return
-    train(args)
+    else:
+        train(args)
 
 if __name__ == '__main__':
     main()

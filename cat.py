@@ -588,7 +588,6 @@ def real_batches(ds, info, sampler, device, workers):
     if info['kind'] == 'toy':
         x, y = ds[0].to(device), ds[1].to(device)
         for idx in sampler:
-            idx = torch.tensor(idx, device=device)
             yield x[idx], y[idx], None
         return
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
@@ -628,8 +627,7 @@ def make_toy(n, seed=0, res=16, random_hue=False):
     y = torch.rand(n // 10 + 1, 10, generator=g).argsort(1).flatten()[:n]
     u = lambda *shape: torch.rand(*shape, generator=g)
     f = res / 16  # geometry scales with res; texture and edge width stay in pixels
-    cx = (res - 1) / 2 + (u(n) * 2 - 1) * 2 * f  # up to +-2 px (at 16) jitter
-    cy = (res - 1) / 2 + (u(n) * 2 - 1) * 2 * f
+    cx, cy = ((res - 1) / 2 + (u(n) * 2 - 1) * 2 * f for _ in range(2))  # up to +-2 px (at 16) jitter
     s = (3.6 + 1.4 * u(n)) * f  # half-size 3.6..5 px at 16
     grid = torch.arange(res, dtype=torch.float32)
     xx, yy = grid[None, None, :] - cx[:, None, None], grid[None, :, None] - cy[:, None, None]
@@ -745,8 +743,7 @@ def ema_update(ema, G, decay):
     for be, b in zip(ema.buffers(), G.buffers()):
         be.copy_(b)
 
-# What build() returns: the nets, their optimizers, the DStep / GStep modules (DDP-wrapped when world > 1), the world
-# size and the per-process micro-batch.
+# build()'s result: nets, optimizers, DStep / GStep (DDP-wrapped when world > 1), world size, per-process micro-batch
 Models = collections.namedtuple('Models', 'G D ema opt_g opt_d d_step g_step world micro')
 
 def train_step(m, x, c, img, nz, args):
@@ -1141,9 +1138,8 @@ def find_resume(path):
     raise SystemExit(f"error: --resume {path}: no readable checkpoint there.")
 
 def resolve_run(args, info, g_cfg, d_cfg, rank, world):
-    """-> (run directory, checkpoint to resume or None): --resume FILE or DIR (a directory without a checkpoint, or
-    one that does not exist yet, starts a new run there: a requeue script repeats one command), else --out or a new
-    runs/NNN-NAME; the same choice on every rank."""
+    """-> (run directory, checkpoint or None): --resume FILE or DIR (a DIR without a checkpoint, or not there yet,
+    starts a new run there: a requeue script repeats one command), else --out or a new runs/NNN-NAME, on every rank."""
     ck = None
     if args.resume:
         src = args.resume if args.resume != 'auto' else (args.out or '')
@@ -1180,9 +1176,8 @@ def new_run_dir(root, name):
     return os.path.join(root, f'{max(ids, default=-1) + 1:03d}-{name}')
 
 def write_checkpoint(run_dir, state, args):
-    """latest.pt, and at multiples of --ckpt-every (and the last step) ckpt-STEP.pt with latest.pt as a hard link to
-    it (one write, not two). Kept: the --keep newest periodic ones and every multiple of --milestone-every; older
-    ones are deleted only after the new one is written."""
+    """latest.pt; at multiples of --ckpt-every and the last step ckpt-STEP.pt, latest.pt a hard link to it (one write).
+    Kept: the --keep newest periodic ones and multiples of --milestone-every; older ones are deleted only afterwards."""
     step, latest = state['step'], os.path.join(run_dir, 'latest.pt')
     if step % args.ckpt_every and step != args.steps:
         save_checkpoint(latest, state)
@@ -1276,7 +1271,6 @@ def train(args):
     log(f"run {run_dir}: G {sum(p.numel() for p in m.G.parameters()) / 1e6:.2f}M, D "
         f"{sum(p.numel() for p in m.D.parameters()) / 1e6:.2f}M params, {world} process(es) x batch {b} (micro "
         f"{micro}), {args.precision}, device {device}, {args.workers} data workers")
-
     from tqdm import tqdm
     stop = Preemption(world)
     pending, t0, last_eval, done = [], time.time(), None, start
@@ -1372,6 +1366,7 @@ def bench(args, out=print):
     """Median time of --bench-steps training iterations after --bench-warmup, one line per iteration; REPA against
     a randomly initialized DINOv2-B of the real size. Without CUDA the defaults are fp32 and no REPA."""
     rank, world, device = setup_ddp()
+    out = out if rank == 0 else (lambda line: None)         # one report, from rank 0
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     g_cfg, d_cfg = model_configs(args, dict(channels=4, res=32, num_classes=1000))
     m = build(args, g_cfg, d_cfg, device, world, pretrained_dino=False)
@@ -1382,11 +1377,10 @@ def bench(args, out=print):
     img = (torch.randint(0, 256, (b, 3, 256, 256), generator=g, device=device, dtype=torch.uint8)
            if args.lambda_repa > 0 else None)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
-    if rank == 0:
-        out(f"bench {name}: G-{args.model}/2 + D-{args.model_d or D_FOR_G[args.model]}/2, batch {b}/device (micro "
-            f"{m.micro}), {args.precision}, REPA {'on' if img is not None else 'off'}, compile={args.compile}, "
-            f"grad_ckpt={args.grad_ckpt}, d_attn={args.d_attn}"
-            + ("" if device.type == 'cuda' else " (no CUDA: fp32 and no DINOv2 unless --precision / --lambda-repa)"))
+    out(f"bench {name}: G-{args.model}/2 + D-{args.model_d or D_FOR_G[args.model]}/2, batch {b}/device (micro "
+        f"{m.micro}), {args.precision}, REPA {'on' if img is not None else 'off'}, compile={args.compile}, "
+        f"grad_ckpt={args.grad_ckpt}, d_attn={args.d_attn}"
+        + ("" if device.type == 'cuda' else " (no CUDA: fp32 and no DINOv2 unless --precision / --lambda-repa)"))
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     times = []
     for step in range(args.bench_warmup + args.bench_steps):
@@ -1396,8 +1390,7 @@ def bench(args, out=print):
         train_step(m, posterior_sample(moments, nz['eps'], 0.18215), c, img, nz, args)
         sync()
         times.append(time.perf_counter() - t)
-        if rank == 0:
-            out(f"  iteration {step + 1}: {times[-1] * 1e3:.1f} ms{' (warm-up)' if step < args.bench_warmup else ''}")
+        out(f"  iteration {step + 1}: {times[-1] * 1e3:.1f} ms{' (warm-up)' if step < args.bench_warmup else ''}")
         if step == args.bench_warmup - 1 and device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
     t = float(np.median(times[args.bench_warmup:]))
@@ -1406,9 +1399,8 @@ def bench(args, out=print):
     tflops = 2 * (4 * F_G + 10.5 * F_D) * b / t / 1e12
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == 'cuda' else 'n/a (CPU)'
-    if rank == 0:
-        out(f"  {t * 1e3:.1f} ms/it (median of {args.bench_steps}), {b / t:.1f} img/s/device, {tflops:.3g} TFLOP/s "
-            f"(App. A.2 model FLOPs), MFU {'%.1f%%' % (100 * tflops / peak) if peak else 'n/a'}, peak memory {mem}")
+    out(f"  {t * 1e3:.1f} ms/it (median of {args.bench_steps}), {b / t:.1f} img/s/device, {tflops:.3g} TFLOP/s "
+        f"(App. A.2 model FLOPs), MFU {'%.1f%%' % (100 * tflops / peak) if peak else 'n/a'}, peak memory {mem}")
     return dict(device=name, batch_per_device=b, ms_per_it=t * 1e3, img_per_s_per_device=b / t, tflops=tflops,
                 mfu=tflops / peak if peak else None, peak_mem=mem)
 
@@ -1477,10 +1469,9 @@ def get_args(argv=None):
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     # Cadence: the toy's own; otherwise from the run length (10 evaluations, 5 kept checkpoints), at most Table 6's
     # ImageNet cadence, so a short run on a small data set shows progress within minutes.
-    n = args.steps
-    cadence = (dict(log_every=50, eval_every=350, ckpt_every=1000, latest_every=500) if toy else
-               dict(log_every=min(100, max(1, n // 100)), eval_every=min(5000, max(1, n // 10)),
-                    ckpt_every=min(10_000, max(1, n // 5)), latest_every=min(1000, max(1, n // 20))))
+    cap = lambda most, div: min(most, max(1, args.steps // div))         # a share of the run, at most `most`
+    cadence = (dict(log_every=50, eval_every=350, ckpt_every=1000, latest_every=500) if toy else dict(
+        log_every=cap(100, 100), eval_every=cap(5000, 10), ckpt_every=cap(10_000, 5), latest_every=cap(1000, 20)))
     vars(args).update({k: v for k, v in cadence.items() if getattr(args, k) is None})
     if args.fid_every and not args.fid_ref:
         p.error('--fid-every needs --fid-ref REF.npz (e.g. ADM\'s VIRTUAL_imagenet256_labeled.npz)')

@@ -20,12 +20,12 @@ Sections, top to bottom in the paper's order (each opens with a banner of that n
     Cross-scale metrics       Eq. 1: delta_k, R_k, A_k
     Data                      Sec. 4: prepared latents or pixels (prepare_latents.py), the built-in toy set
     One training iteration    App. A.2: a D step, then a G step
-    Evaluation                during training: EMA grids, Eq. 1, the data set's own judge, FID (fid.py, sample.py)
+    Evaluation                during training: EMA grids, Eq. 1, the data set's own judge (fid.py adds FID)
     Training loop             Table 6: AdamW, EMA, bf16, DDP, checkpoints, resume, preemption
     Cost                      Table 2, App. A.2: --summary, --bench
     Command line
 """
-import argparse, collections, contextlib, copy, glob, io, json, math, os, re, signal, time, warnings
+import argparse, collections, contextlib, copy, glob, io, json, math, os, re, signal, time
 
 import numpy as np
 import torch
@@ -951,32 +951,14 @@ def pixels(ds, idx):
     x, y = ds.latents[idx[order], :C].astype(np.float32)[inv], ds.labels[idx[order]][inv]
     return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
 
-DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
-DETECTOR_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'cat', 'inception-2015-12-05.pt')
-
-def load_detector(path=None, device='cpu'):
-    """The TorchScript Inception-v3 of FID (StyleGAN3 / EDM / GAT): `path`, else DETECTOR_CACHE, downloaded once."""
-    if path is not None and not os.path.isfile(path):
-        raise SystemExit(f'error: detector {path} not found (want the TorchScript inception-2015-12-05.pt)')
-    if path is None and not os.path.isfile(DETECTOR_CACHE):
-        try:
-            os.makedirs(os.path.dirname(DETECTOR_CACHE), exist_ok=True)
-            torch.hub.download_url_to_file(DETECTOR_URL, DETECTOR_CACHE)
-        except Exception as e:
-            raise SystemExit(f'error: could not download the Inception detector ({type(e).__name__}): put '
-                             f'{DETECTOR_URL} at {DETECTOR_CACHE} or pass its path (--detector / --fid-detector)')
-    with warnings.catch_warnings():         # TorchScript is deprecated, but it is the format the detector ships in
-        warnings.simplefilter('ignore', FutureWarning)
-        return torch.jit.load(path or DETECTOR_CACHE, map_location=device).eval()
-
 class Evaluation:
     """Rank 0's view of training on fixed EMA samples: Eq. 1 and its floor; a grid (pixel data: one row per class, next
     to reals.png, the same grid of reals); for pixel data judge_metrics in the features of a judge trained on the data
     set, or with one class of an untrained judge with a fixed seed (random CNN features: label-free, as the 'T4'
-    embedding of Naeem et al. 2020); with --fid-every, FID of --fid-n samples against the mu / sigma of --fid-ref."""
+    embedding of Naeem et al. 2020). FID during training is fid.py's hook (`fid.py train ...`)."""
     def __init__(self, args, info, ds, device, run_dir, log):
         self.a, self.info, self.device, self.run_dir = args, info, device, run_dir
-        self.vae = self.judge = self.shape_judge = self.detector = None
+        self.vae = self.judge = self.shape_judge = None
         nc = info['num_classes']
         self.z = torch.randn(args.eval_n, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345))
         self.c = torch.arange(args.eval_n) % nc
@@ -990,11 +972,6 @@ class Evaluation:
         else:
             self.setup_judge(ds, log)
         self.z_grid = torch.randn(len(self.grid_c), Z_DIM, generator=torch.Generator().manual_seed(args.seed + 54321))
-        if args.fid_every:
-            try:
-                self.detector = load_detector(args.fid_detector, device)
-            except SystemExit as e:
-                log(f"warning: {e}. FID during training is off.")
 
     def setup_judge(self, ds, log):
         """Real sets A and B (n images each) and the judges, cached in the run directory (judge.pt)."""
@@ -1048,7 +1025,7 @@ class Evaluation:
         return judge
 
     def due(self, step, every):
-        """At multiples of `every` (--eval-every, --fid-every; 0: never) and at the last step."""
+        """At multiples of `every` (--eval-every; 0: never) and at the last step."""
         return every and (step % every == 0 or step == self.a.steps)
 
     @torch.no_grad()
@@ -1066,25 +1043,6 @@ class Evaluation:
         save_grid(decode(grid, info, self.vae), 10 if self.judge is not None else 8,
                   os.path.join(self.run_dir, f'samples-{step:07d}.png'))
         return out
-
-    @torch.no_grad()
-    def fid_score(self, ema):
-        """FID of fid_n EMA samples (random classes, fixed seed) vs --fid-ref; None for latent data without a VAE."""
-        a, info = self.a, self.info
-        if info['kind'] == 'latent' and self.vae is None:
-            return None
-        g = torch.Generator().manual_seed(a.seed + 999)
-        z = torch.randn(a.fid_n, ema.z_dim, generator=g)
-        c = torch.randint(0, info['num_classes'], (a.fid_n,), generator=g)
-        feats = []
-        with full_fp32():
-            for zb, cb in zip(z.split(100), c.split(100)):
-                with autocast(a.precision, self.device):
-                    h = ema(zb.to(self.device), cb.to(self.device))[-1].float()
-                x = decode(h, info, self.vae).permute(0, 3, 1, 2).to(self.device)
-                feats.append(self.detector(x, return_features=True).double().cpu())
-        with np.load(a.fid_ref) as ref:
-            return frechet_distance(*feature_stats(torch.cat(feats).numpy()), ref['mu'], ref['sigma'])
 
 # ==== Training loop ==== Table 6: DDP through torchrun, run directory and resume, checkpoints, logging, evaluation.
 CKPT_VERSION = 2            # 2: GAT's form of the equalized-lr weights (version-1 weights would load but mean else)
@@ -1238,7 +1196,8 @@ class Preemption:
         self.work = dist.all_reduce(self.reduced, group=self.group, async_op=True)
         return False
 
-def train(args):
+def train(args, hooks=()):
+    """The run. hooks: callables hook(step, ema, info, log), called on rank 0 after every step (fid.py train: FID)."""
     rank, world, device = setup_ddp()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     b = args.batch_size // world
@@ -1264,8 +1223,7 @@ def train(args):
         log(f"resumed from {ck['path']} at step {start}")
     indices = step_indices(info['N'], args.batch_size, rank, world, args.seed, start, args.steps)
     batches = real_batches(ds, info, indices, device, args.workers)
-    evaluation = (Evaluation(args, info, ds, device, run_dir, log) if rank == 0 and (args.eval_every or args.fid_every)
-                  else None)
+    evaluation = Evaluation(args, info, ds, device, run_dir, log) if rank == 0 and args.eval_every else None
     config = dict(G=g_cfg, D=d_cfg, args=vars(args), data={k: v for k, v in info.items() if k != 'meta'},
                   meta=info['meta'])
     log(f"run {run_dir}: G {sum(p.numel() for p in m.G.parameters()) / 1e6:.2f}M, D "
@@ -1296,12 +1254,8 @@ def train(args):
             last_eval = evaluation(m.ema, done)              # the log line: summaries; metrics.jsonl: everything
             shown = {k: v for k, v in last_eval.items() if k != 'features' and not re.search(r'_\d+$', k)}
             log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in shown.items()), dict(step=done, **last_eval))
-        if evaluation and evaluation.detector is not None and evaluation.due(done, args.fid_every):
-            score = evaluation.fid_score(m.ema)
-            if score is None:
-                log("warning: no VAE to decode samples: FID skipped.")
-            else:
-                log(f"fid {done}: fid{args.fid_n // 1000}k={score:.3f}", dict(step=done, fid=score, fid_n=args.fid_n))
+        for hook in hooks if rank == 0 else ():
+            hook(done, m.ema, info, log)
         if rank == 0 and save:
             write_checkpoint(run_dir, dict(format='cat', version=CKPT_VERSION, step=done, config=config,
                                            G=m.G.state_dict(), D=m.D.state_dict(), ema=m.ema.state_dict(),
@@ -1438,10 +1392,6 @@ def get_args(argv=None):
     p.add_argument('--latest-every', type=int, default=None, help='latest.pt refresh interval')
     p.add_argument('--keep', type=int, default=3, help='periodic checkpoints kept (besides latest.pt and milestones)')
     p.add_argument('--milestone-every', type=int, default=50_000, help='checkpoints at multiples are never deleted')
-    p.add_argument('--fid-every', type=int, default=0, help='FID of the EMA generator every N steps (needs --fid-ref)')
-    p.add_argument('--fid-ref', default=None, help='reference statistics .npz for --fid-every (mu, sigma)')
-    p.add_argument('--fid-n', type=int, default=5000, help='samples for --fid-every')
-    p.add_argument('--fid-detector', default=None, help='inception-2015-12-05.pt path (default: download once, cache)')
     p.add_argument('--toy-n', type=int, default=20000, help='toy training set size')
     p.add_argument('--toy-res', type=int, default=16, help='toy image resolution')
     p.add_argument('--summary', action='store_true', help='print params and GFLOPs of --model and exit (meta device)')
@@ -1473,8 +1423,6 @@ def get_args(argv=None):
     cadence = (dict(log_every=50, eval_every=350, ckpt_every=1000, latest_every=500) if toy else dict(
         log_every=cap(100, 100), eval_every=cap(5000, 10), ckpt_every=cap(10_000, 5), latest_every=cap(1000, 20)))
     vars(args).update({k: v for k, v in cadence.items() if getattr(args, k) is None})
-    if args.fid_every and not args.fid_ref:
-        p.error('--fid-every needs --fid-ref REF.npz (e.g. ADM\'s VIRTUAL_imagenet256_labeled.npz)')
     if toy and args.lambda_repa > 0:
         p.error('--lambda-repa needs ImageNet images: the toy set has no DINOv2 targets; use --lambda-repa 0')
     return args

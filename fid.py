@@ -4,6 +4,7 @@ FID, Inception Score, precision and recall of ADM-format samples (the paper repo
     python fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz                # ADM's ImageNet 256 reference batch
     python fid.py samples.npz --ref imagenet/train --save-ref ref.npz --json m.json   # reference from a folder, saved
     python fid.py samples.npz --ref ref.npz --detector inception-2015-12-05.pt        # no download
+    torchrun --nproc_per_node=8 fid.py train --model H --fid-every 10000 --fid-ref REF.npz   # cat.py's run + FID
 
 Samples: an ADM .npz, arr_0 uint8 [N, H, W, 3] (or a folder of images). Reference: an .npz with mu/sigma (FID) and,
 for precision/recall, features (written by --save-ref) or images arr_0 (as ADM's reference batches have); an .npz of
@@ -18,7 +19,7 @@ k = 3 nearest neighbour manifolds (ADM's ManifoldEstimator; it computes distance
 metrics run with TF32 off. FID is expected to agree with ADM's numbers to about 1%, but that
 agreement was not measured here.
 """
-import argparse, itertools, json, os, zipfile
+import argparse, itertools, json, os, sys, warnings, zipfile
 
 import numpy as np
 import scipy.linalg
@@ -28,8 +29,26 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from cat import (DETECTOR_CACHE, check_data_dir, feature_stats, frechet_distance, full_fp32, load_detector,
-                 precision_recall, LatentDataset)
+import cat
+from cat import check_data_dir, feature_stats, frechet_distance, full_fp32, precision_recall, LatentDataset
+
+DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
+DETECTOR_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'cat', 'inception-2015-12-05.pt')
+
+def load_detector(path=None, device='cpu'):
+    """The TorchScript Inception-v3 of FID (StyleGAN3 / EDM / GAT): `path`, else DETECTOR_CACHE, downloaded once."""
+    if path is not None and not os.path.isfile(path):
+        raise SystemExit(f'error: detector {path} not found (want the TorchScript inception-2015-12-05.pt)')
+    if path is None and not os.path.isfile(DETECTOR_CACHE):
+        try:
+            os.makedirs(os.path.dirname(DETECTOR_CACHE), exist_ok=True)
+            torch.hub.download_url_to_file(DETECTOR_URL, DETECTOR_CACHE)
+        except Exception as e:
+            raise SystemExit(f'error: could not download the Inception detector ({type(e).__name__}): put '
+                             f'{DETECTOR_URL} at {DETECTOR_CACHE} or pass its path (--detector / --fid-detector)')
+    with warnings.catch_warnings():         # TorchScript is deprecated, but it is the format the detector ships in
+        warnings.simplefilter('ignore', FutureWarning)
+        return torch.jit.load(path or DETECTOR_CACHE, map_location=device).eval()
 
 IS_SPLIT = 5000             # ADM computes IS over consecutive chunks of 5000 samples (and the remainder)
 MAX_REF_FEATURES = 50000    # --save-ref keeps a random subset of this many features (float16) for precision/recall
@@ -171,11 +190,68 @@ def fid_from_images(images, ref_path, detector, device='cpu', batch=100):
     return frechet_distance(mu, sigma, ref['mu'], ref['sigma'])
 
 # ----------------------------------------------------------------------------------------------
+# FID during training: a hook that cat.train calls on rank 0 after every step (`fid.py train CAT_OPTIONS ...`)
+# ----------------------------------------------------------------------------------------------
+
+class TrainingFID:
+    """FID of --fid-n EMA samples (random classes, fixed seed, all metric maths with TF32 off) against the mu / sigma
+    of --fid-ref every --fid-every steps and at the last one; logged as `fid STEP: fid5k=...` and to metrics.jsonl."""
+    def __init__(self, args, f):
+        self.a, self.f, self.detector, self.vae = args, f, None, False
+
+    @torch.no_grad()
+    def __call__(self, step, ema, info, log):
+        a, f, dev = self.a, self.f, next(ema.parameters()).device
+        if step % f.fid_every and step != a.steps:
+            return
+        if self.vae is False:                   # first use: the detector (a missing one turns FID off) and the VAE
+            try:
+                self.detector = load_detector(f.fid_detector, dev)
+            except SystemExit as e:
+                log(f"warning: {e}. FID during training is off.")
+            self.vae = cat.load_vae(a.vae or info['vae'], dev, required=False) if info['kind'] == 'latent' else None
+        if self.detector is None or (info['kind'] == 'latent' and self.vae is None):
+            if self.detector is not None:
+                log("warning: no VAE to decode samples: FID skipped.")
+            return
+        g = torch.Generator().manual_seed(a.seed + 999)
+        z = torch.randn(f.fid_n, ema.z_dim, generator=g)
+        c = torch.randint(0, info['num_classes'], (f.fid_n,), generator=g)
+        feats = []
+        with full_fp32():
+            for zb, cb in zip(z.split(100), c.split(100)):
+                with cat.autocast(a.precision, dev):
+                    h = ema(zb.to(dev), cb.to(dev))[-1].float()
+                x = cat.decode(h, info, self.vae).permute(0, 3, 1, 2).to(dev)
+                feats.append(self.detector(x, return_features=True).double().cpu())
+        with np.load(f.fid_ref) as ref:
+            score = frechet_distance(*feature_stats(torch.cat(feats).numpy()), ref['mu'], ref['sigma'])
+        log(f"fid {step}: fid{f.fid_n // 1000}k={score:.3f}", dict(step=step, fid=score, fid_n=f.fid_n))
+
+
+def train(argv):
+    """fid.py train [cat.py options] --fid-every N --fid-ref REF.npz [--fid-n 5000] [--fid-detector PATH]."""
+    p = argparse.ArgumentParser(prog='fid.py train', description="cat.py's training, plus FID of the EMA generator "
+                                "every --fid-every steps; every other option is cat.py's")
+    p.add_argument('--fid-every', type=int, required=True, help='FID every N steps (and at the last step)')
+    p.add_argument('--fid-ref', required=True, help="reference statistics .npz (mu, sigma), e.g. ADM's "
+                   "VIRTUAL_imagenet256_labeled.npz")
+    p.add_argument('--fid-n', type=int, default=5000, help='samples per FID (5000)')
+    p.add_argument('--fid-detector', default=None, help='inception-2015-12-05.pt path (default: download once, cache)')
+    f, rest = p.parse_known_args(argv)
+    if f.fid_every <= 0 or not os.path.isfile(f.fid_ref):
+        p.error(f'--fid-every must be positive and --fid-ref an existing .npz (got {f.fid_every}, {f.fid_ref})')
+    args = cat.get_args(rest)
+    return cat.train(args, hooks=[TrainingFID(args, f)])
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
 
 def main():
+    if sys.argv[1:2] == ['train']:
+        return train(sys.argv[2:])
     p = argparse.ArgumentParser(description='FID, Inception Score, precision and recall of ADM-format samples.')
     p.add_argument('samples', help='ADM .npz (arr_0 uint8 [N, H, W, 3]) or a folder of images')
     p.add_argument('--ref', required=True,

@@ -1423,8 +1423,8 @@ def test_training_logs_fid_with_stand_in_detector(tmp_path):
     feats, _ = fid.detector_outputs(fid.load_detector(det), cat.to_uint8(x).numpy(), batch=32)
     mu, sigma = fid.feature_stats(feats)
     np.savez(tmp_path / 'ref.npz', mu=mu, sigma=sigma)
-    run = run_cat(TINY + ['--steps', '2', '--fid-every', '2', '--fid-n', '40', '--fid-ref', str(tmp_path / 'ref.npz'),
-                          '--fid-detector', det, '--out', str(tmp_path / 'r')])
+    run = fid.train(TINY + ['--steps', '2', '--fid-every', '2', '--fid-n', '40', '--fid-ref', str(tmp_path / 'ref.npz'),
+                            '--fid-detector', det, '--out', str(tmp_path / 'r')])['run_dir']
     rows = [json.loads(l) for l in open(os.path.join(run, 'metrics.jsonl'))]
     fids = [r['fid'] for r in rows if 'fid' in r]
     assert len(fids) == 1 and math.isfinite(fids[0]) and fids[0] > 0

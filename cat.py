@@ -250,14 +250,9 @@ class Generator(nn.Module):
 
 # ==== Scale-wise discriminator ==== Sec. 3.1, Fig. 3, App. A.1: x_k = r_k(h_k) at res/8, res/4, res/2, res; one shared
 # transformer; a block-diagonal attention mask keeps d_k a function of x_k alone.
-def r_k(h, k, mode='area'):
-    """Resize to scale k: res / 2^(K-k). Area (average-pool) downsampling by default."""
-    f = 2 ** (K - k)
-    if f == 1:
-        return h
-    if mode == 'area':
-        return F.avg_pool2d(h, f)
-    return F.interpolate(h, scale_factor=1 / f, mode=mode, antialias=True, align_corners=False)
+def r_k(h, k):
+    """Resize to scale k: res / 2^(K-k), by area (average-pool) downsampling."""
+    return F.avg_pool2d(h, 2 ** (K - k)) if k < K else h
 
 def multiscale(hs):
     """[h_0..h_K] -> [x_0..x_K]; a single tensor (a real image) is used for every scale."""
@@ -945,11 +940,8 @@ def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shap
 
 def pixels(ds, idx):
     """Images idx (in that order) of a pixel-space LatentDataset as float [n, C, r, r] in [-1, 1], and their labels."""
-    idx = np.asarray(idx)
-    order = np.argsort(idx)                 # read the memory map in ascending order, return in the order asked
-    inv, C = np.argsort(order), ds.open().latents.shape[1] // 2
-    x, y = ds.latents[idx[order], :C].astype(np.float32)[inv], ds.labels[idx[order]][inv]
-    return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    idx, C = np.asarray(idx), ds.open().latents.shape[1] // 2
+    return torch.from_numpy(ds.latents[idx, :C].astype(np.float32)), torch.from_numpy(ds.labels[idx].astype(np.int64))
 
 class Evaluation:
     """Rank 0's view of training on fixed EMA samples: Eq. 1 and its floor; a grid (pixel data: one row per class, next
@@ -1023,10 +1015,6 @@ class Evaluation:
         if self.info['kind'] == 'toy' and acc < JUDGE_MIN_ACC:
             raise RuntimeError(f'{name}: accuracy {acc:.3f} < {JUDGE_MIN_ACC} on held-out toy images')
         return judge
-
-    def due(self, step, every):
-        """At multiples of `every` (--eval-every; 0: never) and at the last step."""
-        return every and (step % every == 0 or step == self.a.steps)
 
     @torch.no_grad()
     def __call__(self, ema, step):
@@ -1250,7 +1238,7 @@ def train(args, hooks=()):
             metrics = dict(step=done, **dict(zip(names, vals)), sec_per_it=(time.time() - t0) / len(pending))
             pending, t0 = [], time.time()
             log(f"step {done}: " + ' '.join(f"{k}={v:.4g}" for k, v in metrics.items() if k != 'step'), metrics)
-        if evaluation and evaluation.due(done, args.eval_every):
+        if evaluation and (done % args.eval_every == 0 or done == args.steps):
             last_eval = evaluation(m.ema, done)              # the log line: summaries; metrics.jsonl: everything
             shown = {k: v for k, v in last_eval.items() if k != 'features' and not re.search(r'_\d+$', k)}
             log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in shown.items()), dict(step=done, **last_eval))
@@ -1361,7 +1349,7 @@ def bench(args, out=print):
 # ==== Command line ====
 def get_args(argv=None):
     p = argparse.ArgumentParser(description='CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449)')
-    p.add_argument('--model', default=None, help='G size: S, B, M, H (Table 6; default B, toy S); T is for tests')
+    p.add_argument('--model', default=None, help='G size: S, B, M, H (Table 6; default B, small data S); T: tests')
     p.add_argument('--model-d', default=None, help='D size (default: B for B/M/H, the paper); M = D-M/2 of Table 5')
     p.add_argument('--data', default=DEFAULT_DATA, help="prepared latents directory (prepare_latents.py), or 'toy'")
     p.add_argument('--out', default=None, help='run directory (default: runs/NNN-MODEL)')
@@ -1369,17 +1357,17 @@ def get_args(argv=None):
     p.add_argument('--steps', type=int, default=None, help='total iterations (B 50K, M 100K, H 150K in the paper)')
     p.add_argument('--batch-size', type=int, default=None, help='global batch (512)')
     p.add_argument('--micro-batch', type=int, default=None, help='per-process micro-batch; gradients accumulate above')
-    p.add_argument('--lr', type=float, default=None, help='AdamW lr of G and D (2e-4; toy 1e-3)')
+    p.add_argument('--lr', type=float, default=None, help='AdamW lr of G and D (2e-4; small data 1e-3)')
     p.add_argument('--lambda-cons', type=float, default=0.1, help='L_cons weight (Eq. 3); 0: plain scale-wise loss')
     p.add_argument('--cons-detach', action='store_true', help='stop-gradient on the anchor h_K of Eq. 2')
     p.add_argument('--lambda-repa', type=float, default=None, help='REPA weight (1.0); 0 disables REPA and DINOv2')
-    p.add_argument('--gamma', type=float, default=1.0, help='R1 and R2 weight (gamma/2 each)')
+    p.add_argument('--gamma', type=float, default=None, help='R1 and R2 weight, gamma/2 each (1; small data 0.1)')
     p.add_argument('--gp-sigma', type=float, default=0.01, help='perturbation scale of the approximated R1/R2')
     p.add_argument('--gp-precision', choices=['bf16', 'fp32'], default='bf16',
                    help='bf16: perturbed quarter in the main autocast pass (App. A.2 cost); fp32: its own fp32 pass')
     p.add_argument('--no-mask', action='store_true', help='scale-aggregated D: attention across scales (Fig. 9)')
-    p.add_argument('--no-aug', dest='aug', action='store_false', help='turn DiffAugment off')
-    p.add_argument('--ema-decay', type=float, default=None, help='EMA of G (0.999; toy 0.99)')
+    p.add_argument('--aug', action=argparse.BooleanOptionalAction, help='DiffAugment (on; small data off)')
+    p.add_argument('--ema-decay', type=float, default=None, help='EMA of G (0.999; small data 0.99)')
     p.add_argument('--clip', type=float, default=1.0, help='gradient clipping norm')
     p.add_argument('--precision', choices=['bf16', 'fp32'], default=None, help='autocast dtype (bf16; no CUDA: fp32)')
     p.add_argument('--seed', type=int, default=0)
@@ -1404,18 +1392,23 @@ def get_args(argv=None):
     p.add_argument('--d-attn', choices=['split', 'mask'], default='split',
                    help="block-diagonal attention: one fused call per scale, or one call with an explicit mask")
     args = p.parse_args(argv)
-    toy, cuda = args.data == 'toy', torch.cuda.is_available()
-    args.model = args.model or ('S' if toy else 'B')       # the embedded default: small config, minutes on a CPU
+    toy, cuda, meta = args.data == 'toy', torch.cuda.is_available(), os.path.join(args.data, 'meta.json')
+    with open(meta) if os.path.isfile(meta) else contextlib.nullcontext() as f:
+        small = toy or (f is not None and json.load(f).get('vae', '') is None)      # the toy set, or pixel data
+    args.model = args.model or ('S' if small else 'B')     # small data: a small config, minutes on a CPU
     if args.model not in G_CONFIGS or (args.model_d or 'B') not in D_CONFIGS:
         p.error(f"unknown --model {args.model} / --model-d {args.model_d}: choose G from {list(G_CONFIGS)}, "
                 f"D from {list(D_CONFIGS)}")
     args.repa_given = args.lambda_repa is not None
-    # The toy run departs from Table 6 where a few hundred CPU steps need it: lr 1e-3 and EMA 0.99 (0.999 would
-    # still be ~50% the initial weights after 700 steps), no REPA (no DINOv2 targets for toy images). Without CUDA:
-    # fp32 (bf16 autocast on a CPU is slow), data loading in the main process, and --bench without DINOv2.
-    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if toy or args.bench else 512,
-                    lambda_repa=0.0 if toy or (args.bench and not cuda) else 1.0, lr=1e-3 if toy else 2e-4, eval_n=1000,
-                    ema_decay=0.99 if toy else 0.999, precision='bf16' if cuda else 'fp32', workers=8 if cuda else 0)
+    # Small data (the toy set, pixel data) departs from Table 6 where a few hundred CPU steps on a few thousand images
+    # need it (README: small-data ablations): lr 1e-3; EMA 0.99 (0.999 would still be ~50% the initial weights after
+    # 700 steps); no DiffAugment and gamma 0.1 (both leave a 64-wide D unable to tell real from fake at 16 px); no
+    # REPA (no DINOv2 targets). Without CUDA: fp32 (bf16 autocast on a CPU is slow), data loading in the main process,
+    # and --bench without DINOv2.
+    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if small or args.bench else 512,
+                    lambda_repa=0.0 if toy or (args.bench and not cuda) else 1.0, lr=1e-3 if small else 2e-4,
+                    ema_decay=0.99 if small else 0.999, aug=not small, gamma=0.1 if small else 1.0, eval_n=1000,
+                    precision='bf16' if cuda else 'fp32', workers=8 if cuda else 0)
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     # Cadence: the toy's own; otherwise from the run length (10 evaluations, 5 kept checkpoints), at most Table 6's
     # ImageNet cadence, so a short run on a small data set shows progress within minutes.

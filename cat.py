@@ -10,20 +10,16 @@ block-diagonal attention; a generator-side consistency loss (Eq. 2) keeps h_0..h
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 cat.py --model H
     torchrun --nproc_per_node=8 cat.py --model H --resume runs/000-H   # continue a run
 
-Sections, top to bottom in the paper's order (each opens with a banner of that name):
-    Notation and configs      Table 6: K, w_k, G-B/M/H, D-B/M
-    Shared building blocks    App. A.1: sin-cos tokens, 2D RoPE, qk-norm attention, SwiGLU, equalized lr; precision
-    Generator                 Sec. 3.1, App. A.1, Fig. 11: GAT's generator, h_k by output skip accumulation
-    Scale-wise discriminator  Sec. 3.1, Fig. 3: r_k, x_k, block-diagonal attention, one [cls] and d_k per scale
-    Augmentation              GAT's DiffAugment (the paper defers to GAT's code)
-    Objectives                Sec. 3.2, Eq. 2-3, Table 6: RpGAN, approximated R1/R2, L_cons, D-side REPA
-    Cross-scale metrics       Eq. 1: delta_k, R_k, A_k
-    Data                      Sec. 4: prepared latents or pixels (prepare_latents.py), the built-in toy set
-    One training iteration    App. A.2: a D step, then a G step
-    Evaluation                during training: EMA grids, Eq. 1, the data set's own judge (fid.py adds FID)
-    Training loop             Table 6: AdamW, EMA, bf16, DDP, checkpoints, resume, preemption
-    Cost                      Table 2, App. A.2: --summary, --bench
-    Command line
+Sections, top to bottom in the paper's order, each opening with a banner of that name: Notation and configs (Table 6:
+K, w_k, G-B/M/H, D-B/M); Shared building blocks (App. A.1: sin-cos tokens, 2D RoPE, qk-norm attention, SwiGLU,
+equalized lr; precision); Generator (Sec. 3.1, App. A.1, Fig. 11: GAT's generator, h_k by output skip accumulation);
+Scale-wise discriminator (Sec. 3.1, Fig. 3: r_k, x_k, block-diagonal attention, one [cls] and d_k per scale);
+Augmentation (GAT's DiffAugment: the paper defers to GAT's code); Objectives (Sec. 3.2, Eq. 2-3, Table 6: RpGAN,
+approximated R1/R2, L_cons, D-side REPA); Cross-scale metrics (Eq. 1: delta_k, R_k, A_k); Data (Sec. 4: prepared
+latents or pixels from prepare_latents.py, the built-in toy set); One training iteration (App. A.2: a D step, then a G
+step); Evaluation (during training: EMA grids, Eq. 1, the data set's own judge; fid.py adds FID); Training loop
+(Table 6: AdamW, EMA, bf16, DDP, checkpoints, resume, preemption); Cost (Table 2, App. A.2: --summary, --bench);
+Command line.
 """
 import argparse, collections, contextlib, copy, glob, io, json, math, os, re, signal, time
 
@@ -100,9 +96,8 @@ def full_fp32(enabled=True):
             f.allow_tf32 = o
 
 class EqualLinear(nn.Module):
-    """Equalized learning rate in GAT's form: stored xavier-uniform / lr_mul, used x lr_mul, so the used weight starts
-    plain xavier-uniform and Adam moves it by about lr * lr_mul per step whatever the fan-in (StyleGAN2's form, randn /
-    lr_mul with a runtime gain lr_mul / sqrt(fan_in), moves it sqrt(fan_in) times less)."""
+    """GAT's equalized lr: stored xavier-uniform / lr_mul, used x lr_mul: starts plain xavier-uniform and Adam moves it
+    ~lr * lr_mul a step at any fan-in (StyleGAN2: randn / lr_mul x lr_mul / sqrt(fan_in): sqrt(fan_in) times less)."""
     def __init__(self, n_in, n_out, lr_mul=0.01):
         super().__init__()
         self.weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_out, n_in), gain=1 / lr_mul))
@@ -270,9 +265,8 @@ class DBlock(nn.Module):
         return x + self.ls2 * self.mlp(self.norm2(x))
 
 class Discriminator(nn.Module):
-    """Sequence: for k = 0..K a segment [cls_k, tokens of x_k]; 4 cls + 4 + 16 + 64 + 256 tokens at res 32.
-    mask=True: block-diagonal attention (scale-wise D, the paper); mask=False: scale-aggregated ablation (Fig. 9).
-    attn_impl: 'split' = one fused attention call per scale (default), 'mask' = explicit [L, L] boolean mask."""
+    """Segments [cls_k, tokens of x_k], k = 0..K (4 cls + 4 + 16 + 64 + 256 tokens at res 32); block-diagonal attention
+    (mask=False: scale-aggregated ablation, Fig. 9) by attn_impl 'split', one fused call per scale, or 'mask' [L, L]."""
     def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, cmap_dim=2048,
                  repa_dim=768, mask=True, attn_impl='split'):
         super().__init__()
@@ -325,14 +319,12 @@ class Discriminator(nn.Module):
             d = (self.head(cls) * e[:, None]).sum(-1)
         return (d, x[:, self.segments[-1][0]:]) if return_tokens else d
 
-# ==== Augmentation ==== GAT's DiffAugment policy 'color,translation,cutout,flip', applied with probability 1 to every D
-# input of both steps (losses/diffaug.py, losses/Rp_PT_loss.py). The same parameters go to every stage of one sample
-# (augment at full resolution, then r_k).
+# ==== Augmentation ==== GAT's DiffAugment 'color,translation,cutout,flip' (losses/diffaug.py, losses/Rp_PT_loss.py)
+# on every D input of both steps, probability 1; a sample's stages share its parameters (augment at full res, then r_k).
 def draw_aug(n, res, g, device):
-    """Per-sample augmentation parameters from generator g, with GAT's probabilities and sizes: colour on a random half
-    of the samples; translation by up to 1/8 of the side; a half-side cutout square centred anywhere on the image (even
-    on its border); a horizontal flip with probability 0.4, not 0.5: at 0.5 D cannot tell an image from its mirror
-    image, and G may generate mirrored content."""
+    """Per-sample parameters from generator g, GAT's probabilities and sizes: colour on a random half of the samples;
+    translation by up to 1/8 of the side; a half-side cutout square centred anywhere (even on the border); a horizontal
+    flip with probability 0.4, not 0.5: at 0.5 D cannot tell mirror images apart and G may draw mirrored content."""
     u = torch.rand(n, 5, generator=g, device=device)
     t, s = int(res * 0.125 + 0.5), int(res * 0.5 + 0.5)
     return dict(color=u[:, 0] < 0.5, bright=u[:, 1] - 0.5, sat=u[:, 2] * 2, contrast=u[:, 3] + 0.5,
@@ -340,10 +332,9 @@ def draw_aug(n, res, g, device):
                 cut=torch.randint(0, res + 1 - s % 2, (n, 2), generator=g, device=device) - s // 2)   # top-left corner
 
 def augment(x, a, color=True, cutout=True, scale=1):
-    """x [B, C, H, W] (or [n*B, ...] for n stacked stages, parameters repeated) -> augmented x. Colour as GAT's
-    rand_brightness_saturation_contrast: both means are taken before the brightness shift. Each image uses its own
-    means (GAT reuses the final stage's for the other stages, which would mix h_K into x_k).
-    scale: translation multiplier, for the images matching a latent (224 / 32 = 7 pixels per latent pixel)."""
+    """x [B, C, H, W], or [n*B, ...] for n stacked stages. Colour as GAT's rand_brightness_saturation_contrast (both
+    means before the brightness shift) but with each image's own means (GAT reuses the final stage's for the others,
+    mixing h_K into x_k). scale: translation multiplier for images matching a latent (224 / 32 = 7 px per latent px)."""
     rep = x.shape[0] // a['flip'].shape[0]
     a = {k: v.repeat(rep, *[1] * (v.dim() - 1)) for k, v in a.items()}
     B, C, H, W = x.shape
@@ -383,9 +374,8 @@ def approx_gp(d, d_perturbed, sigma):
     return ((d - d_perturbed) / sigma).square().mean()
 
 def approx_gp_pass(D, xs, eps, c, sigma, precision):
-    """Per-sample ((d(x) - d(x + sigma eps)) / sigma)^2, averaged over scales, from one D pass over [x; x + sigma eps]
-    under bf16 autocast ('bf16') or in full fp32 ('fp32': no autocast, no TF32). At sigma = 0.01 the difference is
-    about 1e-3 of the logit, so bf16 rounding of the activations dominates it (see the README)."""
+    """Per-sample approx_gp averaged over scales, one D pass over [x; x + sigma eps]; precision 'bf16' (autocast) or
+    'fp32' (no autocast or TF32): at sigma = 0.01 a difference ~1e-3 of the logit drowns in bf16 rounding (README)."""
     n = xs[0].shape[0]
     with autocast(precision, xs[0].device), full_fp32(precision == 'fp32'):
         d = D([torch.cat([x, x + sigma * e]).float() for x, e in zip(xs, eps)], torch.cat([c, c]))
@@ -416,9 +406,8 @@ def load_dino(device, pretrained=True):
     return m.to(device).eval().requires_grad_(False)
 
 def dino_features(dino, img, aug=None, res=32):
-    """DINOv2 tokens [B, 1 + 256, 768] of uint8 crops: 256 -> 224 bicubic, ImageNet normalization, and the real
-    latent's translation and flip (one pixel of a res x res latent = 224 // res image pixels; GAT scales the shift by
-    res / 224 instead, a bug that leaves its DINOv2 targets almost unshifted)."""
+    """DINOv2 tokens [B, 1 + 256, 768] of uint8 crops: 256 -> 224 bicubic, ImageNet normalization, the real latent's
+    flip and translation (a latent pixel = 224 // res pixels; GAT's res / 224 is a bug: its targets barely shift)."""
     x = F.interpolate(img.float() / 255, size=(224, 224), mode='bicubic', align_corners=False)
     x = (x - dino.pixel_mean) / dino.pixel_std
     if aug is not None:
@@ -427,10 +416,9 @@ def dino_features(dino, img, aug=None, res=32):
 
 # ==== Cross-scale metrics ==== Eq. 1: how coherently the stages accumulate toward the final output.
 def cross_scale_metrics(hs):
-    """delta_k, R_k, A_k of Eq. 1 (lists over k < K) from [h_0..h_K], per-sample values averaged over the batch; x_k =
-    r_k(h_k), r_K = bilinear upsampling. Not in the paper: delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw outputs (what
-    L_cons acts on, including the detail r_k pools away, invisible to Eq. 1), and Eq. 1's floor (delta_floor, R_floor,
-    A_floor): the metrics of a perfect hierarchy (every h_k = h_K), what r_k's pooling alone leaves."""
+    """Eq. 1's delta_k, R_k, A_k (lists over k < K; batch means) of x_k = r_k(h_k) upsampled bilinearly. Not in the
+    paper: delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw outputs (what L_cons acts on, with the detail r_k pools away,
+    invisible to Eq. 1), and *_floor: Eq. 1 for a perfect hierarchy (every h_k = h_K), what r_k's pooling leaves."""
     full = hs[-1].shape[-1]
     up = lambda x: (F.interpolate(x, size=(full, full), mode='bilinear', align_corners=False)
                     if x.shape[-1] != full else x)
@@ -445,8 +433,7 @@ def cross_scale_metrics(hs):
     delta_h = [((hK - hs[k].float().flatten(1)).norm(dim=1) / hK.norm(dim=1)).mean().item() for k in range(K)]
     return dict(delta=delta, R=R, A=A, delta_h=delta_h, delta_floor=delta_f, R_floor=R_f, A_floor=A_f)
 
-# ==== Data ==== a dataset directory written by prepare_latents.py (SD-VAE latents, or images in pixel space), and the
-# built-in toy set. Real latents are drawn from the stored VAE posterior at each use.
+# ==== Data ==== prepare_latents.py's directories (SD-VAE posteriors, sampled anew at each use, or pixels); the toy set.
 def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
     """Frozen SD-VAE from a hub name or save_pretrained directory; unavailable: SystemExit, or None if not required."""
     from diffusers.models import AutoencoderKL
@@ -590,10 +577,9 @@ def real_batches(ds, info, sampler, device, workers):
     for m, c, img in loader:
         yield m.to(device, non_blocking=True), c.to(device, non_blocking=True), img.to(device, non_blocking=True)
 
-# The built-in toy set (--data toy): small class-conditional images in pixel space, so the whole pipeline runs on a CPU
-# in minutes. 10 classes = (shape, base hue): disk, square, ring, plus, horizontal bar, vertical bar, triangle, diamond,
-# X-cross, frame. Class identity lives in coarse shape + colour (still visible after 4x area pooling); fine detail at
-# the finest scale: 1-px stripes or checker (period 2 px, random phase) and ~1.5 px soft edges.
+# The built-in toy set (--data toy): small class-conditional pixel images, so the whole pipeline runs on a CPU in
+# minutes. 10 classes = (shape of _toy_sdf, base hue); the class is in coarse shape + colour (still visible after 4x
+# area pooling); finest-scale detail: 1-px stripes or checker (period 2 px, random phase), ~1.5 px soft edges.
 TOY_HUES = (0, 216, 72, 288, 36, 252, 324, 144, 108, 180)  # degrees, per class
 TOY_SUMMARY = ('shape_acc', 'class_acc', 'min_class_acc', 'fd', 'fd_floor', 'precision', 'precision_floor', 'recall',
                'recall_floor', 'diversity', 'delta', 'R', 'A', 'delta_h')       # the toy run's final line
@@ -615,9 +601,8 @@ def _toy_sdf(c, x, y, s):
     return shapes[c]()
 
 def make_toy(n, seed=0, res=16, random_hue=False):
-    """Deterministic toy set: x [n, 3, res, res] float32 in [-1, 1], y [n] int64, shuffled so that every aligned block
-    of 10 holds each class once (class counts differ by at most 1). random_hue: any hue for any class (the shape
-    judge's training set: only the shape names the class)."""
+    """Deterministic: x [n, 3, res, res] float32 in [-1, 1], y [n] int64, every aligned block of 10 holding each class
+    once (counts differ by at most 1). random_hue: any hue for any class (the shape judge's training set)."""
     g = torch.Generator().manual_seed(seed)
     y = torch.rand(n // 10 + 1, 10, generator=g).argsort(1).flatten()[:n]
     u = lambda *shape: torch.rand(*shape, generator=g)
@@ -662,9 +647,7 @@ def take(nz, lo, hi):
     """Samples [lo, hi) of every tensor in a (nested) noise dict."""
     if torch.is_tensor(nz):
         return nz[lo:hi]
-    if isinstance(nz, list):
-        return [take(v, lo, hi) for v in nz]
-    return {k: take(v, lo, hi) for k, v in nz.items()}
+    return [take(v, lo, hi) for v in nz] if isinstance(nz, list) else {k: take(v, lo, hi) for k, v in nz.items()}
 
 class DStep(nn.Module):
     """L_D = RpGAN + gamma/2 (R1 + R2) + lambda_REPA * REPA on one (micro-)batch. G is held outside the module tree."""
@@ -800,9 +783,8 @@ def model_configs(args, info):
             dict(depth=d.depth, width=d.width, heads=d.heads, cmap_dim=d.cmap,
                  repa_dim=768 if args.lambda_repa > 0 else 0, mask=not args.no_mask, **common))
 
-# ==== Evaluation ==== rank 0, every --eval-every steps: EMA sample grids, Eq. 1 on EMA samples and, for pixel data,
-# a judge of the data set's own (a small CNN trained on it): class and shape accuracy, and a Frechet distance,
-# precision/recall and diversity in its features, each next to its real-vs-real floor. fid.py, sample.py build on these.
+# ==== Evaluation ==== rank 0, every --eval-every steps: EMA sample grids, Eq. 1, and for pixel data judge_metrics in
+# the features of the data set's own judge (a small CNN trained on it). fid.py and sample.py build on these.
 def to_uint8(x):
     """[-1, 1] images [N, 3, H, W] -> uint8 [N, H, W, 3]."""
     return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -914,11 +896,10 @@ def class_accuracy(judge, x, y, num_classes):
 
 @torch.no_grad()
 def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shape_judge=None):
-    """n fakes [n, C, R, R] of classes c = c_real (the data's class mix) against 2n reals, set A = the first n. fd,
-    precision, recall: fakes vs A; their floors: reals B = real[n:2n] vs A. diversity: per class, mean pairwise feature
-    distance among the fakes over that among A's, averaged over classes (1 = as varied as the data). With labels:
-    class_acc (overall, per class, worst class), class_acc_flip (mirrored fakes: high on asymmetric classes means G
-    draws mirror images); shape_acc from shape_judge (toy: trained on random hues: only the shape names the class)."""
+    """n fakes of A's classes c (the data's mix) vs reals A = real[:n], B = real[n:2n]. fd, precision, recall: fakes
+    vs A; floors: B vs A. diversity: per class, mean pairwise feature distance of the fakes over A's, averaged (1 = as
+    varied as the data). With labels: class_acc (overall, per class, worst), class_acc_flip (mirrored fakes: high on
+    asymmetric classes: G draws mirror images); shape_acc from shape_judge (toy: trained on random hues: shape only)."""
     n = len(fake)
     feats = lambda x: torch.cat([judge.features(b) for b in x.split(1000)])
     ff, fa, fb = feats(fake), feats(real[:n]), feats(real[n:2 * n])
@@ -944,10 +925,9 @@ def pixels(ds, idx):
     return torch.from_numpy(ds.latents[idx, :C].astype(np.float32)), torch.from_numpy(ds.labels[idx].astype(np.int64))
 
 class Evaluation:
-    """Rank 0's view of training on fixed EMA samples: Eq. 1 and its floor; a grid (pixel data: one row per class, next
-    to reals.png, the same grid of reals); for pixel data judge_metrics in the features of a judge trained on the data
-    set, or with one class of an untrained judge with a fixed seed (random CNN features: label-free, as the 'T4'
-    embedding of Naeem et al. 2020). FID during training is fid.py's hook (`fid.py train ...`)."""
+    """On fixed EMA samples: Eq. 1 and its floor; a grid (pixel data: a row per class, as reals.png for the reals);
+    pixel data: judge_metrics in the features of a judge trained on the data set or, with one class, an untrained seeded
+    judge (random CNN features: label-free, as the 'T4' embedding of Naeem et al. 2020). FID: `fid.py train`'s hook."""
     def __init__(self, args, info, ds, device, run_dir, log):
         self.a, self.info, self.device, self.run_dir = args, info, device, run_dir
         self.vae = self.judge = self.shape_judge = None
@@ -1156,9 +1136,8 @@ def make_logger(run_dir, rank):
     return log
 
 class Preemption:
-    """SIGTERM / SIGINT / SIGUSR1 (SLURM's warning) set a flag; every rank stops after the same iteration. With
-    several processes the flags are summed over a CPU (gloo) group without blocking: a signal seen during step s
-    stops the run after step s + 1 on all ranks, and the GPU stream is never synchronized for it."""
+    """SIGTERM / SIGINT / SIGUSR1 (SLURM's warning) set a flag; all ranks stop after the same iteration: the flags are
+    summed over a CPU (gloo) group without blocking (a signal in step s stops every rank after s + 1; no GPU sync)."""
     def __init__(self, world):
         self.flag, self.world, self.work = torch.zeros(1), world, None
         self.old = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
@@ -1305,8 +1284,7 @@ def summary(args, out=print):
     return dict(G_params=n_g, D_params=n_d, proj_params=n_proj, F_G=F_G, F_D=F_D)
 
 def bench(args, out=print):
-    """Median time of --bench-steps training iterations after --bench-warmup, one line per iteration; REPA against
-    a randomly initialized DINOv2-B of the real size. Without CUDA the defaults are fp32 and no REPA."""
+    """Median time of --bench-steps iterations after --bench-warmup, each logged; REPA vs a random-init DINOv2-B."""
     rank, world, device = setup_ddp()
     out = out if rank == 0 else (lambda line: None)         # one report, from rank 0
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -1400,11 +1378,10 @@ def get_args(argv=None):
         p.error(f"unknown --model {args.model} / --model-d {args.model_d}: choose G from {list(G_CONFIGS)}, "
                 f"D from {list(D_CONFIGS)}")
     args.repa_given = args.lambda_repa is not None
-    # Small data (the toy set, pixel data) departs from Table 6 where a few hundred CPU steps on a few thousand images
-    # need it (README: small-data ablations): lr 1e-3; EMA 0.99 (0.999 would still be ~50% the initial weights after
-    # 700 steps); no DiffAugment and gamma 0.1 (both leave a 64-wide D unable to tell real from fake at 16 px); no
-    # REPA (no DINOv2 targets). Without CUDA: fp32 (bf16 autocast on a CPU is slow), data loading in the main process,
-    # and --bench without DINOv2.
+    # Small data (toy set, pixel data) departs from Table 6 where a few hundred CPU steps on a few thousand images need
+    # it (README: small-data ablations): lr 1e-3; EMA 0.99 (0.999 keeps ~50% of the initial weights after 700 steps); no
+    # DiffAugment and gamma 0.1 (both leave a 64-wide D unable to tell real from fake at 16 px); no REPA (no DINOv2
+    # targets). No CUDA: fp32 (bf16 autocast is slow on CPUs), data loading in the main process, --bench without DINOv2.
     defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if small or args.bench else 512,
                     lambda_repa=0.0 if toy or (args.bench and not cuda) else 1.0, lr=1e-3 if small else 2e-4,
                     ema_decay=0.99 if small else 0.999, aug=not small, gamma=0.1 if small else 1.0, eval_n=1000,

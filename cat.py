@@ -10,16 +10,14 @@ block-diagonal attention; a generator-side consistency loss (Eq. 2) keeps h_0..h
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 cat.py --model H
     torchrun --nproc_per_node=8 cat.py --model H --resume runs/000-H   # continue a run
 
-Sections, top to bottom in the paper's order, each opening with a banner of that name: Notation and configs (Table 6:
-K, w_k, G-B/M/H, D-B/M); Shared building blocks (App. A.1: sin-cos tokens, 2D RoPE, qk-norm attention, SwiGLU,
-equalized lr; precision); Generator (Sec. 3.1, App. A.1, Fig. 11: GAT's generator, h_k by output skip accumulation);
-Scale-wise discriminator (Sec. 3.1, Fig. 3: r_k, x_k, block-diagonal attention, one [cls] and d_k per scale);
-Augmentation (GAT's DiffAugment: the paper defers to GAT's code); Objectives (Sec. 3.2, Eq. 2-3, Table 6: RpGAN,
-approximated R1/R2, L_cons, D-side REPA); Cross-scale metrics (Eq. 1: delta_k, R_k, A_k); Data (Sec. 4: prepared
-latents or pixels from prepare_latents.py, the built-in toy set); One training iteration (App. A.2: a D step, then a G
-step); Evaluation (during training: EMA grids, Eq. 1, the data set's own judge; fid.py adds FID); Training loop
-(Table 6: AdamW, EMA, bf16, DDP, checkpoints, resume, preemption); Cost (Table 2, App. A.2: --summary, --bench);
-Command line.
+Sections (banners) in the paper's order: Notation and configs (Table 6: K, w_k, G-B/M/H, D-B/M); Shared building blocks
+(App. A.1: sin-cos tokens, 2D RoPE, qk-norm attention, SwiGLU, equalized lr; precision); Generator (Sec. 3.1, App. A.1,
+Fig. 11: GAT's, h_k by output skip accumulation); Scale-wise discriminator (Sec. 3.1, Fig. 3: r_k, x_k, block-diagonal
+attention, a [cls] and d_k per scale); Augmentation (GAT's DiffAugment: the paper defers to GAT's code); Objectives
+(Sec. 3.2, Eq. 2-3, Table 6: RpGAN, approximated R1/R2, L_cons, D-side REPA); Cross-scale metrics (Eq. 1: delta_k, R_k,
+A_k); Data (Sec. 4: prepare_latents.py's latents or pixels, the toy set); One training iteration (App. A.2: a D step,
+then a G step); Evaluation (EMA grids, Eq. 1, the data set's own judge; fid.py adds FID); Training loop (Table 6: AdamW,
+EMA, bf16, DDP, checkpoints, resume, preemption); Cost (Table 2, App. A.2: --summary, --bench); Command line.
 """
 import argparse, collections, contextlib, copy, glob, io, json, math, os, re, signal, time
 
@@ -96,8 +94,9 @@ def full_fp32(enabled=True):
             f.allow_tf32 = o
 
 class EqualLinear(nn.Module):
-    """GAT's equalized lr: stored xavier-uniform / lr_mul, used x lr_mul: starts plain xavier-uniform and Adam moves it
-    ~lr * lr_mul a step at any fan-in (StyleGAN2: randn / lr_mul x lr_mul / sqrt(fan_in): sqrt(fan_in) times less)."""
+    """Equalized learning rate in GAT's form: stored xavier-uniform / lr_mul, used x lr_mul, so the used weight starts
+    plain xavier-uniform and Adam moves it by about lr * lr_mul per step whatever the fan-in (StyleGAN2's form, randn /
+    lr_mul with a runtime gain lr_mul / sqrt(fan_in), moves it sqrt(fan_in) times less)."""
     def __init__(self, n_in, n_out, lr_mul=0.01):
         super().__init__()
         self.weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_out, n_in), gain=1 / lr_mul))
@@ -156,8 +155,7 @@ def unpatchify(t, p, C):
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
-# ==== Generator ==== GAT's (Table 6, App. A.1): fixed sin-cos input tokens, style w from (z, c) through an equalized-lr
-# mapping network, AdaLN blocks, four output heads with output skip accumulation.
+# ==== Generator ==== GAT's, Table 6, App. A.1: sin-cos inputs, AdaLN on w = mapping(z, c), output skip accumulation.
 class GBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -194,8 +192,7 @@ class Generator(nn.Module):
         self.register_buffer('pos', sincos_2d(width, n)[None], persistent=False)   # fixed input tokens
         self.register_buffer('rope_cos', rope_2d(width // heads, n)[0], persistent=False)
         self.register_buffer('rope_sin', rope_2d(width // heads, n)[1], persistent=False)
-        # mapping network: [norm(z), norm(embed(c))] -> 2-layer MLP with equalized lr (lr multiplier 0.01)
-        self.class_embed = nn.Embedding(num_classes, z_dim)
+        self.class_embed = nn.Embedding(num_classes, z_dim)     # mapping: [norm(z), norm(embed(c))] -> equalized-lr MLP
         self.mapping = nn.Sequential(EqualLinear(2 * z_dim, width), nn.SiLU(), EqualLinear(width, width))
         self.register_buffer('w_avg', torch.zeros(num_classes, width))   # per-class running mean, for truncation
         self.blocks = nn.ModuleList([GBlock(width, heads) for _ in range(depth)])
@@ -243,8 +240,7 @@ class Generator(nn.Module):
         mean = sums / counts.clamp(min=1)[:, None]
         self.w_avg.copy_(torch.where(counts[:, None] > 0, self.w_avg.lerp(mean, 1 - self.w_avg_beta), self.w_avg))
 
-# ==== Scale-wise discriminator ==== Sec. 3.1, Fig. 3, App. A.1: x_k = r_k(h_k) at res/8, res/4, res/2, res; one shared
-# transformer; a block-diagonal attention mask keeps d_k a function of x_k alone.
+# ==== Scale-wise discriminator ==== Sec. 3.1, Fig. 3, App. A.1: one transformer, block-diagonal so d_k sees x_k alone.
 def r_k(h, k):
     """Resize to scale k: res / 2^(K-k), by area (average-pool) downsampling."""
     return F.avg_pool2d(h, 2 ** (K - k)) if k < K else h
@@ -301,8 +297,7 @@ class Discriminator(nn.Module):
         return torch.block_diag(*[torch.ones(e - s, e - s, dtype=torch.bool, device=dev) for s, e in self.segments])
 
     def forward(self, xs, c, return_tokens=False):
-        """xs = [x_0..x_K] -> d [B, K+1] (one logit per scale); with return_tokens also the finest scale's final
-        tokens [B, 1 + n^2, width] (cls_K first) for the REPA projector."""
+        """xs = [x_0..x_K] -> d [B, K+1]; with return_tokens also the finest scale's tokens (cls_K first) for REPA."""
         B = xs[0].shape[0]
         t = self.patch_embed(torch.cat([patchify(x, self.patch) for x in xs], dim=1)) + self.pos.to(xs[0].dtype)
         x = torch.cat([u for k, tk in enumerate(t.split([n * n for n in self.grids], dim=1))
@@ -500,8 +495,7 @@ def check_data_dir(path, patch=2):
     return meta
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Memory-mapped posterior moments float16 [N, 2C, r, r] (mean | std; pixel data: the image | 0), labels, and
-    with images=True the JPEG crops for REPA."""
+    """Memory-mapped float16 moments [N, 2C, r, r] (mean | std; pixels: image | 0), labels, JPEGs if images (REPA)."""
     def __init__(self, path, meta, images):
         self.path, self.meta, self.images = path, meta, images
         self.latents = self.labels = self.blob = None      # opened lazily, once per DataLoader worker
@@ -577,9 +571,8 @@ def real_batches(ds, info, sampler, device, workers):
     for m, c, img in loader:
         yield m.to(device, non_blocking=True), c.to(device, non_blocking=True), img.to(device, non_blocking=True)
 
-# The built-in toy set (--data toy): small class-conditional pixel images, so the whole pipeline runs on a CPU in
-# minutes. 10 classes = (shape of _toy_sdf, base hue); the class is in coarse shape + colour (still visible after 4x
-# area pooling); finest-scale detail: 1-px stripes or checker (period 2 px, random phase), ~1.5 px soft edges.
+# The toy set (--data toy): small class-conditional pixel images, so the whole pipeline runs on a CPU in minutes. 10
+# classes = (shape, base hue), visible after 4x area pooling; finest-scale detail: 1-px texture, ~1.5 px soft edges.
 TOY_HUES = (0, 216, 72, 288, 36, 252, 324, 144, 108, 180)  # degrees, per class
 TOY_SUMMARY = ('shape_acc', 'class_acc', 'min_class_acc', 'fd', 'fd_floor', 'precision', 'precision_floor', 'recall',
                'recall_floor', 'diversity', 'delta', 'R', 'A', 'delta_h')       # the toy run's final line
@@ -629,11 +622,9 @@ def make_toy(n, seed=0, res=16, random_hue=False):
     x = (bg - bg * mask)[:, None] + rgb[:, :, None, None] * (mask * tex)[:, None]
     return x.clamp_(0, 1).mul_(2).sub_(1), y
 
-# ==== One training iteration ==== a D step, then a G step (App. A.2). Each step is a small module so that DDP wraps
-# exactly the parameters it trains (G is only sampled in the D step; D is frozen in the G step).
+# ==== One training iteration ==== App. A.2: a D step, then a G step, each a module so DDP wraps just what it trains.
 def step_noise(seed, step, n, G, device):
-    """All randomness of one iteration for the global batch of n samples, a pure function of (seed, step):
-    exact resume and world-size invariance without saving RNG states."""
+    """All noise of a step's global batch (n) from (seed, step) alone: exact resume at any world size, no RNG state."""
     g = torch.Generator(device).manual_seed(seed * 1_000_003 + step + 1)
     C, R = G.channels, G.res
     nz = dict(z=torch.randn(n, G.z_dim, generator=g, device=device),        # both steps' z, as GAT's loop (see README)
@@ -790,8 +781,7 @@ def to_uint8(x):
     return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 def decode(x, info, vae=None):
-    """Generator output -> uint8 images [N, H, W, 3]: pixel data directly; latents through the VAE (x / scaling
-    factor), or, without a VAE, a false-colour view of latent channels 0..2."""
+    """-> uint8 [N, H, W, 3]: pixel data as is, latents via the VAE (x / scale), else channels 0..2 in false colour."""
     if info['kind'] != 'latent':
         return to_uint8(x)
     if vae is None:
@@ -800,8 +790,7 @@ def decode(x, info, vae=None):
     return to_uint8(torch.cat([vae.decode(b.float() / info['scale']).sample for b in x.split(32)]))
 
 def save_grid(images, nrow, path, size=64):
-    """uint8 [N, H, W, 3] -> one PNG, nrow per row, 1-pixel white gaps; small images enlarged (nearest) to at least
-    `size` pixels so that each sample can be judged."""
+    """uint8 [N, H, W, 3] -> PNG, nrow per row, white 1-px gaps, enlarged (nearest) to >= size px to judge samples."""
     from PIL import Image
     f = max(1, size // images.shape[1])
     images = images.repeat_interleave(f, 1).repeat_interleave(f, 2)
@@ -836,13 +825,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f'sqrtm(sigma1 sigma2) has imaginary component {np.abs(covmean.imag).max():.3g}')
         covmean = covmean.real
-    d = mu1 - mu2
-    return float(d @ d + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 def precision_recall(real_feats, fake_feats, k=3, batch=5000, device='cpu'):
-    """Improved precision and recall (Kynkaanniemi et al. 2019; ADM's ManifoldEstimator): a set's manifold is the
-    union of balls reaching each point's k-th nearest neighbour (itself excluded); precision = share of fakes inside
-    the real manifold, recall = share of reals inside the fake one. float32 distances with TF32 off (ADM: float16)."""
+    """Improved precision and recall (Kynkaanniemi et al. 2019; ADM's ManifoldEstimator): shares of fakes in the real
+    manifold, of reals in the fake one (balls to each point's k-th nearest other point); fp32, no TF32 (ADM: fp16)."""
     rows = lambda x: range(0, len(x), batch)
     radii = lambda x: torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(k + 1, dim=1).values for i in rows(x)])
     covered = lambda x, y, r: torch.cat([(torch.cdist(x[i:i + batch], y) <= r).any(1) for i in rows(x)]).double().mean()
@@ -869,8 +856,7 @@ class Judge(nn.Module):
         return self.head(self.features(x))
 
 def train_judge(x, y, num_classes, steps=300, batch=128, seed=0):
-    """A Judge trained on images x [N, C, R, R] in [-1, 1] with labels y: seeded shuffles, light Gaussian noise,
-    Adam with a one-cycle schedule; returned in eval mode. The global RNG is left untouched."""
+    """Judge trained on x in [-1, 1], labels y (seeded shuffles, light noise, one-cycle Adam); global RNG untouched."""
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -1239,8 +1225,7 @@ def train(args, hooks=()):
         dist.destroy_process_group()
     return dict(run_dir=run_dir, G=m.G, D=m.D, ema=m.ema, eval=last_eval, step=done)
 
-# ==== Cost ==== Table 2, App. A.2: --summary counts parameters and multiply-adds on the meta device (no GPU needed);
-# --bench times whole training iterations on synthetic latents. Model FLOPs: 2 x (4F_G + 10.5F_D) per sample.
+# ==== Cost ==== Table 2, App. A.2: --summary (params, multiply-adds; meta device, no GPU), --bench (synthetic latents).
 PEAK_BF16_TFLOPS = {'H100': 989.4, 'H200': 989.4, 'A100': 312.0, 'L40S': 362.0}   # dense, from vendor spec sheets
 
 def count_macs(fn):
@@ -1263,8 +1248,7 @@ def summary(args, out=print):
     with torch.device('meta'):
         G, D = Generator(**g_cfg), Discriminator(**d_cfg)
         F_G, F_D = forward_macs(G, D)
-    n_g = sum(p.numel() for p in G.parameters())
-    n_proj = sum(p.numel() for p in D.proj.parameters())
+    n_g, n_proj = (sum(p.numel() for p in net.parameters()) for net in (G, D.proj))
     n_d = sum(p.numel() for p in D.parameters()) - n_proj
     out(f"config: G-{args.model}/2 (depth {g_cfg['depth']}, width {g_cfg['width']}, heads {g_cfg['heads']}), "
         f"D-{args.model_d or D_FOR_G[args.model]}/2 (depth {d_cfg['depth']}, width {d_cfg['width']}, "
@@ -1387,8 +1371,7 @@ def get_args(argv=None):
                     ema_decay=0.99 if small else 0.999, aug=not small, gamma=0.1 if small else 1.0, eval_n=1000,
                     precision='bf16' if cuda else 'fp32', workers=8 if cuda else 0)
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
-    # Cadence: the toy's own; otherwise from the run length (10 evaluations, 5 kept checkpoints), at most Table 6's
-    # ImageNet cadence, so a short run on a small data set shows progress within minutes.
+    # Cadence: the toy's; else by run length (10 evals, 5 checkpoints) capped at Table 6's, so short runs show progress.
     cap = lambda most, div: min(most, max(1, args.steps // div))         # a share of the run, at most `most`
     cadence = (dict(log_every=50, eval_every=350, ckpt_every=1000, latest_every=500) if toy else dict(
         log_every=cap(100, 100), eval_every=cap(5000, 10), ckpt_every=cap(10_000, 5), latest_every=cap(1000, 20)))
@@ -1399,12 +1382,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.summary:
-        summary(args)
-    elif args.bench:
-        bench(args)
-    else:
-        train(args)
+    (summary if args.summary else bench if args.bench else train)(args)
 
 if __name__ == '__main__':
     main()

@@ -1167,7 +1167,7 @@ def train(args, hooks=()):
     log = make_logger(run_dir, rank)
     if device.type == 'cpu' and args.model not in ('S', 'T'):
         notes.append(f"note: G-{args.model}/2 is sized for GPUs; for a small data set on the CPU see the README's "
-                     f"'Train on your own data' (--model S --batch-size 64 --lr 1e-3 --ema-decay 0.99 --steps N)")
+                     f"'Train on your own data' (--model S: small-data defaults)")
     for line in notes:
         log(line)
     m = build(args, g_cfg, d_cfg, device, world, ck)
@@ -1319,7 +1319,7 @@ def get_args(argv=None):
     p.add_argument('--steps', type=int, default=None, help='total iterations (B 50K, M 100K, H 150K in the paper)')
     p.add_argument('--batch-size', type=int, default=None, help='global batch (512)')
     p.add_argument('--micro-batch', type=int, default=None, help='per-process micro-batch; gradients accumulate above')
-    p.add_argument('--lr', type=float, default=None, help='AdamW lr of G and D (2e-4; small data 1e-3)')
+    p.add_argument('--lr', type=float, default=None, help='AdamW lr of G and D (2e-4; small data 2e-3)')
     p.add_argument('--lambda-cons', type=float, default=0.1, help='L_cons weight (Eq. 3); 0: plain scale-wise loss')
     p.add_argument('--cons-detach', action='store_true', help='stop-gradient on the anchor h_K of Eq. 2')
     p.add_argument('--lambda-repa', type=float, default=None, help='REPA weight (1.0); 0 disables REPA and DINOv2')
@@ -1363,11 +1363,12 @@ def get_args(argv=None):
                 f"D from {list(D_CONFIGS)}")
     args.repa_given = args.lambda_repa is not None
     # Small data (toy set, pixel data) departs from Table 6 where a few hundred CPU steps on a few thousand images need
-    # it (README: small-data ablations): lr 1e-3; EMA 0.99 (0.999 keeps ~50% of the initial weights after 700 steps); no
-    # DiffAugment and gamma 0.1 (both leave a 64-wide D unable to tell real from fake at 16 px); no REPA (no DINOv2
-    # targets). No CUDA: fp32 (bf16 autocast is slow on CPUs), data loading in the main process, --bench without DINOv2.
+    # it (README: small-data ablations): lr 2e-3 (GAT scales lr by 768 / width: 2.4e-3 at 64); EMA 0.99 (0.999 keeps
+    # ~50% of the initial weights after 700 steps); no DiffAugment and gamma 0.1 (both leave a 64-wide D unable to
+    # tell real from fake at 16 px); no REPA (no DINOv2 targets). No CUDA: fp32 (bf16 autocast is slow on CPUs), data
+    # loading in the main process, --bench without DINOv2.
     defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if small or args.bench else 512,
-                    lambda_repa=0.0 if toy or (args.bench and not cuda) else 1.0, lr=1e-3 if small else 2e-4,
+                    lambda_repa=0.0 if toy or (args.bench and not cuda) else 1.0, lr=2e-3 if small else 2e-4,
                     ema_decay=0.99 if small else 0.999, aug=not small, gamma=0.1 if small else 1.0, eval_n=1000,
                     precision='bf16' if cuda else 'fp32', workers=8 if cuda else 0)
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})

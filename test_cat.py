@@ -1368,7 +1368,7 @@ def test_small_data_defaults_follow_the_data(tmp_path):
         (tmp_path / kind).mkdir()
         (tmp_path / kind / 'meta.json').write_text(json.dumps({'vae': vae}))
     keys = ('model', 'batch_size', 'lr', 'ema_decay', 'aug', 'gamma')
-    small = ('S', 64, 1e-3, 0.99, False, 0.1)
+    small = ("S", 64, 2e-3, 0.99, False, 0.1)
     for data, want in (('toy', small), (str(tmp_path / 'pixel'), small),
                        (str(tmp_path / 'latent'), ('B', 512, 2e-4, 0.999, True, 1.0)), ('no/such/dir', None)):
         a = cat.get_args(['--data', data])

@@ -889,6 +889,8 @@ def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shap
     n = len(fake)
     feats = lambda x: torch.cat([judge.features(b) for b in x.split(1000)])
     ff, fa, fb = feats(fake), feats(real[:n]), feats(real[n:2 * n])
+    if not labelled:                # an untrained CNN's features are tiny: measure them in units of the reals' spread
+        ff, fa, fb = (f / fa.std(0).mean() for f in (ff, fa, fb))
     out = dict(fd=frechet_distance(*feature_stats(ff), *feature_stats(fa)),
                fd_floor=frechet_distance(*feature_stats(fb), *feature_stats(fa)))
     out['precision'], out['recall'] = precision_recall(fa, ff)

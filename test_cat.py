@@ -1359,6 +1359,7 @@ def test_one_image_generator_scores_worse_in_label_free_features():
     one = cat.judge_metrics(judge, real[:1].expand(300, -1, -1, -1), c[:300], real, c, 1, labelled=False)
     assert one['diversity'] == 0 and one['recall'] < 0.02 and one['fd'] > 3 * one['fd_floor']
     assert one['recall_floor'] > 0.8 and 'class_acc' not in one
+    assert one['fd_floor'] > 1          # in units of the reals' spread: a log line with 4 decimals cannot read 0.0000
 
 
 def test_small_data_defaults_follow_the_data(tmp_path):

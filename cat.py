@@ -445,6 +445,14 @@ def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
 DATA_FORMAT_VERSION = 1       # of the dataset directory that prepare_latents.py writes
 META_KEYS = ('format_version', 'N', 'num_classes', 'latent_shape', 'scaling_factor', 'vae', 'images')
 
+def is_pixel_data(path):
+    """Does `path`'s meta.json say pixels ("vae": null)? Anything unreadable is left to check_data_dir's one line."""
+    try:
+        with open(os.path.join(path, 'meta.json')) as f:
+            return json.load(f).get('vae', '') is None
+    except (OSError, ValueError, AttributeError):      # AttributeError: meta.json holds no JSON object
+        return False
+
 def check_data_dir(path, patch=2):
     """Checks a dataset directory before anything is built (cat.py, fid.py, sample.py): meta.json, files, labels and
     geometry (each of the four scales needs a token). Returns meta.json; a problem is one line that names the fix."""
@@ -890,7 +898,8 @@ def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shap
     feats = lambda x: torch.cat([judge.features(b) for b in x.split(1000)])
     ff, fa, fb = feats(fake), feats(real[:n]), feats(real[n:2 * n])
     if not labelled:                # an untrained CNN's features are tiny: measure them in units of the reals' spread
-        ff, fa, fb = (f / fa.std(0).mean() for f in (ff, fa, fb))
+        spread = fa.std(0).mean()
+        ff, fa, fb = ff / spread, fa / spread, fb / spread
     out = dict(fd=frechet_distance(*feature_stats(ff), *feature_stats(fa)),
                fd_floor=frechet_distance(*feature_stats(fb), *feature_stats(fa)))
     out['precision'], out['recall'] = precision_recall(fa, ff)
@@ -1356,9 +1365,8 @@ def get_args(argv=None):
     p.add_argument('--d-attn', choices=['split', 'mask'], default='split',
                    help="block-diagonal attention: one fused call per scale, or one call with an explicit mask")
     args = p.parse_args(argv)
-    toy, cuda, meta = args.data == 'toy', torch.cuda.is_available(), os.path.join(args.data, 'meta.json')
-    with open(meta) if os.path.isfile(meta) else contextlib.nullcontext() as f:
-        small = toy or (f is not None and json.load(f).get('vae', '') is None)      # the toy set, or pixel data
+    toy, cuda = args.data == 'toy', torch.cuda.is_available()
+    small = toy or is_pixel_data(args.data)
     args.model = args.model or ('S' if small else 'B')     # small data: a small config, minutes on a CPU
     if args.model not in G_CONFIGS or (args.model_d or 'B') not in D_CONFIGS:
         p.error(f"unknown --model {args.model} / --model-d {args.model_d}: choose G from {list(G_CONFIGS)}, "

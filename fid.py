@@ -197,14 +197,15 @@ class TrainingFID:
     """FID of --fid-n EMA samples (random classes, fixed seed, all metric maths with TF32 off) against the mu / sigma
     of --fid-ref every --fid-every steps and at the last one; logged as `fid STEP: fid5k=...` and to metrics.jsonl."""
     def __init__(self, args, f):
-        self.a, self.f, self.detector, self.vae = args, f, None, False
+        self.a, self.f, self.detector, self.vae, self.ready = args, f, None, None, False
 
     @torch.no_grad()
     def __call__(self, step, ema, info, log):
         a, f, dev = self.a, self.f, next(ema.parameters()).device
         if step % f.fid_every and step != a.steps:
             return
-        if self.vae is False:                   # first use: the detector (a missing one turns FID off) and the VAE
+        if not self.ready:                      # first use: the detector (a missing one turns FID off) and the VAE
+            self.ready = True
             try:
                 self.detector = load_detector(f.fid_detector, dev)
             except SystemExit as e:

@@ -1377,6 +1377,9 @@ def test_small_data_defaults_follow_the_data(tmp_path):
     a = cat.get_args(['--data', 'toy', '--aug', '--gamma', '1', '--model', 'T', '--lr', '2e-4'])
     assert (a.aug, a.gamma, a.model, a.lr) == (True, 1.0, 'T', 2e-4)
     assert cat.get_args(['--data', str(tmp_path / 'latent'), '--no-aug']).aug is False
+    for bad in ('{not json', '[1, 2]'):         # left to check_data_dir's one line, not a traceback in get_args
+        (tmp_path / 'pixel' / 'meta.json').write_text(bad)
+        assert cat.get_args(['--data', str(tmp_path / 'pixel')]).model == 'B'
 
 
 def test_prepare_defaults_on_a_cpu():

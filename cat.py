@@ -19,7 +19,7 @@ A_k); Data (Sec. 4: prepare_latents.py's latents or pixels, the toy set); One tr
 then a G step); Evaluation (EMA grids, Eq. 1, the data set's own judge; fid.py adds FID); Training loop (Table 6: AdamW,
 EMA, bf16, DDP, checkpoints, resume, preemption); Cost (Table 2, App. A.2: --summary, --bench); Command line.
 """
-import argparse, collections, contextlib, copy, glob, io, json, math, os, re, signal, time
+import argparse, collections, contextlib, copy, glob, io, json, math, os, pickle, re, signal, time
 
 import numpy as np
 import torch
@@ -957,7 +957,7 @@ class Evaluation:
             self.real, self.c_real = pixels(ds, perm[:2 * n])
             train, val = pixels(ds, perm[hold:hold + 38400]), pixels(ds, perm[:hold])
         path = os.path.join(self.run_dir, 'judge.pt')
-        state = torch.load(path, map_location='cpu') if os.path.exists(path) else {}
+        state = torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else {}
         self.labelled = nc > 1
         if self.labelled:
             self.judge = self.trained(state, 'judge', train, val, a.seed, log)
@@ -1028,15 +1028,27 @@ def save_checkpoint(path, state):
     os.replace(path + '.tmp', path)
 
 def load_checkpoint(path, map_location='cpu'):
-    """A CAT checkpoint dict, or one clear line (missing, truncated, not a CAT checkpoint, too old)."""
+    """A CAT checkpoint dict, or one clear line (missing, truncated, unsafe, not a CAT checkpoint, too old). Loading runs
+    no code: torch's weights-only unpickler (tensors and plain data only). A .safetensors file (sample.py --export)
+    holds the EMA generator and its config: the dict then has 'ema' and no 'G', 'D' or optimizer states."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint file '{path}'.")
     try:
-        ck = torch.load(path, map_location=map_location, weights_only=False)
+        if path.endswith('.safetensors'):
+            from safetensors import safe_open
+            with safe_open(path, 'pt', device=str(map_location)) as f:
+                meta, ema = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            ck = dict(json.loads(meta.get('cat', '{}')), ema=ema)
+        else:
+            ck = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r'GLOBAL (\S+)', str(e))        # the first object the safe unpickler refused
+        raise SystemExit(f"error: '{path}' is not a safe CAT checkpoint: it holds {what[1] if what else 'an object'}, "
+                         f"not only tensors and plain data, and is not loaded (no code in it ran).")
     except Exception as e:
         raise SystemExit(f"error: cannot read checkpoint '{path}' ({type(e).__name__}): truncated or not a torch file.")
     if not isinstance(ck, dict) or ck.get('format') != 'cat' or 'config' not in ck:
-        raise SystemExit(f"error: '{path}' is not a CAT checkpoint (written by cat.py).")
+        raise SystemExit(f"error: '{path}' is not a CAT checkpoint (written by cat.py or sample.py --export).")
     if ck.get('version', 1) < CKPT_VERSION:
         raise SystemExit(f"error: '{path}' was written by an older cat.py whose equalized-lr layers store their "
                          f"weights in another form: retrain it with this version.")
@@ -1077,6 +1089,9 @@ def resolve_run(args, info, g_cfg, d_cfg, rank, world):
         else:
             path = find_resume(src)
             ck = dict(load_checkpoint(path), path=path)
+            if 'G' not in ck:
+                raise SystemExit(f"error: {path} holds only the EMA generator (an export for sampling): resume from a "
+                                 f"training checkpoint (latest.pt, ckpt-*.pt).")
             run_dir = args.out or (src if os.path.isdir(src) else os.path.dirname(path))
             if ck['config']['G'] != g_cfg or ck['config']['D'] != d_cfg:
                 a = ck['config']['args']

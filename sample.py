@@ -245,6 +245,22 @@ def sample_npz(G, args, info, vae, device, rank, world, out):
         print(f'wrote {out} ({args.num} images, {mine.shape[1]}x{mine.shape[2]}) and {grid}')
 
 
+def export(ck, path, dtype, overwrite):
+    """The EMA generator's weights (w_avg included) as safetensors, the checkpoint's config as JSON metadata: what
+    sampling needs, with no optimizer state and no pickle (nothing in it can run code when it is opened)."""
+    from safetensors.torch import save_file
+    if os.path.exists(path) and not overwrite:
+        raise SystemExit(f"error: '{path}' exists: pass --overwrite to replace it, or choose another --export.")
+    cast = torch.bfloat16 if dtype == 'bf16' else torch.float32
+    ema = {k: (v.to(cast) if v.is_floating_point() else v).contiguous() for k, v in ck['ema'].items()}
+    meta = dict(format='cat', version=ck.get('version'), step=ck['step'], config=ck['config'], dtype=dtype)
+    save_file(ema, path + '.tmp', metadata={'cat': json.dumps(meta)})
+    os.replace(path + '.tmp', path)
+    n = sum(v.numel() for v in ema.values())
+    print(f"wrote {path}: EMA generator of step {ck['step']}, {n / 1e6:.1f}M values in {dtype} "
+          f"({os.path.getsize(path) / 2**20:.1f} MiB)")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description='One-step samples from a CAT checkpoint: ADM .npz + grid PNG.')
     p.add_argument('--ckpt', help='checkpoint written by cat.py (latest.pt, ckpt-*.pt)')
@@ -252,6 +268,10 @@ def get_args(argv=None):
                    help="exact vs approximated R1/R2 of the checkpoint's D on N real and N fake samples (64), and exit")
     p.add_argument('--curves', nargs='+', metavar='RUN[=LABEL]',
                    help='plot Eq. 1 over training from run directories (Fig. 4 layout) to --out PNG, and exit')
+    p.add_argument('--export', metavar='FILE.safetensors',
+                   help="write the EMA generator and its config to a safetensors file (for sharing), and exit")
+    p.add_argument('--export-dtype', choices=['fp32', 'bf16'], default='fp32',
+                   help='fp32: samples identical to the checkpoint\'s; bf16: half the size, samples differ slightly')
     p.add_argument('--weights', choices=['ema', 'raw'], default='ema', help="EMA generator, or the raw 'G'")
     p.add_argument('--num-samples', '--num', dest='num', type=int, default=50_000,
                    help='number of samples (0: no .npz, research views only); --num is an alias (not under torchrun)')
@@ -276,6 +296,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if not args.ckpt and not args.curves:
         p.error('give --ckpt CKPT (or --curves RUN ... --out PNG)')
+    if args.export and not args.export.endswith('.safetensors'):
+        p.error(f'--export writes a .safetensors file: got {args.export}')
     if args.num < 0 or args.batch < 1:
         p.error('--num-samples must be >= 0 and --batch >= 1')
     if args.json and not args.analyze:
@@ -287,9 +309,14 @@ def main(argv=None):
     args = get_args(argv)
     if args.curves:
         return curves(args.curves, args.out or 'curves.png')
+    ck = cat.load_checkpoint(args.ckpt)
+    if 'G' not in ck and (args.weights == 'raw' or args.gp_check):
+        raise SystemExit(f"error: {args.ckpt} holds only the EMA generator: --weights raw and --gp-check need the "
+                         f"training checkpoint (latest.pt, ckpt-*.pt).")
     if args.gp_check:
         return gp_check(args.ckpt, args.gp_check, args.seed)
-    ck = cat.load_checkpoint(args.ckpt)
+    if args.export:
+        return export(ck, args.export, args.export_dtype, args.overwrite)
     cfg, info = ck['config'], ck['config']['data']
     stem = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
                         f'samples-{ck["step"]:07d}-{args.weights}-psi{args.psi:g}-seed{args.seed}')

@@ -409,7 +409,7 @@ def run_cat(argv):
 
 
 def load(run_dir, name='latest.pt'):
-    return torch.load(os.path.join(run_dir, name), map_location='cpu', weights_only=False)
+    return torch.load(os.path.join(run_dir, name), map_location='cpu', weights_only=True)
 
 
 def test_training_steps_change_weights_and_stay_finite(tmp_path):
@@ -1219,6 +1219,54 @@ def test_sample_bad_checkpoints(ckpt, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['half.pt', 'other.pt']                # nothing written
 
 
+class Payload:
+    """Unpickling this writes a file: what a malicious checkpoint would do."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+def test_unsafe_checkpoint_is_refused_and_runs_no_code(ckpt, tmp_path):
+    evil, marker = tmp_path / 'evil.pt', tmp_path / 'pwned'
+    torch.save({'format': 'cat', 'version': cat.CKPT_VERSION, 'config': {}, 'x': Payload(str(marker))}, evil)
+    torch.load(evil, weights_only=False)                     # the payload is real: an unsafe load runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(SystemExit, match="not a safe CAT checkpoint: it holds io.open"):
+        cat.load_checkpoint(str(evil))
+    r = run_sample('--ckpt', evil, '--num-samples', 2, '--out', tmp_path / 'x.npz', ok=False)
+    assert r.stderr.strip().count('\n') == 0 and 'not a safe CAT checkpoint' in r.stderr
+    with pytest.raises(SystemExit, match='not a safe CAT checkpoint'):
+        run_cat(TINY + ['--steps', '2', '--resume', str(evil), '--out', str(tmp_path / 'r')])
+    assert not marker.exists()
+    assert cat.load_checkpoint(ckpt)['step'] == 1              # what cat.py writes loads with the safe unpickler
+
+
+def test_export_safetensors_samples_exactly_as_the_checkpoint(ckpt, single, tmp_path):
+    from safetensors import safe_open
+    st = tmp_path / 'ema.safetensors'
+    r = run_sample('--ckpt', ckpt, '--export', st)
+    assert 'EMA generator of step 1' in r.stdout
+    with safe_open(str(st), 'pt') as f:
+        keys, meta = set(f.keys()), json.loads(f.metadata()['cat'])
+    ck = cat.load_checkpoint(ckpt)
+    assert keys == set(ck['ema']) and meta['config'] == ck['config'] and meta['step'] == 1     # EMA only, no D/Adam
+    run_sample('--ckpt', st, '--num-samples', 10, '--batch', 4, '--out', tmp_path / 'st.npz')
+    assert np.array_equal(load_npz(tmp_path / 'st.npz'), load_npz(single))    # bit-identical samples, same seed
+    run_sample('--ckpt', ckpt, '--export', tmp_path / 'half.safetensors', '--export-dtype', 'bf16')
+    assert os.path.getsize(tmp_path / 'half.safetensors') < 0.6 * os.path.getsize(st)
+    run_sample('--ckpt', tmp_path / 'half.safetensors', '--num-samples', 10, '--batch', 4, '--out', tmp_path / 'h.npz')
+    half = load_npz(tmp_path / 'h.npz')
+    assert np.abs(half.astype(int) - load_npz(single)).mean() < 2                # close, not identical
+    for extra, msg in [(['--weights', 'raw'], 'only the EMA generator'), (['--export', st], 'exists')]:
+        r = run_sample('--ckpt', st, *extra, '--num-samples', 2, '--out', tmp_path / 'x.npz', ok=False)
+        assert r.stderr.strip().count('\n') == 0 and msg in r.stderr
+    with pytest.raises(SystemExit, match='only the EMA generator'):
+        run_cat(TINY + ['--steps', '2', '--resume', str(st), '--out', str(tmp_path / 'r')])
+
+
 def tiles(png, size=64):
     """A grid PNG (1-pixel gaps) -> its tiles [rows, cols, size, size, 3]; the gaps must be white."""
     g = np.asarray(Image.open(png))
@@ -1258,7 +1306,7 @@ def test_sample_latent_checkpoint_uses_vae(ckpt, tmp_path):
     AutoencoderKL(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8, 8), layers_per_block=1,
                   norm_num_groups=4, down_block_types=('DownEncoderBlock2D',) * 2,
                   up_block_types=('UpDecoderBlock2D',) * 2).save_pretrained(vae_dir)
-    ck = torch.load(ckpt, weights_only=False)
+    ck = torch.load(ckpt, weights_only=True)
     ck['config']['data'].update(kind='latent', scale=0.18215)
     ck['config']['meta'] = dict(vae=str(vae_dir))
     torch.save(ck, tmp_path / 'latent.pt')

@@ -29,8 +29,16 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 # ==== Notation and configs ==== Table 6. K+1 = 4 stages k = 0..3, coarse to fine.
-K = 3                                   # index of the final stage; stages are k = 0..K
-W_CONS = (1 / 3, 1 / 2, 1.0)            # w_k of Eq. 2 for k = 0, 1, 2 (weaker for coarse stages)
+K = 3                       # Table 6: stages k = 0..K; any other hierarchy: --scales (K = number of scales - 1)
+
+def table6_scales(res):
+    """Resolutions of x_0..x_K in Table 6: R/8, R/4, R/2, R (4, 8, 16, 32 for ImageNet latents)."""
+    return [res >> (K - k) for k in range(K + 1)]
+
+def w_cons(K):
+    """w_k of Eq. 2, weaker for coarse stages: (1/3, 1/2, 1) for K = 3 (the paper); 1/(K-k) for any other K, which
+    continues that pattern (our extrapolation: the paper sets w_k for K = 3 only)."""
+    return [1 / (K - k) for k in range(K)]
 DEFAULT_DATA = 'data/imagenet256'       # what prepare_latents.py writes by default
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'
 DINO_NAME = 'vit_base_patch14_dinov2.lvd142m'
@@ -182,12 +190,12 @@ class OutputHead(nn.Module):
 
 class Generator(nn.Module):
     def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, z_dim=Z_DIM,
-                 w_avg_beta=0.995):
+                 w_avg_beta=0.995, stages=K + 1):
         super().__init__()
         self.depth, self.width, self.channels, self.res, self.patch = depth, width, channels, res, patch
-        self.num_classes, self.z_dim, self.w_avg_beta = num_classes, z_dim, w_avg_beta
+        self.num_classes, self.z_dim, self.w_avg_beta, self.stages = num_classes, z_dim, w_avg_beta, stages
         self.grad_ckpt = False      # --grad-ckpt: recompute block activations in the backward pass
-        self.out_layers = [depth // 4 * (k + 1) for k in range(K + 1)]     # uniformly spaced, 1-based
+        self.out_layers = [depth * (k + 1) // stages for k in range(stages)]     # uniformly spaced, 1-based
         n = res // patch
         self.register_buffer('pos', sincos_2d(width, n)[None], persistent=False)   # fixed input tokens
         self.register_buffer('rope_cos', rope_2d(width // heads, n)[0], persistent=False)
@@ -196,7 +204,7 @@ class Generator(nn.Module):
         self.mapping = nn.Sequential(EqualLinear(2 * z_dim, width), nn.SiLU(), EqualLinear(width, width))
         self.register_buffer('w_avg', torch.zeros(num_classes, width))   # per-class running mean, for truncation
         self.blocks = nn.ModuleList([GBlock(width, heads) for _ in range(depth)])
-        self.heads = nn.ModuleList([OutputHead(width, patch, channels) for _ in range(K + 1)])
+        self.heads = nn.ModuleList([OutputHead(width, patch, channels) for _ in range(stages)])
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -241,13 +249,13 @@ class Generator(nn.Module):
         self.w_avg.copy_(torch.where(counts[:, None] > 0, self.w_avg.lerp(mean, 1 - self.w_avg_beta), self.w_avg))
 
 # ==== Scale-wise discriminator ==== Sec. 3.1, Fig. 3, App. A.1: one transformer, block-diagonal so d_k sees x_k alone.
-def r_k(h, k):
-    """Resize to scale k: res / 2^(K-k), by area (average-pool) downsampling."""
-    return F.avg_pool2d(h, 2 ** (K - k)) if k < K else h
+def r_k(h, size):
+    """Resize to scale k's resolution `size` (a divisor of h's) by area (average-pool) downsampling."""
+    return F.avg_pool2d(h, h.shape[-1] // size) if size < h.shape[-1] else h
 
-def multiscale(hs):
-    """[h_0..h_K] -> [x_0..x_K]; a single tensor (a real image) is used for every scale."""
-    return [r_k(hs if torch.is_tensor(hs) else hs[k], k) for k in range(K + 1)]
+def multiscale(hs, scales):
+    """[h_0..h_K] -> [x_0..x_K] at resolutions `scales`; a single tensor (a real image) is used for every scale."""
+    return [r_k(hs if torch.is_tensor(hs) else hs[k], s) for k, s in enumerate(scales)]
 
 class DBlock(nn.Module):
     def __init__(self, width, heads, layerscale=0.1):
@@ -262,18 +270,24 @@ class DBlock(nn.Module):
 
 class Discriminator(nn.Module):
     """Segments [cls_k, tokens of x_k], k = 0..K (4 cls + 4 + 16 + 64 + 256 tokens at res 32); block-diagonal attention
-    (mask=False: scale-aggregated ablation, Fig. 9) by attn_impl 'split', one fused call per scale, or 'mask' [L, L]."""
+    (mask=False: scale-aggregated ablation, Fig. 9) by attn_impl 'split', one fused call per scale, or 'mask' [L, L].
+    scales: resolutions of x_0..x_K (default Table 6's); patch: one size, or one per scale (App. A.3: 8, 8, 8, 16)."""
     def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, cmap_dim=2048,
-                 repa_dim=768, mask=True, attn_impl='split'):
+                 repa_dim=768, mask=True, attn_impl='split', scales=None):
         super().__init__()
-        self.width, self.channels, self.res, self.patch = width, channels, res, patch
+        self.scales = scales or table6_scales(res)
+        self.patches = patch if isinstance(patch, list) else [patch] * len(self.scales)
+        self.width, self.channels, self.res = width, channels, res
         self.mask, self.attn_impl, self.grad_ckpt = mask, attn_impl, False
-        self.grids = [res // 2 ** (K - k) // patch for k in range(K + 1)]           # 2, 4, 8, 16 tokens per side
+        self.grids = [s // p for s, p in zip(self.scales, self.patches)]            # 2, 4, 8, 16 tokens per side
         bounds = np.cumsum([0] + [1 + n * n for n in self.grids]).tolist()
         self.segments = list(zip(bounds[:-1], bounds[1:]))
-        self.patch_embed = nn.Linear(patch * patch * channels, width)                # shared by all scales
+        self.sizes = list(dict.fromkeys(self.patches))          # distinct patch sizes: one embedding each, shared
+        self.patch_embed = nn.Linear(self.sizes[0] ** 2 * channels, width)          # by the scales of that size
+        for p in self.sizes[1:]:
+            self.add_module(f'patch_embed_{p}', nn.Linear(p * p * channels, width))
         self.register_buffer('pos', torch.cat([sincos_2d(width, n) for n in self.grids]), persistent=False)
-        self.scale_embed, self.cls = (nn.Parameter(torch.zeros(K + 1, width)) for _ in range(2))
+        self.scale_embed, self.cls = (nn.Parameter(torch.zeros(len(self.scales), width)) for _ in range(2))
         ropes = [rope_2d(width // heads, n, n_cls=1) for n in self.grids]         # RoPE on each scale's own grid
         self.register_buffer('rope_cos', torch.cat([r[0] for r in ropes]), persistent=False)
         self.register_buffer('rope_sin', torch.cat([r[1] for r in ropes]), persistent=False)
@@ -298,8 +312,13 @@ class Discriminator(nn.Module):
 
     def forward(self, xs, c, return_tokens=False):
         """xs = [x_0..x_K] -> d [B, K+1]; with return_tokens also the finest scale's tokens (cls_K first) for REPA."""
-        B = xs[0].shape[0]
-        t = self.patch_embed(torch.cat([patchify(x, self.patch) for x in xs], dim=1)) + self.pos.to(xs[0].dtype)
+        B, tk = xs[0].shape[0], [None] * len(xs)
+        for i, p in enumerate(self.sizes):          # one embedding call per patch size, on all scales of that size
+            ks = [k for k, q in enumerate(self.patches) if q == p]
+            t = getattr(self, f'patch_embed_{p}' if i else 'patch_embed')(torch.cat([patchify(xs[k], p) for k in ks], 1))
+            for k, u in zip(ks, t.split([self.grids[k] ** 2 for k in ks], dim=1)):
+                tk[k] = u
+        t = torch.cat(tk, dim=1) + self.pos.to(xs[0].dtype)
         x = torch.cat([u for k, tk in enumerate(t.split([n * n for n in self.grids], dim=1))
                        for u in (self.cls[k].expand(B, 1, -1), tk)], dim=1)        # segments [cls_k, tokens of x_k]
         x = x + torch.cat([self.scale_embed[k].expand(1 + n * n, -1) for k, n in enumerate(self.grids)])
@@ -341,7 +360,7 @@ def augment(x, a, color=True, cutout=True, scale=1):
         y = (y - m_pix) * v(a['sat']) + m_pix
         y = (y - m_img) * v(a['contrast']) + m_img
         x = torch.where(a['color'].view(B, 1, 1, 1), y, x)
-    shift = a['shift'] * scale                                  # per-sample integer translation with zero fill
+    shift = (a['shift'] * scale).round().long()                 # per-sample integer translation with zero fill
     iy, ix = ar_h[None] - shift[:, :1], ar_w[None] - shift[:, 1:]                 # source rows / columns [B, H]
     vy, vx = (iy >= 0) & (iy < H), (ix >= 0) & (ix < W)
     x = x.gather(2, iy.clamp(0, H - 1)[:, None, :, None].expand(B, C, H, W))
@@ -376,10 +395,10 @@ def approx_gp_pass(D, xs, eps, c, sigma, precision):
         d = D([torch.cat([x, x + sigma * e]).float() for x, e in zip(xs, eps)], torch.cat([c, c]))
     return ((d[:n] - d[n:]) / sigma).square().mean(1)
 
-def consistency_loss(hs, w=W_CONS, detach_anchor=False):
+def consistency_loss(hs, detach_anchor=False):
     """Eq. 2: L_cons = 1/K sum_{k<K} w_k * mean((h_k - h_K)^2). No stop-gradient on h_K by default (as Eq. 2)."""
-    anchor = hs[-1].detach() if detach_anchor else hs[-1]
-    return sum(wk * (h - anchor).float().square().mean() for wk, h in zip(w, hs[:-1])) / K
+    anchor, K = hs[-1].detach() if detach_anchor else hs[-1], len(hs) - 1
+    return sum(wk * (h - anchor).float().square().mean() for wk, h in zip(w_cons(K), hs[:-1])) / K
 
 def repa_loss(pred_tokens, dino_cls, dino_patch):
     """(1 - cos) between projected D tokens and frozen DINOv2 features: the cls term plus the mean patch term."""
@@ -400,25 +419,31 @@ def load_dino(device, pretrained=True):
     m.register_buffer('pixel_std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     return m.to(device).eval().requires_grad_(False)
 
-def dino_features(dino, img, aug=None, res=32):
-    """DINOv2 tokens [B, 1 + 256, 768] of uint8 crops: 256 -> 224 bicubic, ImageNet normalization, the real latent's
-    flip and translation (a latent pixel = 224 // res pixels; GAT's res / 224 is a bug: its targets barely shift)."""
+def dino_features(dino, img, aug=None, res=32, grid=16):
+    """DINOv2 tokens [B, 1 + grid^2, 768] of uint8 crops: 256 -> 224 bicubic, ImageNet normalization, the real's flip
+    and translation (a data pixel = 224 / res pixels; GAT's res / 224 is a bug: its targets barely shift); its 16 x 16
+    patch features resized by area (or bilinearly) when D's finest grid differs (another --scales / --d-patch)."""
     x = F.interpolate(img.float() / 255, size=(224, 224), mode='bicubic', align_corners=False)
     x = (x - dino.pixel_mean) / dino.pixel_std
     if aug is not None:
-        x = augment(x, aug, color=False, cutout=False, scale=224 // res)
-    return dino.forward_features(x)
+        x = augment(x, aug, color=False, cutout=False, scale=224 / res)
+    f = dino.forward_features(x)
+    if grid != 16:
+        p = f[:, 1:].transpose(1, 2).unflatten(2, (16, 16))
+        p = F.interpolate(p, size=(grid, grid), mode='area' if grid < 16 else 'bilinear', align_corners=None)
+        f = torch.cat([f[:, :1], p.flatten(2).transpose(1, 2)], dim=1)
+    return f
 
 # ==== Cross-scale metrics ==== Eq. 1: how coherently the stages accumulate toward the final output.
-def cross_scale_metrics(hs):
-    """Eq. 1's delta_k, R_k, A_k (lists over k < K; batch means) of x_k = r_k(h_k) upsampled bilinearly. Not in the
-    paper: delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw outputs (what L_cons acts on, with the detail r_k pools away,
-    invisible to Eq. 1), and *_floor: Eq. 1 for a perfect hierarchy (every h_k = h_K), what r_k's pooling leaves."""
-    full = hs[-1].shape[-1]
+def cross_scale_metrics(hs, scales):
+    """Eq. 1's delta_k, R_k, A_k (lists over k < K; batch means) of x_k = r_k(h_k) upsampled bilinearly to x_K. Not in
+    the paper: delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw outputs (what L_cons acts on, with the detail r_k pools
+    away, invisible to Eq. 1), and *_floor: Eq. 1 for a perfect hierarchy (every h_k = h_K), what r_k's pooling leaves."""
+    full, K = scales[-1], len(hs) - 1
     up = lambda x: (F.interpolate(x, size=(full, full), mode='bilinear', align_corners=False)
                     if x.shape[-1] != full else x)
     def eq1(hs):
-        xs = [up(r_k(h.float(), k)).flatten(1) for k, h in enumerate(hs)]
+        xs = [up(r_k(h.float(), s)).flatten(1) for h, s in zip(hs, scales)]
         xK, nK = xs[-1], xs[-1].norm(dim=1)
         return ([((xK - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)],
                 [((xs[k + 1] - xs[k]).norm(dim=1) / nK).mean().item() for k in range(K)],
@@ -442,20 +467,23 @@ def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
                          f"with --vae.")
     return vae.to(device).eval().requires_grad_(False)
 
-DATA_FORMAT_VERSION = 1       # of the dataset directory that prepare_latents.py writes
-META_KEYS = ('format_version', 'N', 'num_classes', 'latent_shape', 'scaling_factor', 'vae', 'images')
+DATA_FORMAT_VERSION = 2     # 2: pixels as uint8 or JPEG ('store'); latent directories of version 1 read unchanged
+META_KEYS = ('format_version', 'N', 'num_classes', 'scaling_factor', 'vae', 'images')
+STORES = {'latents': 'latents.npy', 'uint8': 'pixels.npy', 'jpeg': 'images.bin'}   # where the training data lies
 
-def is_pixel_data(path):
-    """Does `path`'s meta.json say pixels ("vae": null)? Anything unreadable is left to check_data_dir's one line."""
+def is_small_data(path):
+    """Pixel data of at most 64 px ("vae": null)? Unreadable meta.json: no, and check_data_dir's one line follows."""
     try:
         with open(os.path.join(path, 'meta.json')) as f:
-            return json.load(f).get('vae', '') is None
-    except (OSError, ValueError, AttributeError):      # AttributeError: meta.json holds no JSON object
+            meta = json.load(f)
+        return meta.get('vae', '') is None and (meta.get('shape') or meta['latent_shape'])[-1] <= 64
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, IndexError):
         return False
 
-def check_data_dir(path, patch=2):
-    """Checks a dataset directory before anything is built (cat.py, fid.py, sample.py): meta.json, files, labels and
-    geometry (each of the four scales needs a token). Returns meta.json; a problem is one line that names the fix."""
+def check_data_dir(path):
+    """Checks a dataset directory before anything is built (cat.py, fid.py, sample.py): meta.json, files and labels
+    (hierarchy() checks the geometry). Returns meta.json with 'store' and 'shape' [C, r, r] of a training sample; a
+    problem is one line that names the fix."""
     redo = f"re-run prepare_latents.py for '{path}'"
     if not os.path.isdir(path):
         raise SystemExit(f"error: no dataset directory '{path}'. Make one with `python prepare_latents.py --images "
@@ -471,83 +499,104 @@ def check_data_dir(path, patch=2):
     if missing := [k for k in META_KEYS if k not in meta]:
         raise SystemExit(f"error: '{path}/meta.json' lacks {', '.join(map(repr, missing))}: {redo} (pixel data: "
                          f"\"vae\": null, \"scaling_factor\": 1).")
-    if meta['format_version'] != DATA_FORMAT_VERSION:
+    if meta['format_version'] == 1 and meta['vae'] is None:
+        raise SystemExit(f"error: '{path}' holds pixels as float16 (format 1, four times their uint8 size): prepare it "
+                         f"again, `prepare_latents.py --images SRC --vae none --resolution R --out {path} --overwrite`.")
+    if meta['format_version'] not in (1, DATA_FORMAT_VERSION):
         raise SystemExit(f"error: '{path}' has format_version {meta['format_version']!r}, this cat.py reads "
                          f"{DATA_FORMAT_VERSION}: {redo}.")
+    meta = dict({'store': 'latents'}, **meta)                    # version 1: latents
     count = lambda v: type(v) is int and v > 0
-    shape, sf = meta['latent_shape'], meta['scaling_factor']
+    store, shape, sf, latents = meta['store'], meta.get('latent_shape', meta.get('shape')), meta['scaling_factor'], \
+        meta['store'] == 'latents'
     for key, ok, want in (('N', count(meta['N']), 'a positive integer'),
                           ('num_classes', count(meta['num_classes']), 'a positive integer'),
-                          ('latent_shape', isinstance(shape, list) and len(shape) == 3 and all(map(count, shape))
-                           and shape[0] % 2 == 0 and shape[1] == shape[2], '[2C, r, r] (mean | std of C channels)'),
+                          ('store', store in STORES, ' or '.join(STORES)),
+                          ('latent_shape' if latents else 'shape', isinstance(shape, list) and len(shape) == 3 and
+                           all(map(count, shape)) and shape[1] == shape[2] and
+                           (shape[0] % 2 == 0 if latents else shape[0] in (1, 3)),
+                           '[2C, r, r] (mean | std of C channels)' if latents else '[C, r, r], C = 1 or 3'),
                           ('scaling_factor', type(sf) in (int, float) and sf > 0, 'a positive number'),
-                          ('vae', meta['vae'] is None or isinstance(meta['vae'], str), 'a VAE name or null (pixels)'),
-                          ('images', isinstance(meta['images'], bool), 'true or false')):
+                          ('vae', isinstance(meta['vae'], str) if latents else meta['vae'] is None,
+                           'a VAE name (latents) or null (pixels)'),
+                          ('images', meta['images'] in ((True,) if store == 'jpeg' else (True, False)),
+                           'true or false (true for store jpeg)')):
         if not ok:
-            raise SystemExit(f"error: '{path}/meta.json' has {key} = {meta[key]!r}, expected {want}: {redo}.")
-    r, unit, pixels = shape[1], 2 ** K * patch, meta['vae'] is None
-    if r % unit:
-        raise SystemExit(f"error: '{path}' holds {r} x {r} {'images' if pixels else 'latents'}, but CAT's four scales "
-                         f"(r/8, r/4, r/2, r) with patch {patch} need r to be a multiple of {unit}: {redo} with "
-                         f"--resolution {unit if pixels else 8 * unit} (or a multiple of it).")
-    for name in ['latents.npy', 'labels.npy'] + (['images.bin', 'images_index.npy'] if meta['images'] else []):
+            raise SystemExit(f"error: '{path}/meta.json' has {key} = {meta.get(key)!r}, expected {want}: {redo}.")
+    for name in ['labels.npy', STORES[store]] + (['images.bin', 'images_index.npy'] if meta['images'] else []):
         if not os.path.exists(os.path.join(path, name)):
             raise SystemExit(f"error: '{path}' has no {name}, which its meta.json promises: {redo}.")
-    lat, lab = (np.load(os.path.join(path, name), mmap_mode='r') for name in ('latents.npy', 'labels.npy'))
-    if lat.shape != (meta['N'], *shape) or lab.shape != (meta['N'],):
-        raise SystemExit(f"error: '{path}' does not match its meta.json (latents {tuple(lat.shape)}, labels "
-                         f"{tuple(lab.shape)}, N={meta['N']}, latent_shape={shape}): {redo}.")
+    lab = np.load(os.path.join(path, 'labels.npy'), mmap_mode='r')
+    arr = np.load(os.path.join(path, STORES[store]), mmap_mode='r') if store != 'jpeg' else \
+        np.load(os.path.join(path, 'images_index.npy'), mmap_mode='r')
+    want = (meta['N'], *shape) if store != 'jpeg' else (meta['N'] + 1,)
+    if arr.shape != want or lab.shape != (meta['N'],) or (store == 'uint8') != (arr.dtype == np.uint8):
+        raise SystemExit(f"error: '{path}' does not match its meta.json ({STORES[store] if store != 'jpeg' else 'index'} "
+                         f"{tuple(arr.shape)} {arr.dtype}, labels {tuple(lab.shape)}, N={meta['N']}, shape={shape}): "
+                         f"{redo}.")
     if lab.min() < 0 or lab.max() >= meta['num_classes']:
         raise SystemExit(f"error: '{path}' has labels outside [0, num_classes = {meta['num_classes']}) (from "
                          f"{lab.min()} to {lab.max()}): {redo}, or fix num_classes in its meta.json.")
-    return meta
+    return dict(meta, shape=[shape[0] // 2, *shape[1:]] if latents else shape)
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Memory-mapped float16 moments [N, 2C, r, r] (mean | std; pixels: image | 0), labels, JPEGs if images (REPA)."""
+    """Item i -> (x, label, img) of a dataset directory: x the float16 posterior moments [2C, r, r] (mean | std) of
+    latents, or the uint8 image [C, r, r] of pixel data (memory-mapped, or decoded from its JPEG); img the uint8 JPEG
+    crop for REPA (latents with images=True), else empty (pixel data: REPA reads x itself)."""
     def __init__(self, path, meta, images):
-        self.path, self.meta, self.images = path, meta, images
-        self.latents = self.labels = self.blob = None      # opened lazily, once per DataLoader worker
+        self.path, self.meta, self.images, self.store = path, meta, images and meta['store'] == 'latents', meta['store']
+        self.data = self.labels = self.blob = None      # opened lazily, once per DataLoader worker
 
     def __len__(self):
         return self.meta['N']
 
     def open(self):
-        if self.latents is None:
-            self.latents = np.load(os.path.join(self.path, 'latents.npy'), mmap_mode='r')
+        if self.labels is None:
             self.labels = np.load(os.path.join(self.path, 'labels.npy'), mmap_mode='r')
-            if self.images:
+            if self.store != 'jpeg':
+                self.data = np.load(os.path.join(self.path, STORES[self.store]), mmap_mode='r')
+            if self.images or self.store == 'jpeg':
                 self.index = np.load(os.path.join(self.path, 'images_index.npy'))
                 self.blob = np.memmap(os.path.join(self.path, 'images.bin'), dtype=np.uint8, mode='r')
         return self
 
+    def jpeg(self, i, mode):
+        from PIL import Image
+        a = np.asarray(Image.open(io.BytesIO(self.blob[self.index[i]:self.index[i + 1]].tobytes())).convert(mode))
+        return torch.from_numpy(a.reshape(*a.shape[:2], -1).copy()).permute(2, 0, 1)
+
     def __getitem__(self, i):
         self.open()
-        img = torch.empty(0, dtype=torch.uint8)
-        if self.images:
-            from PIL import Image
-            data = self.blob[self.index[i]:self.index[i + 1]].tobytes()
-            img = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert('RGB')).copy()).permute(2, 0, 1)
-        return torch.from_numpy(np.array(self.latents[i])), int(self.labels[i]), img
+        x = (self.jpeg(i, 'L' if self.meta['shape'][0] == 1 else 'RGB') if self.store == 'jpeg' else
+             torch.from_numpy(np.array(self.data[i])))
+        img = self.jpeg(i, 'RGB') if self.images else torch.empty(0, dtype=torch.uint8)
+        return x, int(self.labels[i]), img
 
 def open_data(args):
     """-> info (kind 'toy' | 'pixel' | 'latent', N, channels, res, num_classes, scale, vae, meta), the data (toy tensors
-    or a LatentDataset), notes to log. Data without images turn REPA off (a note) unless --lambda-repa was given."""
+    or a LatentDataset), notes to log. Latents without images turn REPA off (a note) unless --lambda-repa was given."""
     if args.data == 'toy':
         x, y = make_toy(args.toy_n, seed=args.seed, res=args.toy_res)
         info = dict(kind='toy', N=len(y), channels=3, res=args.toy_res, num_classes=int(y.max()) + 1, scale=1.0,
                     vae=None, meta=None)
         return info, (x, y), []
     meta, notes = check_data_dir(args.data), []
-    if args.lambda_repa > 0 and not meta['images']:
+    if args.lambda_repa > 0 and not meta['images'] and meta['store'] == 'latents':
         if args.repa_given:
-            raise SystemExit(f"error: '{args.data}' has no images for REPA (pixel data, or prepared with --no-images): "
-                             f"re-run prepare_latents.py without --no-images, or train with --lambda-repa 0.")
+            raise SystemExit(f"error: '{args.data}' has no images for REPA (prepared with --no-images): re-run "
+                             f"prepare_latents.py without --no-images, or train with --lambda-repa 0.")
         args.lambda_repa = 0.0
         notes.append(f"REPA off: '{args.data}' has no images for DINOv2 (pass --lambda-repa to insist)")
-    info = dict(kind='pixel' if meta['vae'] is None else 'latent', N=meta['N'], channels=meta['latent_shape'][0] // 2,
-                res=meta['latent_shape'][1], num_classes=meta['num_classes'], scale=meta['scaling_factor'],
+    info = dict(kind='pixel' if meta['vae'] is None else 'latent', N=meta['N'], channels=meta['shape'][0],
+                res=meta['shape'][1], num_classes=meta['num_classes'], scale=meta['scaling_factor'],
                 vae=meta['vae'], meta=meta)
     return info, LatentDataset(args.data, meta, images=args.lambda_repa > 0), notes
+
+def real_x(batch, nz, info):
+    """The real x of a step: a fresh posterior draw of latents; pixels (uint8) in [-1, 1]; the toy set as it is."""
+    if info['kind'] == 'latent':
+        return posterior_sample(batch, nz['eps'], info['scale'])
+    return batch if batch.is_floating_point() else batch.float() / 127.5 - 1
 
 def posterior_sample(moments, eps, scale):
     """x = (mean + std * eps) * scaling_factor: a fresh posterior draw at each use (pixel data: std = 0, factor 1)."""
@@ -631,7 +680,7 @@ def make_toy(n, seed=0, res=16, random_hue=False):
     return x.clamp_(0, 1).mul_(2).sub_(1), y
 
 # ==== One training iteration ==== App. A.2: a D step, then a G step, each a module so DDP wraps just what it trains.
-def step_noise(seed, step, n, G, device):
+def step_noise(seed, step, n, G, scales, device):
     """All noise of a step's global batch (n) from (seed, step) alone: exact resume at any world size, no RNG state."""
     g = torch.Generator(device).manual_seed(seed * 1_000_003 + step + 1)
     C, R = G.channels, G.res
@@ -639,7 +688,7 @@ def step_noise(seed, step, n, G, device):
               eps=torch.randn(n, C, R, R, generator=g, device=device))          # posterior sample of the real latent
     nz.update({name: draw_aug(n, R, g, device) for name in ('aug_dr', 'aug_df', 'aug_gr', 'aug_gf')})
     for name in ('gp_r', 'gp_f'):                                            # perturbation eps of each x_k
-        nz[name] = [torch.randn(n, C, R >> (K - k), R >> (K - k), generator=g, device=device) for k in range(K + 1)]
+        nz[name] = [torch.randn(n, C, s, s, generator=g, device=device) for s in scales]
     return nz
 
 def take(nz, lo, hi):
@@ -660,7 +709,7 @@ class DStep(nn.Module):
         with torch.no_grad(), amp:
             fake = torch.cat(self._G[0](nz['z'], c))                            # [h_0; ...; h_K], [(K+1)B, C, R, R]
         xr, xf = (augment(x_real, nz['aug_dr']), augment(fake, nz['aug_df'])) if a.aug else (x_real, fake)
-        xr, xf = multiscale(xr), multiscale(xf.chunk(K + 1))
+        xr, xf = multiscale(xr, D.scales), multiscale(xf.chunk(len(D.scales)), D.scales)
         q = slice(None, None, 4)                                               # the GP quarter: every 4th sample
         nq, repa = len(range(B)[q]), a.lambda_repa > 0
         if a.gp_precision == 'bf16' or a.precision == 'fp32':   # one pass: real, fake, perturbed quarter (App. A.2)
@@ -686,7 +735,7 @@ class DStep(nn.Module):
                      d_fake=d_fake.detach().mean())
         if repa:
             with torch.no_grad(), amp:
-                f = dino_features(self.dino, img, nz['aug_dr'] if a.aug else None, x_real.shape[-1])
+                f = dino_features(self.dino, img, nz['aug_dr'] if a.aug else None, x_real.shape[-1], D.grids[-1])
             with amp:
                 lr = repa_loss(D.proj(tok[:B]), f[:, 0], f[:, 1:])
             loss = loss + a.lambda_repa * lr
@@ -707,9 +756,9 @@ class GStep(nn.Module):
             hs = G.synthesis(w)
             xr, xf = x_real, torch.cat(hs)
             xr, xf = (augment(xr, nz['aug_gr']), augment(xf, nz['aug_gf'])) if a.aug else (xr, xf)
-            d_fake = D(multiscale(xf.chunk(K + 1)), c)
+            d_fake = D(multiscale(xf.chunk(len(hs)), D.scales), c)
             with torch.no_grad():
-                d_real = D(multiscale(xr), c)
+                d_real = D(multiscale(xr, D.scales), c)
         adv = rpgan_g_loss(d_fake, d_real)
         cons = consistency_loss(hs, detach_anchor=a.cons_detach)
         return adv + a.lambda_cons * cons, w.detach(), dict(loss_g=adv.detach(), cons=cons.detach())
@@ -774,19 +823,53 @@ def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained_dino=True):
         d_step, g_step = (DDP(s, device_ids=ids, broadcast_buffers=False) for s in (d_step, g_step))
     return Models(G, D, ema, opt_g, opt_d, d_step, g_step, world, args.micro_batch or args.batch_size // world)
 
+def hierarchy(args, info):
+    """(scales, G's patch, D's patches) of --scales / --patch / --d-patch for the data, or one line that names the fix.
+    Defaults: Table 6's scales, patch 2 for G and for every scale of D."""
+    r, kind = info['res'], 'images' if info['kind'] != 'latent' else 'latents'
+    scales, p = args.scales or table6_scales(r), args.patch or 2
+    dp = args.d_patch * len(scales) if args.d_patch and len(args.d_patch) == 1 else args.d_patch or [p] * len(scales)
+    unit = 8 * max(dp + [p])
+    if not args.scales and r % unit:                        # the data's size is wrong for the default hierarchy
+        fix = (f"use --toy-res {unit}" if info['kind'] == 'toy' else f"re-run prepare_latents.py for '{args.data}' "
+               f"with --resolution {unit if kind == 'images' else 8 * unit}")
+        raise SystemExit(f"error: '{args.data}' holds {r} x {r} {kind}, but CAT's four scales (r/8, r/4, r/2, r) with "
+                         f"patch {p} need r to be a multiple of {unit}: {fix} (or a multiple of it).")
+    bad = next((why for wrong, why in (
+        (len(scales) < 2, 'CAT needs at least two scales'),
+        (any(b <= a for a, b in zip(scales, scales[1:])), 'the resolutions must increase'),
+        (any(s < 1 or r % s for s in scales), f'each must divide the data resolution {r}'),
+        (len(dp) != len(scales), f'--d-patch {",".join(map(str, dp))} needs one patch size per scale'),
+        (any(q < 1 or s % q for s, q in zip(scales, dp)), f'each must be a whole number of D patches '
+                                                           f'({",".join(map(str, dp))})'),
+        (r % p, f"G's patch {p} must divide {r}"),
+        (G_CONFIGS[args.model].depth < len(scales), f'G-{args.model} has fewer blocks than stages')) if wrong), None)
+    if bad:
+        raise SystemExit(f"error: --scales {','.join(map(str, scales))} for {r} x {r} {kind}: {bad}.")
+    return scales, p, dp
+
 def model_configs(args, info):
-    """G and D constructor arguments for --model / --model-d and the data (channels, resolution, classes)."""
+    """G and D constructor arguments for --model / --model-d, the hierarchy and the data (channels, size, classes).
+    What equals the default (Table 6's hierarchy, patch 2) is left out, so such configs read as before it existed."""
     g, d = G_CONFIGS[args.model], D_CONFIGS[args.model_d or D_FOR_G[args.model]]
     common = dict(channels=info['channels'], res=info['res'], num_classes=info['num_classes'])
-    return (dict(depth=g.depth, width=g.width, heads=g.heads, **common),
-            dict(depth=d.depth, width=d.width, heads=d.heads, cmap_dim=d.cmap,
-                 repa_dim=768 if args.lambda_repa > 0 else 0, mask=not args.no_mask, **common))
+    g_cfg = dict(depth=g.depth, width=g.width, heads=g.heads, **common)
+    d_cfg = dict(depth=d.depth, width=d.width, heads=d.heads, cmap_dim=d.cmap,
+                 repa_dim=768 if args.lambda_repa > 0 else 0, mask=not args.no_mask, **common)
+    scales, p, dp = hierarchy(args, info)
+    if scales != table6_scales(info['res']):
+        g_cfg['stages'], d_cfg['scales'] = len(scales), scales
+    if p != 2:
+        g_cfg['patch'] = p
+    if dp != [2] * len(scales):
+        d_cfg['patch'] = dp if len(set(dp)) > 1 else dp[0]
+    return g_cfg, d_cfg
 
 # ==== Evaluation ==== rank 0, every --eval-every steps: EMA sample grids, Eq. 1, and for pixel data judge_metrics in
 # the features of the data set's own judge (a small CNN trained on it). fid.py and sample.py build on these.
 def to_uint8(x):
-    """[-1, 1] images [N, 3, H, W] -> uint8 [N, H, W, 3]."""
-    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    """[-1, 1] images [N, C, H, W] -> uint8 RGB [N, H, W, 3] (one channel: grey, written as RGB)."""
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu()
 
 def decode(x, info, vae=None):
     """-> uint8 [N, H, W, 3]: pixel data as is, latents via the VAE (x / scale), else channels 0..2 in false colour."""
@@ -918,8 +1001,9 @@ def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shap
 
 def pixels(ds, idx):
     """Images idx (in that order) of a pixel-space LatentDataset as float [n, C, r, r] in [-1, 1], and their labels."""
-    idx, C = np.asarray(idx), ds.open().latents.shape[1] // 2
-    return torch.from_numpy(ds.latents[idx, :C].astype(np.float32)), torch.from_numpy(ds.labels[idx].astype(np.int64))
+    idx = np.asarray(idx, dtype=np.int64)
+    x = torch.from_numpy(ds.open().data[idx]) if ds.store == 'uint8' else torch.stack([ds[i][0] for i in idx])
+    return x.float() / 127.5 - 1, torch.from_numpy(ds.labels[idx].astype(np.int64))
 
 class Evaluation:
     """On fixed EMA samples: Eq. 1 and its floor; a grid (pixel data: a row per class, as reals.png for the reals);
@@ -927,6 +1011,7 @@ class Evaluation:
     judge (random CNN features: label-free, as the 'T4' embedding of Naeem et al. 2020). FID: `fid.py train`'s hook."""
     def __init__(self, args, info, ds, device, run_dir, log):
         self.a, self.info, self.device, self.run_dir = args, info, device, run_dir
+        self.scales = hierarchy(args, info)[0]
         self.vae = self.judge = self.shape_judge = None
         nc = info['num_classes']
         self.z = torch.randn(args.eval_n, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345))
@@ -1000,7 +1085,9 @@ class Evaluation:
         with autocast(a.precision, dev):
             hs = list(generate(ema, z.to(dev), c.to(dev), all_stages=True).float().cpu())
             grid = generate(ema, self.z_grid.to(dev), self.grid_c.to(dev)).float().cpu()
-        out = {f'{name}_{k}': v for name, vals in cross_scale_metrics(hs).items() for k, v in enumerate(vals)}
+        out = {f'{name}_{k}': v for name, vals in cross_scale_metrics(hs, self.scales).items()
+               for k, v in enumerate(vals)}
+        K = len(hs) - 1
         out.update({name: sum(out[f'{name}_{k}'] for k in range(K)) / K for name in ('delta', 'R', 'A', 'delta_h')})
         if self.judge is not None:
             out.update(judge_metrics(self.judge, hs[-1], c, self.real, self.c_real, info['num_classes'],
@@ -1213,8 +1300,10 @@ def train(args, hooks=()):
     pending, t0, last_eval, done = [], time.time(), None, start
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, dynamic_ncols=True):
         moments, c, img = next(batches)
-        nz = take(step_noise(args.seed, step, args.batch_size, m.G, device), rank * b, (rank + 1) * b)
-        x = moments if info['kind'] == 'toy' else posterior_sample(moments, nz['eps'], info['scale'])
+        nz = take(step_noise(args.seed, step, args.batch_size, m.G, m.D.scales, device), rank * b, (rank + 1) * b)
+        x = real_x(moments, nz, info)
+        if info['kind'] == 'pixel' and args.lambda_repa > 0:       # REPA of pixel data: DINOv2 sees x's own pixels
+            img = moments.expand(-1, 3, -1, -1)
         names, st = train_step(m, x, c, img, nz, args)
         pending.append(st)
         done, stopping = step + 1, stop.requested()
@@ -1266,10 +1355,17 @@ def forward_macs(G, D):
     """F_G and F_D of App. A.2: multiply-adds of one generator / discriminator forward pass per sample."""
     c = torch.zeros(1, dtype=torch.long, device=G.pos.device)
     return (count_macs(lambda: G(torch.randn(1, G.z_dim, device=c.device), c)),
-            count_macs(lambda: D(multiscale(torch.randn(1, D.channels, D.res, D.res, device=c.device)), c)))
+            count_macs(lambda: D(multiscale(torch.randn(1, D.channels, D.res, D.res, device=c.device), D.scales), c)))
+
+def synthetic_info(args):
+    """The data --summary and --bench assume: ImageNet-256 SD-VAE latents (4 x 32 x 32), or RGB ImageNet pixels at the
+    finest --scales resolution when that is not 32 (App. A.3: 256)."""
+    res = args.scales[-1] if args.scales else 32
+    return dict(kind='latent' if res == 32 else 'pixel', channels=4 if res == 32 else 3, res=res, num_classes=1000)
 
 def summary(args, out=print):
-    g_cfg, d_cfg = model_configs(args, dict(channels=4, res=32, num_classes=1000))
+    info = synthetic_info(args)
+    g_cfg, d_cfg = model_configs(args, info)
     d_cfg['repa_dim'] = 768
     with torch.device('meta'):
         G, D = Generator(**g_cfg), Discriminator(**d_cfg)
@@ -1298,14 +1394,16 @@ def bench(args, out=print):
     rank, world, device = setup_ddp()
     out = out if rank == 0 else (lambda line: None)         # one report, from rank 0
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    g_cfg, d_cfg = model_configs(args, dict(channels=4, res=32, num_classes=1000))
+    info = synthetic_info(args)
+    g_cfg, d_cfg = model_configs(args, info)
     m = build(args, g_cfg, d_cfg, device, world, pretrained_dino=False)
-    b, g = args.batch_size // world, torch.Generator(device).manual_seed(0)
-    moments = torch.cat([torch.randn(b, 4, 32, 32, generator=g, device=device),
-                         torch.rand(b, 4, 32, 32, generator=g, device=device)], 1)
+    b, g, C, R = args.batch_size // world, torch.Generator(device).manual_seed(0), info['channels'], info['res']
+    batch = (torch.cat([torch.randn(b, C, R, R, generator=g, device=device),
+                        torch.rand(b, C, R, R, generator=g, device=device)], 1) if info['kind'] == 'latent' else
+             torch.randint(0, 256, (b, C, R, R), generator=g, device=device, dtype=torch.uint8))
     c = torch.randint(0, 1000, (b,), generator=g, device=device)
-    img = (torch.randint(0, 256, (b, 3, 256, 256), generator=g, device=device, dtype=torch.uint8)
-           if args.lambda_repa > 0 else None)
+    img = ((torch.randint(0, 256, (b, 3, 256, 256), generator=g, device=device, dtype=torch.uint8)
+            if info['kind'] == 'latent' else batch) if args.lambda_repa > 0 else None)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     out(f"bench {name}: G-{args.model}/2 + D-{args.model_d or D_FOR_G[args.model]}/2, batch {b}/device (micro "
         f"{m.micro}), {args.precision}, REPA {'on' if img is not None else 'off'}, compile={args.compile}, "
@@ -1316,8 +1414,8 @@ def bench(args, out=print):
     for step in range(args.bench_warmup + args.bench_steps):
         sync()
         t = time.perf_counter()
-        nz = take(step_noise(0, step, args.batch_size, m.G, device), rank * b, (rank + 1) * b)
-        train_step(m, posterior_sample(moments, nz['eps'], 0.18215), c, img, nz, args)
+        nz = take(step_noise(0, step, args.batch_size, m.G, m.D.scales, device), rank * b, (rank + 1) * b)
+        train_step(m, real_x(batch, nz, dict(info, scale=0.18215)), c, img, nz, args)
         sync()
         times.append(time.perf_counter() - t)
         out(f"  iteration {step + 1}: {times[-1] * 1e3:.1f} ms{' (warm-up)' if step < args.bench_warmup else ''}")
@@ -1354,6 +1452,10 @@ def get_args(argv=None):
     p.add_argument('--gp-precision', choices=['bf16', 'fp32'], default='bf16',
                    help='bf16: perturbed quarter in the main autocast pass (App. A.2 cost); fp32: its own fp32 pass')
     p.add_argument('--no-mask', action='store_true', help='scale-aggregated D: attention across scales (Fig. 9)')
+    ints = lambda text: [int(v) for v in text.split(',')]
+    p.add_argument('--scales', type=ints, help='resolutions of x_0..x_K, e.g. 16,32,64,256 (default R/8,R/4,R/2,R)')
+    p.add_argument('--patch', type=int, help="G's patch size (2; App. A.3 at 256 px: 16)")
+    p.add_argument('--d-patch', type=ints, help="D's patch size per scale, e.g. 8,8,8,16 (default: G's patch)")
     p.add_argument('--aug', action=argparse.BooleanOptionalAction, help='DiffAugment (on; small data off)')
     p.add_argument('--ema-decay', type=float, default=None, help='EMA of G (0.999; small data 0.99)')
     p.add_argument('--clip', type=float, default=1.0, help='gradient clipping norm')
@@ -1381,7 +1483,7 @@ def get_args(argv=None):
                    help="block-diagonal attention: one fused call per scale, or one call with an explicit mask")
     args = p.parse_args(argv)
     toy, cuda = args.data == 'toy', torch.cuda.is_available()
-    small = toy or is_pixel_data(args.data)
+    small = toy or is_small_data(args.data)
     args.model = args.model or ('S' if small else 'B')     # small data: a small config, minutes on a CPU
     if args.model not in G_CONFIGS or (args.model_d or 'B') not in D_CONFIGS:
         p.error(f"unknown --model {args.model} / --model-d {args.model_d}: choose G from {list(G_CONFIGS)}, "
@@ -1393,7 +1495,7 @@ def get_args(argv=None):
     # tell real from fake at 16 px); no REPA (no DINOv2 targets). No CUDA: fp32 (bf16 autocast is slow on CPUs), data
     # loading in the main process, --bench without DINOv2.
     defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if small or args.bench else 512,
-                    lambda_repa=0.0 if toy or (args.bench and not cuda) else 1.0, lr=2e-3 if small else 2e-4,
+                    lambda_repa=0.0 if small or (args.bench and not cuda) else 1.0, lr=2e-3 if small else 2e-4,
                     ema_decay=0.99 if small else 0.999, aug=not small, gamma=0.1 if small else 1.0, eval_n=1000,
                     precision='bf16' if cuda else 'fp32', workers=8 if cuda else 0)
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})

@@ -109,9 +109,9 @@ class Images:
         self.path, self.files, self.data = path, None, None
         if os.path.exists(os.path.join(path, 'meta.json')):
             meta = check_data_dir(path)
-            if meta['vae'] is not None and not meta['images']:
+            if meta['store'] == 'latents' and not meta['images']:
                 raise SystemExit(f'fid.py: dataset {path} holds latents without images (prepared with --no-images)')
-            self.data, self.shape = LatentDataset(path, meta, images=meta['images']), (meta['N'],)
+            self.data, self.shape = LatentDataset(path, meta, images=True), (meta['N'],)
             return
         if os.path.isdir(path):
             self.files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names
@@ -132,9 +132,8 @@ class Images:
     def __iter__(self):
         if self.data is not None:
             for i in range(len(self)):
-                m, _, img = self.data[i]
-                yield img.permute(1, 2, 0).numpy() if self.data.images else \
-                    (m[:m.shape[0] // 2].float() * 127.5 + 128).clamp(0, 255).byte().permute(1, 2, 0).numpy()
+                x, _, img = self.data[i]           # latents: the JPEG crop; pixel data: x itself (uint8, 1 or 3 ch)
+                yield (img if img.numel() else x).expand(3, -1, -1).permute(1, 2, 0).numpy()
             return
         if self.files is not None:
             yield from (np.asarray(Image.open(f).convert('RGB')) for f in self.files)

@@ -41,8 +41,9 @@ from tqdm import tqdm
 from cat import load_vae, DATA_FORMAT_VERSION, DEFAULT_DATA, DEFAULT_VAE
 
 JPEG_QUALITY = 95
+JPEG_FROM = 128     # pixel data of this side or more is stored as JPEG by default (ImageNet-256: 45 GB, not 252 GB)
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm'}
-OUTPUTS = ('meta.json', 'latents.npy', 'labels.npy', 'images.bin', 'images_index.npy', 'skipped.txt')
+OUTPUTS = ('meta.json', 'latents.npy', 'pixels.npy', 'labels.npy', 'images.bin', 'images_index.npy', 'skipped.txt')
 
 # ----------------------------------------------------------------------------------------------
 # Reading images
@@ -95,7 +96,7 @@ def resize_arr(img, size):
 
 
 class ImageFiles(Dataset):
-    """Item i -> (i, crop uint8 [R, R, 3] or None, JPEG bytes, reason for a skip or '')."""
+    """Item i -> (i, crop uint8 [R, R, 3] or None, JPEG bytes, reason for a skip or '', grey: R = G = B everywhere)."""
     def __init__(self, root, files, jpeg, resolution, crop):
         self.root, self.files, self.jpeg, self.resolution = root, files, jpeg, resolution
         self.crop = center_crop_arr if crop == 'center' else resize_arr
@@ -107,12 +108,13 @@ class ImageFiles(Dataset):
         try:
             with Image.open(os.path.join(self.root, self.files[i])) as img:
                 crop = self.crop(to_rgb(img), self.resolution)
+            grey = bool((crop[..., :1] == crop).all())
             buf = io.BytesIO()
             if self.jpeg:
                 Image.fromarray(crop).save(buf, format='JPEG', quality=JPEG_QUALITY, subsampling=0)
-            return i, crop, buf.getvalue(), ''
+            return i, crop, buf.getvalue(), '', grey
         except Exception as e:  # unreadable or corrupt: reported, no sample
-            return i, None, b'', f'{type(e).__name__}: {e}'
+            return i, None, b'', f'{type(e).__name__}: {e}', False
 
 
 def collate(items):
@@ -138,10 +140,8 @@ def save_atomic(path, write):
 
 def check_latents(lat, labels, num_classes, where, pixels=False):
     C = lat.shape[1] // 2
-    if not np.isfinite(lat).all():
+    if not pixels and not np.isfinite(lat).all():
         fail(f'non-finite latents in {where}')
-    if pixels and not (lat[:, C:] == 0).all():
-        fail(f'pixel data with a non-zero std channel in {where}')
     if not pixels and not (lat[:, C:] > 0).all():
         fail(f'posterior std <= 0 (fp16 underflow?) in {where}')
     if len(labels) and not (0 <= labels.min() and labels.max() < num_classes):
@@ -159,15 +159,18 @@ def plan_run(args):
         fail(f'{src} holds no image files ({", ".join(sorted(IMAGE_EXTS))}), neither itself nor in sub-folders')
     print(note or f'{src}: {plural(len(files), "image")} in {plural(len(classes), "class folder")}')
     pixels = args.vae.lower() == 'none'
+    if args.store and not pixels:
+        fail(f'--store {args.store} is for pixel data (--vae none); latents are stored as float16 posteriors')
     vae = None if pixels else os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae
     r = args.resolution // (1 if pixels else 8)                   # training resolution: the image, or the latent
     if r < 16 or r % 16:
         fail(f'--resolution {args.resolution} gives {r} x {r} {"images" if pixels else "latents"}, but CAT\'s four '
              f'scales (1/8 ... 1) with patch 2 need a multiple of 16: use --resolution '
              f'{"16, 32, 64" if pixels else "128, 256, 512"}, ...')
+    store = 'latents' if not pixels else args.store or ('jpeg' if args.resolution >= JPEG_FROM else 'uint8')
     plan = dict(source=os.path.abspath(src), vae=vae, resolution=args.resolution, crop=args.crop,
-                precision=args.precision, chunk=args.chunk, images=not (args.no_images or pixels), classes=classes,
-                files=files, labels=labels)
+                precision=args.precision, chunk=args.chunk, store=store,
+                images=store == 'jpeg' or not (args.no_images or pixels), classes=classes, files=files, labels=labels)
     saved_path = os.path.join(parts, 'files.json')
     saved = json.load(open(saved_path)) if os.path.exists(saved_path) else None
     complete = os.path.exists(os.path.join(out, 'meta.json'))
@@ -195,10 +198,10 @@ def plan_run(args):
 
 def encode(vae, x, precision):
     """uint8 [B, R, R, 3] -> float16 [B, 2C, r, r]: posterior mean and std of the VAE at [-1, 1]; without a VAE
-    (pixel space) the image itself in [-1, 1] and std 0."""
-    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    (pixel space) the uint8 image [B, 3, R, R] itself."""
     if vae is None:
-        return torch.cat([x, torch.zeros_like(x)], 1).half().cpu().numpy()
+        return x.permute(0, 3, 1, 2).cpu().numpy()
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.autocast(x.device.type, torch.bfloat16, enabled=precision == 'bf16'):
         posterior = vae.encode(x).latent_dist
     return torch.cat([posterior.mean, posterior.std], 1).half().cpu().numpy()
@@ -209,47 +212,59 @@ def load(path, key):
         return part[key]
 
 
-def write_part(path, latents, labels, jpegs, skipped, num_classes, shape, pixels):
-    latents = np.concatenate(latents) if latents else np.zeros((0, *shape), np.float16)  # all files skipped
+def write_part(path, latents, labels, jpegs, greys, skipped, num_classes, shape, pixels):
+    dtype = np.uint8 if pixels else np.float16
+    latents = np.concatenate(latents) if latents else np.zeros((0, *shape), dtype)  # all files skipped (or JPEG store)
     labels = np.array(labels, dtype=np.int64)
     check_latents(latents, labels, num_classes, os.path.basename(path), pixels)
-    save_atomic(path, lambda f: np.savez(f, latents=latents, labels=labels,
+    save_atomic(path, lambda f: np.savez(f, latents=latents, labels=labels, grey=np.array(greys, bool),
                                          jpeg=np.frombuffer(b''.join(jpegs), np.uint8),
                                          jpeg_sizes=np.array([len(j) for j in jpegs], np.int64),
                                          skipped=np.array(json.dumps(skipped))))
 
 
 def assemble(out, plan, part_paths, scaling_factor):
-    """Rank 0, once every chunk exists: parts -> final files (temp names), validate, rename, meta.json last."""
+    """Rank 0, once every chunk exists: parts -> final files (temp names), validate, rename, meta.json last. Pixel
+    data whose every image is grey (R = G = B) is stored with one channel."""
     tmp = lambda name: os.path.join(out, name + '.tmp')
-    num_classes, skipped = len(plan['classes']), []
+    num_classes, skipped, store = len(plan['classes']), [], plan['store']
     counts = [len(load(p, 'labels')) for p in part_paths]
     N, shape = sum(counts), load(part_paths[0], 'latents').shape[1:]
     if N == 0:
         fail(f'no image under {plan["source"]} could be read, see the skipped lines above')
-    latents = np.lib.format.open_memmap(tmp('latents.npy'), 'w+', np.float16, (N, *shape))
+    C = 1 if store != 'latents' and all(load(p, 'grey').all() for p in part_paths) else 3
+    name = {'latents': 'latents.npy', 'uint8': 'pixels.npy', 'jpeg': None}[store]
+    shape = shape if store == 'latents' else (C, *shape[1:])
+    if name:
+        data = np.lib.format.open_memmap(tmp(name), 'w+', np.float16 if store == 'latents' else np.uint8, (N, *shape))
     labels, index = np.empty(N, np.int64), np.zeros(N + 1, np.int64)
     with open(tmp('images.bin') if plan['images'] else os.devnull, 'wb') as images:
         n = 0
         for p, count in zip(tqdm(part_paths, desc='assembling'), counts):
             with np.load(p) as part:
-                latents[n:n + count], labels[n:n + count] = part['latents'], part['labels']
+                if name:
+                    data[n:n + count] = part['latents'][:, :shape[0]]
+                labels[n:n + count] = part['labels']
                 index[n + 1:n + count + 1] = index[n] + np.cumsum(part['jpeg_sizes'])
                 images.write(part['jpeg'].tobytes())
                 skipped += json.loads(str(part['skipped']))
             n += count
-    latents.flush()
-    del latents
+    if name:
+        data.flush()
+        del data
 
     # validation pass over what was written, then the final names
-    latents = np.load(tmp('latents.npy'), mmap_mode='r')
-    if not len(latents) == len(labels) == len(index) - 1 == len(plan['files']) - len(skipped):
+    if not len(labels) == len(index) - 1 == len(plan['files']) - len(skipped):
         fail('sample counts do not match after assembly')
-    for s in range(0, N, 10000):
-        check_latents(latents[s:s + 10000], labels[s:s + 10000], num_classes, 'latents.npy', plan['vae'] is None)
+    if store == 'latents':
+        latents = np.load(tmp(name), mmap_mode='r')
+        for s in range(0, N, 10000):
+            check_latents(latents[s:s + 10000], labels[s:s + 10000], num_classes, name)
+    check_latents(np.zeros((0, 2)), labels, num_classes, 'labels.npy', pixels=True)
     if plan['images'] and (index[-1] != os.path.getsize(tmp('images.bin')) or not (np.diff(index) > 0).all()):
         fail('images_index.npy does not match images.bin')
-    os.replace(tmp('latents.npy'), os.path.join(out, 'latents.npy'))
+    if name:
+        os.replace(tmp(name), os.path.join(out, name))
     save_atomic(os.path.join(out, 'labels.npy'), lambda f: np.save(f, labels))
     if plan['images']:
         os.replace(tmp('images.bin'), os.path.join(out, 'images.bin'))
@@ -259,8 +274,9 @@ def assemble(out, plan, part_paths, scaling_factor):
     report = [f'{os.path.join(plan["source"], f)}\t{reason}' for f, reason in skipped]
     report += [f'{os.path.join(plan["source"], c)}\tempty class folder' for c in empty]
     save_atomic(os.path.join(out, 'skipped.txt'), lambda f: f.write(''.join(r + '\n' for r in report).encode()))
+    shape = {'latent_shape' if store == 'latents' else 'shape': list(shape)}
     meta = dict(format_version=DATA_FORMAT_VERSION, vae=plan['vae'], scaling_factor=float(scaling_factor),
-                resolution=plan['resolution'], crop=plan['crop'], latent_shape=list(shape), num_classes=num_classes,
+                resolution=plan['resolution'], crop=plan['crop'], store=store, **shape, num_classes=num_classes,
                 class_names=plan['classes'], N=N, images=plan['images'], skipped=len(skipped),
                 empty_classes=empty, precision=plan['precision'], source=plan['source'],
                 jpeg=dict(quality=JPEG_QUALITY, subsampling='4:4:4') if plan['images'] else None)
@@ -313,26 +329,27 @@ def main(args):
     pixels = plan['vae'] is None
     vae = None if pixels else load_vae(plan['vae'], device)
     r = plan['resolution'] // (1 if pixels else 2 ** (len(vae.config.block_out_channels) - 1))
-    shape = (6, r, r) if pixels else (2 * vae.config.latent_channels, r, r)
+    shape = (3, r, r) if pixels else (2 * vae.config.latent_channels, r, r)
     bar = tqdm(total=sum(e - s for s, e in spans), unit='img', disable=rank != 0, dynamic_ncols=True,
                desc=f'encoding ({world} rank{"s" if world > 1 else ""}, rank 0 shown)')
-    latents, labels, jpegs, skipped, written = [], [], [], [], 0
+    latents, labels, jpegs, greys, skipped, written = [], [], [], [], [], 0
     with torch.inference_mode():
-        for idx, crops, jpeg, reasons in loader:
+        for idx, crops, jpeg, reasons, grey in loader:
             ok = [k for k, reason in enumerate(reasons) if not reason]
             for k in (k for k, reason in enumerate(reasons) if reason):
                 skipped.append((plan['files'][idx[k]], reasons[k]))
                 tqdm.write(f'skipped {plan["files"][idx[k]]}: {reasons[k]}')
-            if ok:
+            if ok and plan['store'] != 'jpeg':          # a JPEG store keeps only the JPEGs
                 x = torch.from_numpy(np.stack([crops[k] for k in ok])).to(device)
                 latents.append(encode(vae, x, plan['precision']))
             labels += [plan['labels'][idx[k]] for k in ok]
             jpegs += [jpeg[k] for k in ok]
+            greys += [grey[k] for k in ok]
             bar.update(len(idx))
             c = idx[0] // chunk
             if idx[-1] == min((c + 1) * chunk, N_files) - 1:  # chunk complete
-                write_part(part_paths[c], latents, labels, jpegs, skipped, num_classes, shape, pixels)
-                latents, labels, jpegs, skipped, written = [], [], [], [], written + 1
+                write_part(part_paths[c], latents, labels, jpegs, greys, skipped, num_classes, shape, pixels)
+                latents, labels, jpegs, greys, skipped, written = [], [], [], [], [], written + 1
                 if written == args.stop_after_chunks:  # tests only: die like a killed process
                     print(f'stopping after {written} chunks', flush=True)
                     os._exit(3)
@@ -368,6 +385,9 @@ def get_args(argv=None):
                         help='image-decoding DataLoader workers per rank (default: the cores available, at most 8)')
     parser.add_argument('--chunk', type=int, default=10000, help='images per resumable chunk')
     parser.add_argument('--no-images', action='store_true', help='store no JPEG crops (no REPA)')
+    parser.add_argument('--store', choices=['uint8', 'jpeg'], default=None,
+                        help=f'pixel data (--vae none): uint8 array, or JPEG q{JPEG_QUALITY} 4:4:4 decoded while training '
+                             f'(default: JPEG from {JPEG_FROM} px, where it is ~5x smaller; README: pixel data)')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace a complete output or an unfinished one with other settings')
     parser.add_argument('--stop-after-chunks', type=int, default=0, help=argparse.SUPPRESS)

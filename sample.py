@@ -70,17 +70,17 @@ def stages(G, args, info, vae, device, path):
     with cat.autocast(args.precision, device):
         hs = cat.generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)  # [K+1, 8, C, R, R]
     cat.save_grid(cat.decode(hs.transpose(0, 1).flatten(0, 1).float(), info, vae), hs.shape[0], path)
-    print(f'wrote {path} (rows: samples 0-7, columns: h_0..h_{cat.K})')
+    print(f'wrote {path} (rows: samples 0-7, columns: h_0..h_{G.stages - 1})')
 
 
-def analyze(G, args, device):
+def analyze(G, args, device, scales):
     n = min(args.num or 1000, 1000)
     z, c = sample_inputs(range(n), args, G.z_dim, G.num_classes)
     with cat.autocast(args.precision, device):
         hs = cat.generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)
-    m = {name: v + [sum(v) / len(v)] for name, v in cat.cross_scale_metrics(list(hs.float())).items()}
+    m = {name: v + [sum(v) / len(v)] for name, v in cat.cross_scale_metrics(list(hs.float()), scales).items()}
     print(f'cross-scale metrics (Eq. 1) over {n} samples, psi {args.psi:g}; floor: the same with h_k = h_K')
-    print(f"{'':14}" + ''.join(f'{col:>9}' for col in [f'k={k}' for k in range(cat.K)] + ['mean']))
+    print(f"{'':14}" + ''.join(f'{col:>9}' for col in [f'k={k}' for k in range(G.stages - 1)] + ['mean']))
     for name in ('delta', 'R', 'A', 'delta_h'):
         for key in (name, name + '_floor'):
             if key in m:
@@ -115,9 +115,6 @@ def curves(runs, path):
     except ImportError:
         raise SystemExit("error: --curves draws with matplotlib, which is not installed: pip install matplotlib (the "
                          "numbers themselves are in each run's metrics.jsonl).")
-    panels = [('delta', cat.K, 'distance to the final stage $\\delta_k$'), ('R', cat.K - 1, 'rewrite $R_k$'),
-              ('A', cat.K - 1, 'rewrite alignment $A_k$'),
-              ('delta_h', cat.K, '$\\delta^h_k$ on raw $h_k$ (not in the paper)')]
     data = []
     for run in runs:
         run_dir, _, label = run.partition('=')
@@ -125,6 +122,9 @@ def curves(runs, path):
         if not os.path.exists(metrics):
             raise SystemExit(f"error: {metrics} not found: --curves takes run directories written by cat.py.")
         data.append((label or os.path.basename(run_dir), [r for r in map(json.loads, open(metrics)) if 'delta_0' in r]))
+    K = sum(f'delta_{k}' in data[0][1][0] for k in range(64)) if data[0][1] else cat.K     # K of the first run
+    panels = [('delta', K, 'distance to the final stage $\\delta_k$'), ('R', K - 1, 'rewrite $R_k$'),
+              ('A', K - 1, 'rewrite alignment $A_k$'), ('delta_h', K, '$\\delta^h_k$ on raw $h_k$ (not in the paper)')]
     # second row when every run logged Eq. 1's floor (h_k = h_K): how far each stage is above what pooling leaves
     floors = all(rows and 'delta_floor_0' in rows[0] for _, rows in data)
     fig, axes = plt.subplots(1 + floors, len(panels), figsize=(4.2 * len(panels), 3.4 * (1 + floors)), squeeze=False)
@@ -146,7 +146,7 @@ def curves(runs, path):
         axes[1, -1].axis('off')
     for ax in axes.flat:
         ax.set_xlabel('iteration')
-    for k in range(cat.K):
+    for k in range(K):
         axes[0, -1].plot([], [], color=f'C{k}', label=f'stage k = {k}')
     fig.legend(*axes[0, -1].get_legend_handles_labels(), loc='lower center', ncol=8, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.07 / (1 + floors), 1, 1))
@@ -182,7 +182,7 @@ def gp_check(ckpt, n=64, seed=0, draws=8, out=print):
     else:
         items = [ds[i] for i in range(n)]
         m, c = torch.stack([t[0] for t in items]).to(device), torch.tensor([t[1] for t in items], device=device)
-        x = cat.posterior_sample(m, torch.randn(n, G.channels, G.res, G.res, generator=g, device=device), info['scale'])
+        x = cat.real_x(m, dict(eps=torch.randn(n, G.channels, G.res, G.res, generator=g, device=device)), info)
     with torch.no_grad():
         fake = torch.cat(G(torch.randn(n, G.z_dim, generator=g, device=device), c))
     if a.aug:
@@ -192,7 +192,7 @@ def gp_check(ckpt, n=64, seed=0, draws=8, out=print):
     flat = lambda loss: torch.cat([t.flatten() for t in torch.autograd.grad(loss, params, allow_unused=True,
                                                                              materialize_grads=True)])
     res = {}
-    for name, xs in (('R1', cat.multiscale(x)), ('R2', cat.multiscale(fake.chunk(cat.K + 1)))):
+    for name, xs in (('R1', cat.multiscale(x, D.scales)), ('R2', cat.multiscale(fake.chunk(G.stages), D.scales))):
         exact = exact_gp(D, xs, c).mean()
         g_exact = flat(exact)
         res[name] = dict(exact=exact.item())
@@ -342,7 +342,7 @@ def main(argv=None):
         if args.stages:
             stages(G, args, info, vae, device, prefix + '-stages.png')
         if args.analyze:
-            analyze(G, args, device)
+            analyze(G, args, device, cfg['D'].get('scales') or cat.table6_scales(cfg['D']['res']))
         if args.interp:
             interp(G, args, info, vae, device, prefix + '-interp.png')
     if args.num:

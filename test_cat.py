@@ -98,7 +98,7 @@ def test_split_attention_equals_explicit_mask():
 def test_d_token_layout_latent():
     D = cat.Discriminator(depth=1, width=32, heads=2, channels=4, res=32, num_classes=5, cmap_dim=16, repa_dim=8)
     assert D.segments[-1][1] == 4 + 4 + 16 + 64 + 256              # 344 tokens, as DESIGN / Table 6
-    d, tok = D(cat.multiscale(torch.randn(2, 4, 32, 32)), torch.tensor([0, 1]), return_tokens=True)
+    d, tok = D(cat.multiscale(torch.randn(2, 4, 32, 32), D.scales), torch.tensor([0, 1]), return_tokens=True)
     assert d.shape == (2, 4) and tok.shape == (2, 257, 32) and D.proj(tok).shape == (2, 257, 8)
 
 
@@ -299,7 +299,7 @@ def test_repa_loss_by_hand():
 
 def test_r_k_is_area_downsampling():
     h = torch.arange(16.0).view(1, 1, 4, 4).repeat(1, 1, 8, 8)          # 32 x 32
-    xs = cat.multiscale(h)
+    xs = cat.multiscale(h, cat.table6_scales(32))
     assert [x.shape[-1] for x in xs] == [4, 8, 16, 32]
     assert torch.allclose(xs[0].mean(), h.mean()) and torch.equal(xs[3], h)
 
@@ -373,13 +373,14 @@ def test_augmented_asymmetric_image_does_not_leak_its_mirror_image():
 def test_cross_scale_metrics_identical_and_known():
     h = torch.randn(2, 3, 16, 16)
     flat = h.mean(dim=(2, 3), keepdim=True).expand_as(h).contiguous()    # constant per channel: identical at all scales
-    m = cat.cross_scale_metrics([flat] * 4)
+    S = cat.table6_scales(16)
+    m = cat.cross_scale_metrics([flat] * 4, S)
     assert max(map(abs, m['delta'] + m['R'])) < 1e-6
     # constant images a_k: x_k = a_k everywhere, so delta_k = |a_K - a_k| / |a_K|, R_k = |a_{k+1} - a_k| / |a_K|
     # and A_k = cos(a_{k+1} - a_k, a_K - a_k) = sign agreement
     a = [1.0, 3.0, 2.0, 4.0]
     hs = [torch.full((1, 1, 16, 16), v) for v in a]
-    m = cat.cross_scale_metrics(hs)
+    m = cat.cross_scale_metrics(hs, S)
     assert np.allclose(m['delta'], [3 / 4, 1 / 4, 2 / 4], atol=1e-6)
     assert np.allclose(m['R'], [2 / 4, 1 / 4, 2 / 4], atol=1e-6)
     assert np.allclose(m['A'], [1, -1, 1], atol=1e-6)
@@ -387,12 +388,12 @@ def test_cross_scale_metrics_identical_and_known():
     hs = [torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16), torch.ones(1, 1, 16, 16)]
     hs[0][..., ::2, :] = 1                                              # stripes: pool to the same mean as h_K ...
     hs[0][..., 1::2, :] = -1
-    m = cat.cross_scale_metrics([hs[0] + 1, *hs[1:]])
+    m = cat.cross_scale_metrics([hs[0] + 1, *hs[1:]], S)
     assert m['delta'][0] < 1e-6 and abs(m['delta_h'][0] - 1) < 1e-6     # ... which Eq. 1's delta cannot see
     # the floor (sample.py --analyze): a perfect hierarchy h_k = h_K still has delta_k > 0 when h_K has detail finer
     # than scale k; a 1-pixel checker pools to 0 at every coarser scale, so its floor is delta_k = 1 for all k < K
     checker = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 2.0 - 1
-    m = cat.cross_scale_metrics([checker.expand(1, 1, 16, 16)] * 4)
+    m = cat.cross_scale_metrics([checker.expand(1, 1, 16, 16)] * 4, S)
     assert np.allclose(m['delta'], [1, 1, 1], atol=1e-6) and np.allclose(m['R'], [0, 0, 1], atol=1e-6)
 
 
@@ -434,7 +435,7 @@ def test_g_step_reuses_the_d_step_z():
     ws = []
     m.G.mapping.register_forward_hook(lambda mod, inp, out: ws.append(out.detach().clone()))
     x, c = make_toy(8, seed=1)
-    nz = cat.step_noise(0, 0, 8, m.G, torch.device('cpu'))
+    nz = cat.step_noise(0, 0, 8, m.G, m.D.scales, torch.device('cpu'))
     cat.train_step(m, x, c, None, nz, args)
     assert len(ws) == 2 and torch.equal(ws[0], ws[1])
     assert not torch.equal(nz['aug_df']['shift'], nz['aug_gf']['shift'])
@@ -529,12 +530,16 @@ def test_torchrun_two_processes_match_one(tmp_path):
 # Reliability: preemption, guard, bad input, retention
 # ----------------------------------------------------------------------------------------------
 
-def make_latent_dir(path, n=16, num_classes=4, images=False, meta_edits=None, n_lat=None, res=32):
-    """A dataset directory in prepare_latents.py's format (format_version 1), random content."""
+def make_latent_dir(path, n=16, num_classes=4, images=False, meta_edits=None, n_lat=None, res=32, pixels=0):
+    """A dataset directory in prepare_latents.py's format, random content: SD-VAE latents as format_version 1 wrote
+    them (version 2 reads them unchanged), or with pixels=C uint8 pixel data of C channels (format_version 2)."""
     os.makedirs(path, exist_ok=True)
     g = np.random.default_rng(0)
     lat = np.concatenate([g.normal(size=(n_lat or n, 4, res, res)), np.full((n_lat or n, 4, res, res), 0.5)], 1)
-    np.save(os.path.join(path, 'latents.npy'), lat.astype(np.float16))
+    if pixels:
+        np.save(os.path.join(path, 'pixels.npy'), g.integers(0, 256, (n_lat or n, pixels, res, res), dtype=np.uint8))
+    else:
+        np.save(os.path.join(path, 'latents.npy'), lat.astype(np.float16))
     np.save(os.path.join(path, 'labels.npy'), np.arange(n) % num_classes)
     if images:
         from PIL import Image
@@ -548,6 +553,10 @@ def make_latent_dir(path, n=16, num_classes=4, images=False, meta_edits=None, n_
     meta = dict(format_version=1, vae='stabilityai/sd-vae-ft-ema', scaling_factor=0.18215, resolution=8 * res,
                 latent_shape=[8, res, res], num_classes=num_classes, class_names=[f'c{i}' for i in range(num_classes)],
                 N=n, images=images)
+    if pixels:
+        meta.update(format_version=2, vae=None, scaling_factor=1, resolution=res, store='uint8',
+                    shape=[pixels, res, res])
+        del meta['latent_shape']
     meta.update(meta_edits or {})
     json.dump(meta, open(os.path.join(path, 'meta.json'), 'w'))
     return path
@@ -572,14 +581,16 @@ def test_latent_dataset_training_step(tmp_path):
     ('missing', 'no dataset directory'), ('no_meta', 'no meta.json'), ('shape', 'does not match its meta.json'),
     ('labels', r'labels outside \[0, num_classes = 2\)'), ('version', 'format_version'),
     ('no_vae_key', "lacks 'vae'"), ('geometry', r'8 x 8 images.*multiple of 16.*--resolution 16'),
-    ('bad_type', "N = '16', expected a positive integer"), ('no_images', 'has no images.bin')])
+    ('bad_type', "N = '16', expected a positive integer"), ('no_images', 'has no images.bin'),
+    ('old_pixels', 'holds pixels as float16 .*prepare it again')])
 def test_bad_dataset_is_one_clear_line(tmp_path, problem, msg):
     """Every problem of a dataset directory is found before anything is built: one line, nothing written."""
     d = str(tmp_path / 'data')
     if problem != 'missing':
         make_latent_dir(d, **{'no_meta': {}, 'shape': dict(n_lat=12), 'labels': dict(meta_edits=dict(num_classes=2)),
                               'version': dict(meta_edits=dict(format_version=99)), 'no_vae_key': {},
-                              'geometry': dict(res=8, meta_edits=dict(vae=None, scaling_factor=1)),
+                              'geometry': dict(res=8, pixels=3), 'old_pixels': dict(res=16,
+                                  meta_edits=dict(vae=None, scaling_factor=1)),
                               'bad_type': dict(meta_edits=dict(N='16')),
                               'no_images': dict(meta_edits=dict(images=True))}[problem])
     if problem == 'no_meta':
@@ -1014,7 +1025,7 @@ def test_prepare_format(tree, base):
     root, vae_dir = tree
     out, r = base
     meta = json.loads((out / 'meta.json').read_text())
-    assert meta['format_version'] == 1 and meta['resolution'] == 256 and meta['images'] is True
+    assert meta['format_version'] == 2 and meta['resolution'] == 256 and meta['images'] is True
     assert meta['class_names'] == CLASSES and meta['num_classes'] == 4 and meta['empty_classes'] == ['n02_empty']
     assert meta['scaling_factor'] == pytest.approx(0.18215) and meta['latent_shape'] == [8, 32, 32]
     assert meta['N'] == 10 and meta['skipped'] == 1
@@ -1087,13 +1098,15 @@ def test_prepare_refusals(tree, base, tmp_path):
     from prepare_latents import plan_run
     opts = lambda source, out, vae=vae, **kw: argparse.Namespace(**{**dict(
         source=str(source), out=str(out), vae=str(vae), resolution=256, crop='center', precision='fp32', chunk=3,
-        no_images=False, overwrite=False, one_class=False), **kw})
+        no_images=False, overwrite=False, one_class=False, store=None), **kw})
     with pytest.raises(SystemExit, match='error: .*nope is not a directory'):
         plan_run(opts(tmp_path / 'nope', tmp_path / 'x'))
     with pytest.raises(SystemExit, match=r'--resolution 64 gives 8 x 8 latents.*multiple of 16'):
         plan_run(opts(root, tmp_path / 'x', resolution=64))
     with pytest.raises(SystemExit, match=r'--resolution 8 gives 8 x 8 images.*multiple of 16'):
         plan_run(opts(root, tmp_path / 'x', resolution=8, vae='none'))
+    with pytest.raises(SystemExit, match=r'--store jpeg is for pixel data'):
+        plan_run(opts(root, tmp_path / 'x', store='jpeg'))
     (tmp_path / 'empty/sub').mkdir(parents=True)
     with pytest.raises(SystemExit, match='holds no image files'):
         plan_run(opts(tmp_path / 'empty', tmp_path / 'x'))
@@ -1337,20 +1350,21 @@ def test_own_pixel_data_end_to_end(tmp_path):
     r = prepare('--images', root, '--out', data, '--resolution', 16, '--vae', 'none', '--workers', 0)
     assert r.returncode == 0, r.stderr
     meta = json.loads((data / 'meta.json').read_text())
-    assert meta['vae'] is None and meta['scaling_factor'] == 1 and meta['latent_shape'] == [6, 16, 16]
+    assert meta['vae'] is None and meta['scaling_factor'] == 1 and meta['shape'] == [3, 16, 16]
     assert meta['images'] is False and meta['crop'] == 'center' and meta['N'] == 18 and meta['num_classes'] == 3
-    lat = np.load(data / 'latents.npy')
+    assert meta['store'] == 'uint8' and meta['format_version'] == 2 and not (data / 'latents.npy').exists()
+    px = np.load(data / 'pixels.npy')
     sys.path.insert(0, HERE)
     from prepare_latents import center_crop_arr
     want = center_crop_arr(Image.open(root / 'dot' / '2.png').convert('RGB'), 16)       # classes: dot, left, top
-    assert (lat[:, 3:] == 0).all() and np.allclose(lat[2, :3], want.transpose(2, 0, 1) / 127.5 - 1, atol=1e-2)
+    assert px.dtype == np.uint8 and np.array_equal(px[2], want.transpose(2, 0, 1))       # exact: uint8 as read
 
     out = subprocess.run([sys.executable, 'cat.py', '--data', str(data), '--model', 'T', '--batch-size', '8',
                           '--steps', '4', '--eval-n', '18', '--out', str(run)], cwd=HERE, env=ENV, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     log = (run / 'log.txt').read_text()
-    assert "REPA off: '" in log and 'fp32, device cpu, 0 data workers' in log and 'G-T/2 is sized' not in log
+    assert "REPA off: '" not in log and 'fp32, device cpu, 0 data workers' in log and 'G-T/2 is sized' not in log
     ev = [json.loads(l) for l in open(run / 'metrics.jsonl') if 'class_acc' in l][-1]
     assert ev['step'] == 4 and 0 <= ev['class_acc'] <= 1 and math.isfinite(ev['fd'])
     assert ev['R_floor_2'] == ev['delta_floor_2'] and abs(ev['A_floor_2'] - 1) < 1e-5    # Eq. 1's floor is logged
@@ -1411,17 +1425,18 @@ def test_one_image_generator_scores_worse_in_label_free_features():
 
 
 def test_small_data_defaults_follow_the_data(tmp_path):
-    """The toy set and pixel data get the small-data defaults (README: small-data ablations); latents keep Table 6's;
-    every one of them yields to an explicit option."""
-    for kind, vae in (('pixel', None), ('latent', 'stabilityai/sd-vae-ft-ema')):
+    """The toy set and pixel data up to 64 px get the small-data defaults (README: small-data ablations); latents and
+    larger pixel data (App. A.3: ImageNet-256 pixels) keep Table 6's; every one of them yields to an explicit option."""
+    for kind, vae, shape in (('pixel', None, [3, 64, 64]), ('pixel256', None, [3, 256, 256]),
+                             ('latent', 'stabilityai/sd-vae-ft-ema', None)):
         (tmp_path / kind).mkdir()
-        (tmp_path / kind / 'meta.json').write_text(json.dumps({'vae': vae}))
-    keys = ('model', 'batch_size', 'lr', 'ema_decay', 'aug', 'gamma')
-    small = ("S", 64, 2e-3, 0.99, False, 0.1)
-    for data, want in (('toy', small), (str(tmp_path / 'pixel'), small),
-                       (str(tmp_path / 'latent'), ('B', 512, 2e-4, 0.999, True, 1.0)), ('no/such/dir', None)):
+        (tmp_path / kind / 'meta.json').write_text(json.dumps({'vae': vae, 'shape': shape, 'latent_shape': [8, 32, 32]}))
+    keys = ('model', 'batch_size', 'lr', 'ema_decay', 'aug', 'gamma', 'lambda_repa')
+    small, table6 = ("S", 64, 2e-3, 0.99, False, 0.1, 0.0), ('B', 512, 2e-4, 0.999, True, 1.0, 1.0)
+    for data, want in (('toy', small), (str(tmp_path / 'pixel'), small), (str(tmp_path / 'pixel256'), table6),
+                       (str(tmp_path / 'latent'), table6), ('no/such/dir', None)):
         a = cat.get_args(['--data', data])
-        assert tuple(getattr(a, k) for k in keys) == (want or ('B', 512, 2e-4, 0.999, True, 1.0)), data
+        assert tuple(getattr(a, k) for k in keys) == (want or table6), data
     a = cat.get_args(['--data', 'toy', '--aug', '--gamma', '1', '--model', 'T', '--lr', '2e-4'])
     assert (a.aug, a.gamma, a.model, a.lr) == (True, 1.0, 'T', 2e-4)
     assert cat.get_args(['--data', str(tmp_path / 'latent'), '--no-aug']).aug is False
@@ -1469,7 +1484,7 @@ def test_curves_draws_fig4_layout_or_says_matplotlib_is_missing(tmp_path):
 
 def test_bad_pixel_meta_exits_with_one_line(tmp_path):
     """Run as a user would: exit status 1 and a single line on stderr."""
-    d = make_latent_dir(tmp_path / 'data', res=8, meta_edits=dict(vae=None, scaling_factor=1))
+    d = make_latent_dir(tmp_path / 'data', res=8, pixels=3)
     out = subprocess.run([sys.executable, 'cat.py', '--data', str(d), '--model', 'T', '--steps', '1', '--out',
                           str(tmp_path / 'r')], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1 and 'multiple of 16' in out.stderr
@@ -1511,7 +1526,7 @@ def test_grad_ckpt_gives_the_same_gradients():
         G.grad_ckpt = D.grad_ckpt = ckpt
         G.zero_grad(), D.zero_grad()
         hs = G(z, c)
-        (D(cat.multiscale(hs), c).sum() + cat.consistency_loss(hs)).backward()
+        (D(cat.multiscale(hs, D.scales), c).sum() + cat.consistency_loss(hs)).backward()
         grads.append(torch.cat([p.grad.flatten() for p in [*G.parameters(), *D.parameters()] if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
@@ -1589,7 +1604,7 @@ def test_d_step_with_repa_trains_the_projector():
     D = cat.Discriminator(depth=1, width=32, heads=2, channels=4, res=32, num_classes=5, cmap_dim=16, repa_dim=64)
     args = cat.get_args(['--model', 'T', '--precision', 'fp32'])
     step = cat.DStep(D, G, args, dino)
-    nz = cat.step_noise(0, 0, 4, G, torch.device('cpu'))
+    nz = cat.step_noise(0, 0, 4, G, D.scales, torch.device('cpu'))
     img = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8)
     loss, st = step(torch.randn(4, 4, 32, 32), torch.tensor([0, 1, 2, 3]), img, nz)
     loss.backward()

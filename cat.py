@@ -19,7 +19,7 @@ A_k); Data (Sec. 4: prepare_latents.py's latents or pixels, the toy set); One tr
 then a G step); Evaluation (EMA grids, Eq. 1, the data set's own judge; fid.py adds FID); Training loop (Table 6: AdamW,
 EMA, bf16, DDP, checkpoints, resume, preemption); Cost (Table 2, App. A.2: --summary, --bench); Command line.
 """
-import argparse, collections, contextlib, copy, glob, io, json, math, os, pickle, re, signal, time
+import argparse, collections, contextlib, copy, glob, io, json, math, os, pickle, re, signal, time, warnings
 
 import numpy as np
 import torch
@@ -632,7 +632,8 @@ def real_batches(ds, info, sampler, device, workers):
 # classes = (shape, base hue), visible after 4x area pooling; finest-scale detail: 1-px texture, ~1.5 px soft edges.
 TOY_HUES = (0, 216, 72, 288, 36, 252, 324, 144, 108, 180)  # degrees, per class
 TOY_SUMMARY = ('shape_acc', 'class_acc', 'min_class_acc', 'fd', 'fd_floor', 'precision', 'precision_floor', 'recall',
-               'recall_floor', 'diversity', 'delta', 'R', 'A', 'delta_h')       # the toy run's final line
+               'recall_floor', 'diversity', 'recall_rand', 'recall_rand_floor', 'diversity_rand', 'delta', 'R', 'A',
+               'delta_h')       # the toy run's final line
 
 def _toy_sdf(c, x, y, s):
     """Signed distance (pixels, <0 inside) of shape c at offsets x, y (image y points down), half-size s."""
@@ -899,30 +900,38 @@ def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
     return torch.cat([torch.stack(hs) if all_stages else hs[-1] for hs in outs], dim=1 if all_stages else 0)
 
 def feature_stats(features):
-    """features [N, D] -> mean [D], covariance [D, D] (unbiased, as np.cov), float64."""
+    """features [N, D] -> mean [D], covariance [D, D] (unbiased, as np.cov; zero for one sample), float64."""
     f = np.asarray(features, dtype=np.float64)
-    return f.mean(axis=0), np.cov(f, rowvar=False)
+    return f.mean(axis=0), np.cov(f, rowvar=False) if len(f) > 1 else np.zeros((f.shape[1],) * 2)
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64, with ADM's safeguards."""
     import scipy.linalg
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():      # singular product: regularize both covariances and retry
-        offset = eps * np.eye(len(sigma1))
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):            # round-off makes tiny imaginary parts; large ones mean a real problem
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f'sqrtm(sigma1 sigma2) has imaginary component {np.abs(covmean.imag).max():.3g}')
-        covmean = covmean.real
-    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+        try:
+            covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+            if not np.isfinite(covmean).all():      # singular product: regularize both covariances and retry
+                offset = eps * np.eye(len(sigma1))
+                covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        except (np.linalg.LinAlgError, ValueError):
+            covmean = None
+    if covmean is None or not np.isfinite(covmean).all():   # e.g. identical images (sigma = 0): tr sqrtm(s1 s2) is
+        tr = np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).real.clip(min=0)).sum()   # the sum of sqrt eigenvalues (>= 0)
+    elif np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        raise ValueError(f'sqrtm(sigma1 sigma2) has imaginary component {np.abs(covmean.imag).max():.3g}')
+    else:                                   # round-off makes tiny imaginary parts; large ones mean a real problem
+        tr = np.trace(covmean).real
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr)
 
 def precision_recall(real_feats, fake_feats, k=3, batch=5000, device='cpu'):
     """Improved precision and recall (Kynkaanniemi et al. 2019; ADM's ManifoldEstimator): shares of fakes in the real
     manifold, of reals in the fake one (balls to each point's k-th nearest other point); fp32, no TF32 (ADM: fp16)."""
     rows = lambda x: range(0, len(x), batch)
-    radii = lambda x: torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(k + 1, dim=1).values for i in rows(x)])
+    radii = lambda x: torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(min(k, len(x) - 1) + 1, dim=1).values
+                                 for i in rows(x)])          # fewer than k + 1 points: the farthest other one
     covered = lambda x, y, r: torch.cat([(torch.cdist(x[i:i + batch], y) <= r).any(1) for i in rows(x)]).double().mean()
     real, fake = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (real_feats, fake_feats))
     with full_fp32():
@@ -972,32 +981,50 @@ def class_accuracy(judge, x, y, num_classes):
     return hit.float().mean().item(), [hit[y == k].float().mean().item() for k in range(num_classes)]
 
 @torch.no_grad()
-def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shape_judge=None):
+def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shape_judge=None, failed=None):
     """n fakes of A's classes c (the data's mix) vs reals A = real[:n], B = real[n:2n]. fd, precision, recall: fakes
     vs A; floors: B vs A. diversity: per class, mean pairwise feature distance of the fakes over A's, averaged (1 = as
-    varied as the data). With labels: class_acc (overall, per class, worst), class_acc_flip (mirrored fakes: high on
-    asymmetric classes: G draws mirror images); shape_acc from shape_judge (toy: trained on random hues: shape only)."""
-    n = len(fake)
+    varied as the data; nan for a class whose reals are identical). With labels: class_acc (overall, per class,
+    worst), class_acc_flip (mirrored fakes: high on asymmetric classes: G draws mirror images); shape_acc from
+    shape_judge (toy: trained on random hues: shape only). A metric that fails is left out and named in `failed`."""
+    n, out, failed = len(fake), {}, {} if failed is None else failed
+    def metric(name, fn):
+        try:
+            out.update(fn())
+        except Exception as e:
+            failed[name] = f'{type(e).__name__}: {e}'
     feats = lambda x: torch.cat([judge.features(b) for b in x.split(1000)])
     ff, fa, fb = feats(fake), feats(real[:n]), feats(real[n:2 * n])
     if not labelled:                # an untrained CNN's features are tiny: measure them in units of the reals' spread
-        spread = fa.std(0).mean()
+        spread = fa.std(0).mean().item() if n > 1 else 0
+        spread = spread if spread > 1e-5 * fa.abs().mean().item() else 1.0     # identical reals: no unit to take
         ff, fa, fb = ff / spread, fa / spread, fb / spread
-    out = dict(fd=frechet_distance(*feature_stats(ff), *feature_stats(fa)),
-               fd_floor=frechet_distance(*feature_stats(fb), *feature_stats(fa)))
-    out['precision'], out['recall'] = precision_recall(fa, ff)
-    out['precision_floor'], out['recall_floor'] = precision_recall(fa, fb)
+    metric('fd', lambda: dict(fd=frechet_distance(*feature_stats(ff), *feature_stats(fa)),
+                              fd_floor=frechet_distance(*feature_stats(fb), *feature_stats(fa))))
+    metric('precision/recall', lambda: dict(zip(('precision', 'recall', 'precision_floor', 'recall_floor'),
+                                                precision_recall(fa, ff) + precision_recall(fa, fb))))
     spread = lambda f: torch.pdist(f).mean().item() if len(f) > 1 else float('nan')
-    div = [spread(ff[c == k]) / spread(fa[c_real[:n] == k]) for k in range(num_classes)]
-    out['diversity'] = float(np.nanmean(div))
+    tol = 1e-5 * fa.norm(dim=1).mean().item()         # below: identical images up to float round-off
+    ratio = lambda a, b: a / b if b > tol else float('nan')
+    def diversity():
+        div = [ratio(spread(ff[c == k]), spread(fa[c_real[:n] == k])) for k in range(num_classes)]
+        return dict(diversity=nanmean(div), **{f'diversity_{k}': v for k, v in enumerate(div)})
+    metric('diversity', diversity)
+    def accuracy():
+        acc, per = class_accuracy(judge, fake, c, num_classes)
+        return dict(class_acc=acc, min_class_acc=min((p for p in per if p == p), default=float('nan')),
+                    class_acc_flip=class_accuracy(judge, fake.flip(-1), c, num_classes)[0],
+                    **{f'class_acc_{k}': v for k, v in enumerate(per)})
     if labelled:
-        out['class_acc'], per = class_accuracy(judge, fake, c, num_classes)
-        out['min_class_acc'] = float(np.nanmin(per))
-        out['class_acc_flip'] = class_accuracy(judge, fake.flip(-1), c, num_classes)[0]
-        out.update({f'class_acc_{k}': v for k, v in enumerate(per)})
+        metric('class_acc', accuracy)
     if shape_judge is not None:
-        out['shape_acc'] = class_accuracy(shape_judge, fake, c, num_classes)[0]
-    return dict(out, **{f'diversity_{k}': v for k, v in enumerate(div)})
+        metric('shape_acc', lambda: dict(shape_acc=class_accuracy(shape_judge, fake, c, num_classes)[0]))
+    return out
+
+def nanmean(values):
+    """Mean of the values that are not nan (nan if none is), without numpy's warning."""
+    v = [x for x in values if x == x]
+    return sum(v) / len(v) if v else float('nan')
 
 def pixels(ds, idx):
     """Images idx (in that order) of a pixel-space LatentDataset as float [n, C, r, r] in [-1, 1], and their labels."""
@@ -1007,12 +1034,13 @@ def pixels(ds, idx):
 
 class Evaluation:
     """On fixed EMA samples: Eq. 1 and its floor; a grid (pixel data: a row per class, as reals.png for the reals);
-    pixel data: judge_metrics in the features of a judge trained on the data set or, with one class, an untrained seeded
-    judge (random CNN features: label-free, as the 'T4' embedding of Naeem et al. 2020). FID: `fid.py train`'s hook."""
+    pixel data: judge_metrics in the features of a judge trained on the data set and (keys *_rand) of an untrained
+    seeded judge, random CNN features that keep what a classifier learns to ignore (label-free, as the 'T4' embedding
+    of Naeem et al. 2020; one class: these only). A metric that fails is named, not fatal. FID: `fid.py train`'s hook."""
     def __init__(self, args, info, ds, device, run_dir, log):
         self.a, self.info, self.device, self.run_dir = args, info, device, run_dir
         self.scales = hierarchy(args, info)[0]
-        self.vae = self.judge = self.shape_judge = None
+        self.vae = self.judge = self.shape_judge = self.rand = None
         nc = info['num_classes']
         self.z = torch.randn(args.eval_n, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345))
         self.c = torch.arange(args.eval_n) % nc
@@ -1036,21 +1064,22 @@ class Evaluation:
             self.real, self.c_real = toy(2 * n, 777)
             train, val = toy(38400, 1000), toy(2000, 2000)
         else:                   # a seeded permutation: the judge trains on all but the first fifth (at most 2000)
-            n = min(a.eval_n, info['N'] // 2)
+            n = max(1, min(a.eval_n, info['N'] // 2))                   # a set of one image: A = B = that image
             perm = torch.randperm(info['N'], generator=torch.Generator().manual_seed(a.seed + 777)).numpy()
             hold = min(2000, info['N'] // 5)
-            self.real, self.c_real = pixels(ds, perm[:2 * n])
+            self.real, self.c_real = pixels(ds, perm[np.arange(2 * n) % info['N']])
             train, val = pixels(ds, perm[hold:hold + 38400]), pixels(ds, perm[:hold])
         path = os.path.join(self.run_dir, 'judge.pt')
         state = torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else {}
         self.labelled = nc > 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.rand = Judge(info['res'], nc, info['channels']).eval()
         if self.labelled:
             self.judge = self.trained(state, 'judge', train, val, a.seed, log)
-            self.features = 'judge (trained on the data set)'
+            self.features = 'judge (trained on the data set); *_rand: random CNN (untrained judge, seed 0)'
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                self.judge = Judge(info['res'], nc, info['channels']).eval()
+            self.judge, self.rand = self.rand, None
             self.features = 'random CNN (untrained judge, seed 0: the data set has one class)'
         if info['kind'] == 'toy':
             self.shape_judge = self.trained(state, 'shape_judge', toy(38400, 1001, True), toy(2000, 2001, True),
@@ -1080,21 +1109,31 @@ class Evaluation:
 
     @torch.no_grad()
     def __call__(self, ema, step):
-        a, info, dev = self.a, self.info, self.device
+        """-> (metrics, {name of a failed metric: why}): a failure costs that metric, not the run."""
+        a, info, dev, out, failed = self.a, self.info, self.device, {}, {}
         z, c = (self.z, self.c) if self.judge is None else (self.z_judge, self.c_judge)
         with autocast(a.precision, dev):
             hs = list(generate(ema, z.to(dev), c.to(dev), all_stages=True).float().cpu())
             grid = generate(ema, self.z_grid.to(dev), self.grid_c.to(dev)).float().cpu()
-        out = {f'{name}_{k}': v for name, vals in cross_scale_metrics(hs, self.scales).items()
-               for k, v in enumerate(vals)}
-        K = len(hs) - 1
-        out.update({name: sum(out[f'{name}_{k}'] for k in range(K)) / K for name in ('delta', 'R', 'A', 'delta_h')})
+        try:
+            out = {f'{name}_{k}': v for name, vals in cross_scale_metrics(hs, self.scales).items()
+                   for k, v in enumerate(vals)}
+            K = len(hs) - 1
+            out.update({name: sum(out[f'{name}_{k}'] for k in range(K)) / K for name in ('delta', 'R', 'A', 'delta_h')})
+        except Exception as e:
+            failed['Eq. 1 (delta, R, A)'] = f'{type(e).__name__}: {e}'
         if self.judge is not None:
             out.update(judge_metrics(self.judge, hs[-1], c, self.real, self.c_real, info['num_classes'],
-                                     self.labelled, self.shape_judge), features=self.features)
+                                     self.labelled, self.shape_judge, failed), features=self.features)
+        if self.rand is not None:
+            fail = {}
+            rand = judge_metrics(self.rand, hs[-1], c, self.real, self.c_real, info['num_classes'], False, None, fail)
+            failed.update({f'{k} (random CNN)': v for k, v in fail.items()})
+            out.update({f'{k}_rand' if '_' not in k else k.replace('_', '_rand_', 1): v for k, v in rand.items()
+                        if k.startswith(('fd', 'precision', 'recall', 'diversity'))})
         save_grid(decode(grid, info, self.vae), 10 if self.judge is not None else 8,
                   os.path.join(self.run_dir, f'samples-{step:07d}.png'))
-        return out
+        return out, failed
 
 # ==== Training loop ==== Table 6: DDP through torchrun, run directory and resume, checkpoints, logging, evaluation.
 CKPT_VERSION = 2            # 2: GAT's form of the equalized-lr weights (version-1 weights would load but mean else)
@@ -1289,7 +1328,12 @@ def train(args, hooks=()):
         log(f"resumed from {ck['path']} at step {start}")
     indices = step_indices(info['N'], args.batch_size, rank, world, args.seed, start, args.steps)
     batches = real_batches(ds, info, indices, device, args.workers)
-    evaluation = Evaluation(args, info, ds, device, run_dir, log) if rank == 0 and args.eval_every else None
+    evaluation = None
+    if rank == 0 and args.eval_every:
+        try:
+            evaluation = Evaluation(args, info, ds, device, run_dir, log)
+        except Exception as e:                          # no evaluation can end a run
+            log(f"evaluation off: its set-up failed ({type(e).__name__}: {e}); training goes on")
     config = dict(G=g_cfg, D=d_cfg, args=vars(args), data={k: v for k, v in info.items() if k != 'meta'},
                   meta=info['meta'])
     log(f"run {run_dir}: G {sum(p.numel() for p in m.G.parameters()) / 1e6:.2f}M, D "
@@ -1318,23 +1362,32 @@ def train(args, hooks=()):
             metrics = dict(step=done, **dict(zip(names, vals)), sec_per_it=(time.time() - t0) / len(pending))
             pending, t0 = [], time.time()
             log(f"step {done}: " + ' '.join(f"{k}={v:.4g}" for k, v in metrics.items() if k != 'step'), metrics)
-        if evaluation and (done % args.eval_every == 0 or done == args.steps):
-            last_eval = evaluation(m.ema, done)              # the log line: summaries; metrics.jsonl: everything
-            shown = {k: v for k, v in last_eval.items() if k != 'features' and not re.search(r'_\d+$', k)}
-            log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in shown.items()), dict(step=done, **last_eval))
-        for hook in hooks if rank == 0 else ():
-            hook(done, m.ema, info, log)
-        if rank == 0 and save:
+        if rank == 0 and save:                          # the step's checkpoint first, then its evaluation
             write_checkpoint(run_dir, dict(format='cat', version=CKPT_VERSION, step=done, config=config,
                                            G=m.G.state_dict(), D=m.D.state_dict(), ema=m.ema.state_dict(),
                                            opt_g=m.opt_g.state_dict(), opt_d=m.opt_d.state_dict()), args)
+        if evaluation and (done % args.eval_every == 0 or done == args.steps) and not stopping:
+            try:                                        # the log line: summaries; metrics.jsonl: everything
+                last_eval, failed = evaluation(m.ema, done)
+            except Exception as e:
+                last_eval, failed = None, {'evaluation': f'{type(e).__name__}: {e}'}
+            for name, why in failed.items():
+                log(f"eval {done}: {name} failed ({why}); training goes on")
+            shown = {k: v for k, v in (last_eval or {}).items() if k != 'features' and not re.search(r'_\d+$', k)}
+            log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in shown.items()), dict(step=done, **(last_eval or {})))
+        for hook in hooks if rank == 0 and not stopping else ():
+            try:
+                hook(done, m.ema, info, log)
+            except Exception as e:
+                log(f"step {done}: {getattr(hook, '__name__', type(hook).__name__)} failed ({type(e).__name__}: "
+                    f"{e}); training goes on")
         if stopping:
             log(f"stopped by signal after step {done}; checkpoint {run_dir}/latest.pt. Resume with the same command "
                 f"plus --resume {run_dir}")
             break
     stop.restore()
     if info['kind'] == 'toy' and last_eval is not None:
-        log("toy: " + ' '.join(f"{k}={last_eval[k]:.4f}" for k in TOY_SUMMARY))
+        log("toy: " + ' '.join(f"{k}={last_eval.get(k, float('nan')):.4f}" for k in TOY_SUMMARY))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

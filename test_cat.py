@@ -744,6 +744,75 @@ def test_judge_metrics_identical_sets_and_one_image_per_class():
     assert 'class_acc' not in cat.judge_metrics(judge, real[:150], c_real[:150], real, c_real, 3, labelled=False)
 
 
+def test_judge_metrics_are_defined_for_degenerate_sets():
+    """Reals whose classes hold identical images, one image in all, one image per class: every metric is a number (nan
+    only for a ratio over a zero spread, diversity of such a class), and fd of a perfect copy is 0."""
+    torch.manual_seed(0)
+    judge = cat.Judge(16, 2, 3)
+    base = torch.rand(2, 3, 16, 16) * 2 - 1
+    c_real = torch.arange(20) % 2
+    real = base[c_real]                                                   # class k: 10 copies of one image
+    for labelled in (True, False):
+        failed = {}
+        m = cat.judge_metrics(judge, real[:10], c_real[:10], real, c_real, 2, labelled, None, failed)
+        assert failed == {} and abs(m['fd']) < 1e-3 and m['precision'] == m['recall'] == 1.0
+        assert math.isnan(m['diversity']) and math.isnan(m['diversity_0'])
+    one = torch.rand(1, 3, 16, 16)                                          # a one-image set: A = B = it
+    m = cat.judge_metrics(judge, one, torch.zeros(1, dtype=torch.long), one.repeat(2, 1, 1, 1),
+                          torch.zeros(2, dtype=torch.long), 1, False, None, failed)
+    assert failed == {} and abs(m['fd']) < 1e-6 and m['recall'] == 1 and math.isnan(m['diversity'])
+    assert cat.frechet_distance(np.zeros(4), np.zeros((4, 4)), np.ones(4), np.zeros((4, 4))) == pytest.approx(4)
+
+
+def pixel_dir(path, images, labels):
+    """A format-2 pixel dataset directory (uint8 [N, C, r, r]) of exactly these images."""
+    make_latent_dir(path, n=len(labels), num_classes=int(max(labels)) + 1, res=images.shape[-1], pixels=images.shape[1])
+    np.save(os.path.join(path, 'pixels.npy'), images.astype(np.uint8))
+    np.save(os.path.join(path, 'labels.npy'), np.asarray(labels, np.int64))
+    return str(path)
+
+
+EVAL = ['--model', 'T', '--batch-size', '8', '--precision', 'fp32', '--log-every', '1', '--workers', '0',
+        '--steps', '2', '--eval-every', '2', '--eval-n', '16']
+
+
+@pytest.mark.parametrize('case', ['identical_per_class', 'one_class_identical', 'one_per_class'])
+def test_evaluation_of_degenerate_data_keeps_the_run(tmp_path, case):
+    """The issue's sets: 4 classes of 12 identical images, one class of 20 identical images, one image per class.
+    The run ends with its checkpoint and an evaluation line in which no metric failed."""
+    g = np.random.default_rng(0)
+    n, nc = {'identical_per_class': (48, 4), 'one_class_identical': (20, 1), 'one_per_class': (4, 4)}[case]
+    labels = np.arange(n) % nc
+    images = g.integers(0, 256, (nc, 3, 16, 16))[labels] if case != 'one_per_class' else g.integers(0, 256, (4, 3, 16, 16))
+    data = pixel_dir(tmp_path / 'data', images, labels)
+    r = cat.train(cat.get_args(EVAL + ['--data', data, '--out', str(tmp_path / 'r')]))
+    log = (tmp_path / 'r' / 'log.txt').read_text()
+    assert load(r['run_dir'])['step'] == 2 and 'failed' not in log and 'eval 2: ' in log
+    assert set(r['eval']) >= {'fd', 'fd_floor', 'precision', 'recall', 'diversity'}
+
+
+def test_a_failing_metric_is_one_line_and_training_goes_on(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError('broken on purpose')
+    monkeypatch.setattr(cat, 'precision_recall', broken)
+    r = cat.train(cat.get_args(TINY + ['--steps', '4', '--eval-every', '2', '--eval-n', '40', '--toy-n', '400',
+                                       '--out', str(tmp_path / 'r')]))
+    lines = (tmp_path / 'r' / 'log.txt').read_text().splitlines()
+    assert 'eval 2: precision/recall failed (RuntimeError: broken on purpose); training goes on' in lines
+    assert 'eval 4: precision/recall failed (RuntimeError: broken on purpose); training goes on' in lines
+    assert load(r['run_dir'])['step'] == 4 and 'recall' not in r['eval'] and 'fd' in r['eval']     # the rest is there
+
+
+def test_stop_request_skips_the_evaluation_not_the_checkpoint(tmp_path, monkeypatch):
+    """A signal that arrives on an evaluation step: the checkpoint is written, the evaluation is not run."""
+    calls = []
+    monkeypatch.setattr(cat.Preemption, 'requested', lambda self: calls.append(1) or len(calls) >= 2)
+    r = cat.train(cat.get_args(TINY + ['--steps', '6', '--eval-every', '2', '--eval-n', '40',
+                                       '--out', str(tmp_path / 'r')]))
+    log = (tmp_path / 'r' / 'log.txt').read_text()
+    assert r['step'] == 2 and load(r['run_dir'])['step'] == 2 and 'eval 2' not in log and 'stopped by signal' in log
+
+
 class FlatJudge(nn.Module):
     """features = the image's values; the class is the sign of pixel 0."""
     def features(self, x):
@@ -1408,6 +1477,35 @@ def test_unlabelled_folder_end_to_end(tmp_path):
     r = _run(tmp_path, 's.npz', '--ref', str(data), '--detector', _detector(tmp_path), '--json', 'm.json')
     assert r.returncode == 0, r.stderr
     assert math.isfinite(json.loads((tmp_path / 'm.json').read_text())['fid'])
+
+
+def test_greyscale_folder_stays_greyscale(tmp_path):
+    """A tree of one-channel PNGs (and one RGB PNG whose channels are equal) is stored, trained, evaluated and sampled
+    as one channel; every image written (grids, .npz) is RGB with R = G = B."""
+    rng, root = np.random.default_rng(2), tmp_path / 'grey'
+    for c in range(2):
+        (root / f'c{c}').mkdir(parents=True)
+        for i in range(8):
+            a = rng.integers(0, 80, (16, 16), dtype=np.uint8)
+            a[4:12, 2 + 8 * c:6 + 8 * c] = 220
+            img = Image.fromarray(a)
+            (img.convert('RGB') if i == 0 else img).save(root / f'c{c}' / f'{i}.png')
+    data, run = tmp_path / 'data16', tmp_path / 'run'
+    assert prepare('--images', root, '--out', data, '--resolution', 16, '--crop', 'resize', '--vae', 'none',
+                   '--workers', 0).returncode == 0
+    assert json.loads((data / 'meta.json').read_text())['shape'] == [1, 16, 16]
+    assert np.load(data / 'pixels.npy').shape == (16, 1, 16, 16)
+    out = subprocess.run([sys.executable, 'cat.py', '--data', str(data), '--model', 'T', '--batch-size', '8',
+                          '--steps', '2', '--eval-n', '8', '--out', str(run)], cwd=HERE, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert cat.load_checkpoint(str(run / 'latest.pt'))['config']['G']['channels'] == 1
+    for png in ('samples-0000002.png', 'reals.png'):
+        a = np.asarray(Image.open(run / png).convert('RGB')).astype(int)
+        assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all() and a.std() > 0, png
+    run_sample('--ckpt', run / 'latest.pt', '--num-samples', 6, '--out', tmp_path / 's.npz')
+    x = load_npz(tmp_path / 's.npz')
+    assert x.shape == (6, 16, 16, 3) and (x[..., :1] == x).all()
 
 
 def test_one_image_generator_scores_worse_in_label_free_features():

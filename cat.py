@@ -42,6 +42,7 @@ def w_cons(K):
 DEFAULT_DATA = 'data/imagenet256'       # what prepare_latents.py writes by default
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'
 DINO_NAME = 'vit_base_patch14_dinov2.lvd142m'
+VA_NAME = 'convnextv2_base.fcmae_ft_in22k_in1k'     # App. A.3's vision-aided loss: pMF's ConvNeXt-V2-B (README)
 Z_DIM = 64                  # z ~ N(0, I) and the class embedding of G's mapping network (App. A.1)
 TOY_STEPS = 700             # the embedded default: about 8 minutes on 2 CPU cores
 
@@ -273,7 +274,7 @@ class Discriminator(nn.Module):
     (mask=False: scale-aggregated ablation, Fig. 9) by attn_impl 'split', one fused call per scale, or 'mask' [L, L].
     scales: resolutions of x_0..x_K (default Table 6's); patch: one size, or one per scale (App. A.3: 8, 8, 8, 16)."""
     def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, cmap_dim=2048,
-                 repa_dim=768, mask=True, attn_impl='split', scales=None):
+                 repa_dim=768, mask=True, attn_impl='split', scales=None, va_dim=0):
         super().__init__()
         self.scales = scales or table6_scales(res)
         self.patches = patch if isinstance(patch, list) else [patch] * len(self.scales)
@@ -299,11 +300,12 @@ class Discriminator(nn.Module):
         # REPA projector (training only): finest-scale tokens -> DINOv2 feature space
         self.proj = nn.Sequential(nn.Linear(width, 2048), nn.SiLU(), nn.Linear(2048, 2048), nn.SiLU(),
                                   nn.Linear(2048, repa_dim)) if repa_dim else None
+        self.va = VisionAidedHead(va_dim, num_classes) if va_dim else None      # App. A.3 (--lambda-va)
         self.initialize_weights()
 
     def initialize_weights(self):
         init_linears(self)
-        for p in (self.scale_embed, self.cls, self.class_embed.weight):
+        for p in (self.scale_embed, self.cls, self.class_embed.weight) + ((self.va.embed.weight,) if self.va else ()):
             nn.init.normal_(p, std=0.02)
 
     def block_mask(self):
@@ -406,18 +408,21 @@ def repa_loss(pred_tokens, dino_cls, dino_patch):
     patch = 1 - F.cosine_similarity(pred_tokens[:, 1:].float(), dino_patch.float(), dim=-1).mean(1)
     return (cls + patch).mean()
 
-def load_dino(device, pretrained=True):
-    """Frozen DINOv2-ViT-B/14 at 224 px (16 x 16 patches) for REPA."""
+def load_frozen(name, device, pretrained=True, what='DINOv2', off='--lambda-repa 0', **kw):
+    """A frozen timm backbone in eval mode with its ImageNet normalization: DINOv2-B/14 at 224 px (16 x 16 patches)
+    for REPA, or ConvNeXt-V2 for the vision-aided loss. Missing weights: one line."""
     import timm
     try:
-        m = timm.create_model(DINO_NAME, pretrained=pretrained, img_size=224, num_classes=0)
+        m = timm.create_model(name, pretrained=pretrained, num_classes=0, **kw)
     except Exception as e:
-        raise SystemExit(f"error: cannot load DINOv2 weights '{DINO_NAME}' ({type(e).__name__}): download them once "
-                         f"with network access (timm caches them in the Hugging Face cache) or train with "
-                         f"--lambda-repa 0.")
+        raise SystemExit(f"error: cannot load {what} weights '{name}' ({type(e).__name__}): download them once with "
+                         f"network access (timm caches them in the Hugging Face cache) or train with {off}.")
     m.register_buffer('pixel_mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))     # ImageNet normalization
     m.register_buffer('pixel_std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     return m.to(device).eval().requires_grad_(False)
+
+def load_dino(device, pretrained=True):
+    return load_frozen(DINO_NAME, device, pretrained, img_size=224)
 
 def dino_features(dino, img, aug=None, res=32, grid=16):
     """DINOv2 tokens [B, 1 + grid^2, 768] of uint8 crops: 256 -> 224 bicubic, ImageNet normalization, the real's flip
@@ -433,6 +438,23 @@ def dino_features(dino, img, aug=None, res=32, grid=16):
         p = F.interpolate(p, size=(grid, grid), mode='area' if grid < 16 else 'bilinear', align_corners=None)
         f = torch.cat([f[:, :1], p.flatten(2).transpose(1, 2)], dim=1)
     return f
+
+def va_features(net, x):
+    """Vision-aided loss (App. A.3): images x in [-1, 1] [B, C, R, R] -> the frozen ConvNeXt-V2's pooled, normalized
+    last-stage features [B, F] (pMF's feature), at 224 px (bicubic, antialiased) with ImageNet normalization."""
+    x = F.interpolate((x.float().expand(-1, 3, -1, -1) + 1) / 2, size=(224, 224), mode='bicubic', antialias=True)
+    return net.forward_head(net.forward_features((x - net.pixel_mean) / net.pixel_std), pre_logits=True)
+
+class VisionAidedHead(nn.Module):
+    """The trainable head on the frozen features (part of D, trained with it): a projection discriminator as D's own,
+    d_va = <MLP(f), e(c)>; its logit enters the same relativistic pairing loss as d_k (README: departures)."""
+    def __init__(self, feat_dim, num_classes, dim=512):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(feat_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.embed = nn.Embedding(num_classes, dim)
+
+    def forward(self, f, c):
+        return (self.mlp(f.float()) * self.embed(c)).sum(-1, keepdim=True)
 
 # ==== Cross-scale metrics ==== Eq. 1: how coherently the stages accumulate toward the final output.
 def cross_scale_metrics(hs, scales):
@@ -699,10 +721,11 @@ def take(nz, lo, hi):
     return [take(v, lo, hi) for v in nz] if isinstance(nz, list) else {k: take(v, lo, hi) for k, v in nz.items()}
 
 class DStep(nn.Module):
-    """L_D = RpGAN + gamma/2 (R1 + R2) + lambda_REPA * REPA on one (micro-)batch. G is held outside the module tree."""
-    def __init__(self, D, G, args, dino=None):
+    """L_D = RpGAN + gamma/2 (R1 + R2) + lambda_REPA * REPA (+ lambda_va * RpGAN of the vision-aided head) on one
+    (micro-)batch. G and the frozen backbones are held outside the module tree (never trained, never in train mode)."""
+    def __init__(self, D, G, args, dino=None, va=None):
         super().__init__()
-        self.D, self._G, self.dino, self.a = D, [G], dino, args
+        self.D, self._G, self._dino, self._va, self.a = D, [G], [dino], [va], args
 
     def forward(self, x_real, c, img, nz):
         a, D, B = self.a, self.D, x_real.shape[0]
@@ -710,6 +733,7 @@ class DStep(nn.Module):
         with torch.no_grad(), amp:
             fake = torch.cat(self._G[0](nz['z'], c))                            # [h_0; ...; h_K], [(K+1)B, C, R, R]
         xr, xf = (augment(x_real, nz['aug_dr']), augment(fake, nz['aug_df'])) if a.aug else (x_real, fake)
+        va_in = torch.cat([xr, xf.chunk(len(D.scales))[-1]])                   # real and h_K, as augmented for D
         xr, xf = multiscale(xr, D.scales), multiscale(xf.chunk(len(D.scales)), D.scales)
         q = slice(None, None, 4)                                               # the GP quarter: every 4th sample
         nq, repa = len(range(B)[q]), a.lambda_repa > 0
@@ -736,22 +760,28 @@ class DStep(nn.Module):
                      d_fake=d_fake.detach().mean())
         if repa:
             with torch.no_grad(), amp:
-                f = dino_features(self.dino, img, nz['aug_dr'] if a.aug else None, x_real.shape[-1], D.grids[-1])
+                f = dino_features(self._dino[0], img, nz['aug_dr'] if a.aug else None, x_real.shape[-1], D.grids[-1])
             with amp:
                 lr = repa_loss(D.proj(tok[:B]), f[:, 0], f[:, 1:])
             loss = loss + a.lambda_repa * lr
             stats['repa'] = lr.detach()
+        if self._va[0] is not None:                                            # the backbone needs no gradient here
+            with torch.no_grad(), amp:
+                f = va_features(self._va[0], va_in)
+            va = rpgan_d_loss(*D.va(f, torch.cat([c, c])).chunk(2))
+            loss = loss + a.lambda_va * va
+            stats['va_d'] = va.detach()
         return loss, stats
 
 class GStep(nn.Module):
     """L_G = L_adv + lambda_cons * L_cons (Eq. 3) on one (micro-)batch; D is frozen and held outside the tree. The
     fakes come from the D step's z (GAT's training loop passes the same z to both steps), newly augmented."""
-    def __init__(self, G, D, args):
+    def __init__(self, G, D, args, va=None):
         super().__init__()
-        self.G, self._D, self.a = G, [D], args
+        self.G, self._D, self._va, self.a = G, [D], [va], args
 
     def forward(self, x_real, c, nz):
-        a, G, D = self.a, self.G, self._D[0]
+        a, G, D, va = self.a, self.G, self._D[0], self._va[0]
         with autocast(a.precision, x_real.device):
             w = G.style(nz['z'], c)
             hs = G.synthesis(w)
@@ -760,9 +790,15 @@ class GStep(nn.Module):
             d_fake = D(multiscale(xf.chunk(len(hs)), D.scales), c)
             with torch.no_grad():
                 d_real = D(multiscale(xr, D.scales), c)
+                f_real = va_features(va, xr) if va is not None else None
+            f_fake = va_features(va, xf.chunk(len(hs))[-1]) if va is not None else None    # G's gradient flows through
         adv = rpgan_g_loss(d_fake, d_real)
         cons = consistency_loss(hs, detach_anchor=a.cons_detach)
-        return adv + a.lambda_cons * cons, w.detach(), dict(loss_g=adv.detach(), cons=cons.detach())
+        loss, stats = adv + a.lambda_cons * cons, dict(loss_g=adv.detach(), cons=cons.detach())
+        if va is not None:
+            va_g = rpgan_g_loss(D.va(f_fake, c), D.va(f_real, c))
+            loss, stats['va_g'] = loss + a.lambda_va * va_g, va_g.detach()
+        return loss, w.detach(), stats
 
 @torch.no_grad()
 def ema_update(ema, G, decay):
@@ -801,7 +837,7 @@ def train_step(m, x, c, img, nz, args):
     ema_update(m.ema, m.G, args.ema_decay)
     return [*st_d, *st_g, 'gnorm_d', 'gnorm_g'], torch.stack([*st_d.values(), *st_g.values(), gn_d, gn_g]).float()
 
-def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained_dino=True):
+def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained=True):
     """G, D, EMA, AdamW (0, 0.99) optimizers and the (DDP-wrapped) step modules; state from checkpoint ck if given."""
     torch.manual_seed(args.seed)
     G, D = Generator(**g_cfg).to(device), Discriminator(**d_cfg, attn_impl=args.d_attn).to(device)
@@ -816,8 +852,10 @@ def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained_dino=True):
     if args.compile:                                   # per block, in place: state_dict keys stay unchanged
         for blk in [*G.blocks, *D.blocks]:
             blk.compile()
-    dino = load_dino(device, pretrained_dino) if args.lambda_repa > 0 else None
-    d_step, g_step = DStep(D, G, args, dino), GStep(G, D, args)
+    dino = load_dino(device, pretrained) if args.lambda_repa > 0 else None
+    va = load_frozen(args.va_model, device, pretrained, 'vision-aided (ConvNeXt-V2)', '--lambda-va 0') \
+        if args.lambda_va > 0 else None
+    d_step, g_step = DStep(D, G, args, dino, va), GStep(G, D, args, va)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == 'cuda' else None
@@ -864,6 +902,13 @@ def model_configs(args, info):
         g_cfg['patch'] = p
     if dp != [2] * len(scales):
         d_cfg['patch'] = dp if len(set(dp)) > 1 else dp[0]
+    if args.lambda_va > 0:
+        if info['kind'] == 'latent':
+            raise SystemExit("error: --lambda-va needs pixel data (App. A.3): the ConvNeXt-V2 sees images, and latents "
+                             "would first need the VAE decoder; train with --lambda-va 0.")
+        import timm
+        with torch.device('meta'):                      # the backbone's feature width, without its weights
+            d_cfg['va_dim'] = timm.create_model(args.va_model, pretrained=False, num_classes=0).num_features
     return g_cfg, d_cfg
 
 # ==== Evaluation ==== rank 0, every --eval-every steps: EMA sample grids, Eq. 1, and for pixel data judge_metrics in
@@ -1423,19 +1468,31 @@ def summary(args, out=print):
     with torch.device('meta'):
         G, D = Generator(**g_cfg), Discriminator(**d_cfg)
         F_G, F_D = forward_macs(G, D)
-    n_g, n_proj = (sum(p.numel() for p in net.parameters()) for net in (G, D.proj))
-    n_d = sum(p.numel() for p in D.parameters()) - n_proj
-    out(f"config: G-{args.model}/2 (depth {g_cfg['depth']}, width {g_cfg['width']}, heads {g_cfg['heads']}), "
-        f"D-{args.model_d or D_FOR_G[args.model]}/2 (depth {d_cfg['depth']}, width {d_cfg['width']}, "
-        f"heads {d_cfg['heads']})")
+    n_g, n_proj, n_va = (sum(p.numel() for p in net.parameters()) if net else 0 for net in (G, D.proj, D.va))
+    n_d = sum(p.numel() for p in D.parameters()) - n_proj - n_va
+    what = 'latents' if info['kind'] == 'latent' else 'RGB pixels'
+    out(f"config: G-{args.model}/{G.patch} (depth {g_cfg['depth']}, width {g_cfg['width']}, heads {g_cfg['heads']}), "
+        f"D-{args.model_d or D_FOR_G[args.model]}/{','.join(map(str, sorted(set(D.patches))))} (depth "
+        f"{d_cfg['depth']}, width {d_cfg['width']}, heads {d_cfg['heads']}); {info['res']}x{info['res']} {what}, "
+        f"scales {','.join(map(str, D.scales))}, D patches {','.join(map(str, D.patches))}, token grids "
+        f"{','.join(map(str, D.grids))}")
     out(f"G params: {n_g / 1e6:.1f}M")
     out(f"D params: {n_d / 1e6:.1f}M (+ REPA projector {n_proj / 1e6:.1f}M, training only)")
     out(f"G GFLOPs: {F_G / 1e9:.1f} (multiply-adds per sample, one-step inference)")
-    out(f"D GFLOPs: {F_D / 1e9:.1f} (all four scales, {D.segments[-1][1]} tokens)")
-    train = 4 * F_G + 10.5 * F_D
-    out(f"train GFLOPs per sample per iteration (App. A.2, 4F_G + 10.5F_D): {train / 1e9:.1f}")
+    out(f"D GFLOPs: {F_D / 1e9:.1f} (all {len(D.scales)} scales, {D.segments[-1][1]} tokens)")
+    train, F_va = 4 * F_G + 10.5 * F_D, 0
+    if args.lambda_va > 0:                  # per sample: real and fake in the D step, real and fake (+ backward) in G's
+        import timm
+        with torch.device('meta'):
+            net = timm.create_model(args.va_model, pretrained=False, num_classes=0)
+            F_va = count_macs(lambda: net(torch.randn(1, 3, 224, 224)))
+        out(f"vision-aided: {args.va_model} {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M frozen params, "
+            f"{F_va / 1e9:.1f} GFLOPs at 224 px; head {n_va / 1e6:.2f}M (in D)")
+    train += 5 * F_va
+    out(f"train GFLOPs per sample per iteration (App. A.2, 4F_G + 10.5F_D{' + 5F_va' if F_va else ''}): "
+        f"{train / 1e9:.1f}")
     if args.model in PAPER_STEPS:
-        steps = PAPER_STEPS[args.model]
+        steps = PAPER_STEPS[args.model] if info['kind'] == 'latent' else 100_000    # App. A.3: B/2, 40 epochs
         flop = 2 * train * 512 * steps                 # 2 FLOPs per multiply-add
         hours = flop / (8 * 0.4 * PEAK_BF16_TFLOPS['H100'] * 1e12) / 3600
         out(f"paper schedule: {steps} iterations x batch 512 = {flop / 1e18:.0f} EFLOP; at 40% MFU on 8 H100 "
@@ -1449,7 +1506,7 @@ def bench(args, out=print):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     info = synthetic_info(args)
     g_cfg, d_cfg = model_configs(args, info)
-    m = build(args, g_cfg, d_cfg, device, world, pretrained_dino=False)
+    m = build(args, g_cfg, d_cfg, device, world, pretrained=False)
     b, g, C, R = args.batch_size // world, torch.Generator(device).manual_seed(0), info['channels'], info['res']
     batch = (torch.cat([torch.randn(b, C, R, R, generator=g, device=device),
                         torch.rand(b, C, R, R, generator=g, device=device)], 1) if info['kind'] == 'latent' else
@@ -1500,6 +1557,9 @@ def get_args(argv=None):
     p.add_argument('--lambda-cons', type=float, default=0.1, help='L_cons weight (Eq. 3); 0: plain scale-wise loss')
     p.add_argument('--cons-detach', action='store_true', help='stop-gradient on the anchor h_K of Eq. 2')
     p.add_argument('--lambda-repa', type=float, default=None, help='REPA weight (1.0); 0 disables REPA and DINOv2')
+    p.add_argument('--lambda-va', type=float, default=0.0,
+                   help='vision-aided loss weight, pixel data (App. A.3: README pixel recipe); 0: off')
+    p.add_argument('--va-model', default=VA_NAME, help='timm name of the frozen ConvNeXt-V2 of the vision-aided loss')
     p.add_argument('--gamma', type=float, default=None, help='R1 and R2 weight, gamma/2 each (1; small data 0.1)')
     p.add_argument('--gp-sigma', type=float, default=0.01, help='perturbation scale of the approximated R1/R2')
     p.add_argument('--gp-precision', choices=['bf16', 'fp32'], default='bf16',

@@ -1,5 +1,5 @@
 """CAT test suite: CPU only, tiny configs, a few minutes on 2 cores.  Run: pytest test_cat.py"""
-import argparse, io, json, math, os, re, shutil, socket, subprocess, sys, warnings
+import argparse, io, json, math, os, re, shutil, socket, subprocess, sys, tempfile, warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -100,6 +100,64 @@ def test_d_token_layout_latent():
     assert D.segments[-1][1] == 4 + 4 + 16 + 64 + 256              # 344 tokens, as DESIGN / Table 6
     d, tok = D(cat.multiscale(torch.randn(2, 4, 32, 32), D.scales), torch.tensor([0, 1]), return_tokens=True)
     assert d.shape == (2, 4) and tok.shape == (2, 257, 32) and D.proj(tok).shape == (2, 257, 8)
+
+
+def test_d_k_depends_only_on_x_k_for_a_nonuniform_hierarchy():
+    """App. A.3's shape at 64 px: scales 4, 8, 16, 64 with D patches 2, 2, 2, 4 (grids 2, 4, 8, 16): d_k still sees x_k
+    alone; the per-scale attention calls equal one call with the block mask; --no-mask mixes the scales."""
+    scales, patches = [4, 8, 16, 64], [2, 2, 2, 4]
+    make = lambda **kw: cat.Discriminator(depth=2, width=32, heads=2, channels=3, res=64, num_classes=10, cmap_dim=64,
+                                          repa_dim=0, scales=scales, patch=patches, **kw)
+    torch.manual_seed(0)
+    D = make().eval()
+    assert D.grids == [2, 4, 8, 16] and D.segments[-1][1] == 4 + 4 + 16 + 64 + 256
+    assert {n for n, _ in D.named_parameters() if n.startswith('patch_embed')} == {
+        'patch_embed.weight', 'patch_embed.bias', 'patch_embed_4.weight', 'patch_embed_4.bias'}
+    g, c = torch.Generator().manual_seed(1), torch.tensor([1, 2])
+    xs = [torch.randn(2, 3, s, s, generator=g) for s in scales]
+    with torch.no_grad():
+        d0 = D(xs, c)
+        for j in range(4):
+            d = D([x + (k == j) * torch.randn(x.shape, generator=g) for k, x in enumerate(xs)], c)
+            assert all(((d[:, k] - d0[:, k]).abs().max() > 1e-5) == (k == j) for k in range(4))
+        D.attn_impl = 'mask'
+        assert torch.allclose(D(xs, c), d0, atol=1e-5)
+    torch.manual_seed(0)
+    Dn = make(mask=False).eval()
+    with torch.no_grad():
+        d = Dn([xs[0] + 1, *xs[1:]], c) - Dn(xs, c)
+    assert (d.abs() > 1e-5).all()
+
+
+def test_default_hierarchy_is_unchanged():
+    """Table 6's hierarchy exactly as before --scales existed: r_k is 2^(K-k) area pooling, w = (1/3, 1/2, 1), output
+    layers 3, 6, 9, 12 / 6, 12, 18, 24 / 8, 16, 24, 32, configs without new keys, and the numbers the code gave before
+    (a forward pass and three training steps with DiffAugment, recorded from the previous release)."""
+    h = torch.randn(2, 4, 32, 32)
+    assert all(torch.equal(x, F.avg_pool2d(h, 2 ** (3 - k)) if k < 3 else h)
+               for k, x in enumerate(cat.multiscale(h, cat.table6_scales(32))))
+    assert cat.w_cons(3) == [1 / 3, 1 / 2, 1.0] and cat.table6_scales(32) == [4, 8, 16, 32]
+    for m, layers in (('B', [3, 6, 9, 12]), ('M', [6, 12, 18, 24]), ('H', [8, 16, 24, 32])):
+        with torch.device('meta'):
+            assert cat.Generator(*cat.G_CONFIGS[m][:3]).out_layers == layers
+    g_cfg, d_cfg = cat.model_configs(cat.get_args(['--data', 'toy']), dict(kind='toy', channels=3, res=16, num_classes=10))
+    assert set(g_cfg) == {'depth', 'width', 'heads', 'channels', 'res', 'num_classes'}
+    assert set(d_cfg) == {'depth', 'width', 'heads', 'cmap_dim', 'repa_dim', 'mask', 'channels', 'res', 'num_classes'}
+    torch.manual_seed(0)
+    G = cat.Generator(4, 32, 2, channels=3, res=16, num_classes=10)
+    D = cat.Discriminator(2, 32, 2, channels=3, res=16, num_classes=10, cmap_dim=64, repa_dim=0)
+    z, c = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        hs = G(z, c)
+        d = D(cat.multiscale(hs, D.scales), c)
+    assert np.allclose([h.double().sum().item() for h in hs], [-196.827251, 723.733387, 1076.341381, 2424.589006],
+                       rtol=1e-5)
+    assert np.allclose(d.flatten().tolist(), [0.019005, -0.033235, -0.081942, -0.101611, -0.090239, -0.002832,
+                                              -0.064625, 0.1228, 0.016285, 0.073263, 0.021431, 0.022376], atol=2e-6)
+    r = cat.train(cat.get_args(TINY + ['--steps', '3', '--aug', '--out', os.path.join(tempfile.mkdtemp(), 'r')]))
+    got = [sum(p.double().sum().item() for p in r['G'].parameters()), sum(p.double().sum().item()
+           for p in r['D'].parameters()), sum(p.double().abs().sum().item() for p in r['ema'].parameters())]
+    assert np.allclose(got, [-583.042712, -1226.753038, 60520.018035], rtol=1e-5), got
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1308,6 +1366,109 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.path, 'w'))
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale hierarchies, pixel data (App. A.3) and the vision-aided loss
+# ----------------------------------------------------------------------------------------------
+
+A3_64 = ['--model', 'T', '--batch-size', '8', '--precision', 'fp32', '--log-every', '1', '--workers', '0',
+         '--scales', '4,8,16,64', '--patch', '4', '--d-patch', '2,2,2,4', '--eval-n', '8']
+
+
+@pytest.fixture
+def stand_in_backbones(monkeypatch):
+    """Random-initialized timm backbones instead of downloaded weights (offline), as DINOv2 is tested."""
+    real = cat.load_frozen
+    monkeypatch.setattr(cat, 'load_frozen', lambda name, device, pretrained=True, *a, **k: real(name, device, False,
+                                                                                                *a, **k))
+
+
+@pytest.mark.parametrize('va', [False, True])
+def test_pixel_hierarchy_at_64px_trains_and_resumes(tmp_path, stand_in_backbones, va):
+    """App. A.3's configuration shrunk to 64 px: G patch 4 (16 x 16 tokens), D patches 2, 2, 2, 4 over scales 4, 8, 16,
+    64, with and without the vision-aided loss (stand-in ConvNeXt-V2); resuming restores the vision-aided head."""
+    g = np.random.default_rng(0)
+    data = pixel_dir(tmp_path / 'data', g.integers(0, 256, (16, 3, 64, 64)), np.arange(16) % 2)
+    opts = A3_64 + ['--data', data] + (['--lambda-va', '0.5', '--va-model', 'convnextv2_atto'] if va else [])
+    r = cat.train(cat.get_args(opts + ['--steps', '2', '--eval-every', '2', '--out', str(tmp_path / 'a')]))
+    ck = load(r['run_dir'])
+    assert ck['config']['G']['patch'] == 4 and ck['config']['D']['scales'] == [4, 8, 16, 64]
+    assert r['G'].out_layers == [1, 2, 3, 4] and r['D'].grids == [2, 4, 8, 16] and 'fd' in r['eval']
+    assert ('va.mlp.0.weight' in ck['D']) == va and ('va_dim' in ck['config']['D']) == va
+    rows = [json.loads(l) for l in open(tmp_path / 'a' / 'metrics.jsonl') if '"loss_d"' in l]
+    assert all(math.isfinite(v) for row in rows for v in row.values()) and ('va_g' in rows[-1]) == va
+    cat.train(cat.get_args(opts + ['--steps', '3', '--eval-every', '0', '--resume', str(tmp_path / 'a')]))
+    straight = cat.train(cat.get_args(opts + ['--steps', '3', '--eval-every', '0', '--out', str(tmp_path / 'b')]))
+    resumed = load(str(tmp_path / 'a'))
+    assert all(torch.equal(v, straight['D'].state_dict()[k]) for k, v in resumed['D'].items())    # the head too
+    assert all(torch.equal(v, straight['G'].state_dict()[k]) for k, v in resumed['G'].items())
+
+
+def test_vision_aided_backbone_is_frozen_and_passes_gradient_to_g():
+    net = cat.load_frozen('convnextv2_atto', 'cpu', pretrained=False)
+    G = cat.Generator(4, 32, 2, channels=3, res=64, patch=4, num_classes=3, stages=2)
+    D = cat.Discriminator(1, 32, 2, channels=3, res=64, num_classes=3, cmap_dim=16, repa_dim=0, scales=[8, 64],
+                          patch=[2, 4], va_dim=net.num_features)
+    args = cat.get_args(['--data', 'toy', '--lambda-va', '1', '--precision', 'fp32'])
+    d_step, g_step = cat.DStep(D, G, args, None, net), cat.GStep(G, D, args, net)
+    d_step.train(), g_step.train()                              # a module-wide train() does not reach the backbone
+    nz = cat.step_noise(0, 0, 4, G, D.scales, torch.device('cpu'))
+    x, c = torch.rand(4, 3, 64, 64) * 2 - 1, torch.tensor([0, 1, 2, 0])
+    loss, st = d_step(x, c, None, nz)
+    loss.backward()
+    assert D.va.mlp[0].weight.grad.abs().sum() > 0 and 'va_d' in st
+    D.requires_grad_(False)
+    args.lambda_cons = 0.0
+    loss, _, st = g_step(x, c, nz)
+    (st['va_g'] - st['va_g'].detach() + args.lambda_va * cat.rpgan_g_loss(
+        D.va(cat.va_features(net, G(nz['z'], c)[-1]), c), D.va(cat.va_features(net, x), c).detach())).backward()
+    assert all(p.grad is None and not p.requires_grad for p in net.parameters()) and not net.training
+    assert G.heads[-1].linear.weight.grad.abs().sum() > 0       # G's gradient flows through the frozen backbone
+    assert set(dict(d_step.named_modules())) == set(dict(d_step.D.named_modules(prefix='D'))) | {''}
+
+
+def test_two_and_five_stage_hierarchies_train(tmp_path, monkeypatch):
+    monkeypatch.setitem(cat.G_CONFIGS, 'T', cat.NetConfig(5, 32, 2))
+    data = pixel_dir(tmp_path / 'data', np.random.default_rng(0).integers(0, 256, (16, 3, 16, 16)), np.arange(16) % 2)
+    for scales, K in (('8,16', 1), ('1,2,4,8,16', 4)):
+        r = cat.train(cat.get_args(EVAL + ['--data', data, '--scales', scales, '--d-patch', '1', '--out',
+                                           str(tmp_path / scales)]))
+        assert len(r['G'].heads) == K + 1 and len(r['D'].segments) == K + 1 and 'delta_h' in r['eval']
+        assert r['D'].scales == [int(s) for s in scales.split(',')] and f'delta_{K - 1}' in r['eval']
+        assert f'delta_{K}' not in r['eval'] and load(r['run_dir'])['config']['G']['stages'] == K + 1
+    assert cat.w_cons(4) == [1 / 4, 1 / 3, 1 / 2, 1.0] and cat.w_cons(1) == [1.0]
+
+
+@pytest.mark.parametrize('opts,msg', [
+    (['--scales', '4,8,16,32'], 'must divide the data resolution 16'), (['--scales', '8,4,16'], 'must increase'),
+    (['--scales', '16'], 'at least two scales'), (['--scales', '2,4,8,16', '--d-patch', '4'], 'whole number of D'),
+    (['--d-patch', '1,1'], 'one patch size per scale'), (['--patch', '3'], 'multiple of 24: use --toy-res 24')])
+def test_bad_hierarchy_is_one_clear_line(tmp_path, opts, msg):
+    with pytest.raises(SystemExit, match=msg) as e:
+        cat.train(cat.get_args(TINY + opts + ['--steps', '1', '--out', str(tmp_path / 'r')]))
+    assert str(e.value).startswith('error: ') and '\n' not in str(e.value) and not (tmp_path / 'r').exists()
+
+
+def test_jpeg_pixel_store_trains_and_scores(tmp_path):
+    """Pixel data kept as JPEG (the default from 128 px; forced here at 16 px): decoded by the loader, scored by fid.py."""
+    rng, root = np.random.default_rng(3), tmp_path / 'tree'
+    for c in range(2):
+        (root / f'c{c}').mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f'c{c}' / f'{i}.png')
+    data = tmp_path / 'data'
+    assert prepare('--images', root, '--out', data, '--resolution', 16, '--vae', 'none', '--store', 'jpeg',
+                   '--workers', 0).returncode == 0
+    meta = json.loads((data / 'meta.json').read_text())
+    assert meta['store'] == 'jpeg' and meta['images'] and not (data / 'pixels.npy').exists()
+    ds = cat.LatentDataset(str(data), cat.check_data_dir(str(data)), images=False)
+    x, label, img = ds[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and img.numel() == 0
+    r = cat.train(cat.get_args(['--data', str(data), '--model', 'T', '--batch-size', '8', '--steps', '2',
+                                '--eval-every', '2', '--eval-n', '6', '--out', str(tmp_path / 'r')]))
+    assert load(r['run_dir'])['step'] == 2 and 'fd' in r['eval']
+    assert len(list(__import__('fid').Images(str(data)))) == 12
 
 
 def test_unsafe_checkpoint_is_refused_and_runs_no_code(ckpt, tmp_path):

@@ -1449,55 +1449,56 @@ def count_macs(fn):
         fn()
     return fc.get_total_flops() / 2
 
-def forward_macs(G, D):
-    """F_G and F_D of App. A.2: multiply-adds of one generator / discriminator forward pass per sample."""
-    c = torch.zeros(1, dtype=torch.long, device=G.pos.device)
-    return (count_macs(lambda: G(torch.randn(1, G.z_dim, device=c.device), c)),
-            count_macs(lambda: D(multiscale(torch.randn(1, D.channels, D.res, D.res, device=c.device), D.scales), c)))
-
 def synthetic_info(args):
     """The data --summary and --bench assume: ImageNet-256 SD-VAE latents (4 x 32 x 32), or RGB ImageNet pixels at the
     finest --scales resolution when that is not 32 (App. A.3: 256)."""
     res = args.scales[-1] if args.scales else 32
     return dict(kind='latent' if res == 32 else 'pixel', channels=4 if res == 32 else 3, res=res, num_classes=1000)
 
+def cost(args, g_cfg, d_cfg):
+    """On the meta device: G, D, the vision-aided backbone (or None) and App. A.2's multiply-adds per sample: F_G, F_D
+    (one forward pass) and the training total 4F_G + 10.5F_D + 5F_va (the backbone: real and fake in the D step, real,
+    fake and fake's input gradient in the G step)."""
+    import timm
+    with torch.device('meta'):
+        G, D, c = Generator(**g_cfg), Discriminator(**d_cfg), torch.zeros(1, dtype=torch.long)
+        F_G = count_macs(lambda: G(torch.randn(1, G.z_dim), c))
+        F_D = count_macs(lambda: D(multiscale(torch.randn(1, D.channels, D.res, D.res), D.scales), c))
+        va = timm.create_model(args.va_model, pretrained=False, num_classes=0) if args.lambda_va > 0 else None
+        F_va = count_macs(lambda: va(torch.randn(1, 3, 224, 224))) if va else 0
+    return G, D, va, dict(F_G=F_G, F_D=F_D, F_va=F_va, train=4 * F_G + 10.5 * F_D + 5 * F_va)
+
 def summary(args, out=print):
     info = synthetic_info(args)
     g_cfg, d_cfg = model_configs(args, info)
-    d_cfg['repa_dim'] = 768
-    with torch.device('meta'):
-        G, D = Generator(**g_cfg), Discriminator(**d_cfg)
-        F_G, F_D = forward_macs(G, D)
+    G, D, va, f = cost(args, g_cfg, dict(d_cfg, repa_dim=768))
     n_g, n_proj, n_va = (sum(p.numel() for p in net.parameters()) if net else 0 for net in (G, D.proj, D.va))
     n_d = sum(p.numel() for p in D.parameters()) - n_proj - n_va
-    what = 'latents' if info['kind'] == 'latent' else 'RGB pixels'
-    out(f"config: G-{args.model}/{G.patch} (depth {g_cfg['depth']}, width {g_cfg['width']}, heads {g_cfg['heads']}), "
-        f"D-{args.model_d or D_FOR_G[args.model]}/{','.join(map(str, sorted(set(D.patches))))} (depth "
-        f"{d_cfg['depth']}, width {d_cfg['width']}, heads {d_cfg['heads']}); {info['res']}x{info['res']} {what}, "
-        f"scales {','.join(map(str, D.scales))}, D patches {','.join(map(str, D.patches))}, token grids "
-        f"{','.join(map(str, D.grids))}")
+    out(f"config: {names(args, D)} (G depth {g_cfg['depth']}, width {g_cfg['width']}, heads {g_cfg['heads']}; D depth "
+        f"{d_cfg['depth']}, width {d_cfg['width']}, heads {d_cfg['heads']}); {info['res']}x{info['res']} "
+        f"{'latents' if info['kind'] == 'latent' else 'RGB pixels'}, scales {','.join(map(str, D.scales))}, "
+        f"D patches {','.join(map(str, D.patches))}, token grids {','.join(map(str, D.grids))}")
     out(f"G params: {n_g / 1e6:.1f}M")
     out(f"D params: {n_d / 1e6:.1f}M (+ REPA projector {n_proj / 1e6:.1f}M, training only)")
-    out(f"G GFLOPs: {F_G / 1e9:.1f} (multiply-adds per sample, one-step inference)")
-    out(f"D GFLOPs: {F_D / 1e9:.1f} (all {len(D.scales)} scales, {D.segments[-1][1]} tokens)")
-    train, F_va = 4 * F_G + 10.5 * F_D, 0
-    if args.lambda_va > 0:                  # per sample: real and fake in the D step, real and fake (+ backward) in G's
-        import timm
-        with torch.device('meta'):
-            net = timm.create_model(args.va_model, pretrained=False, num_classes=0)
-            F_va = count_macs(lambda: net(torch.randn(1, 3, 224, 224)))
-        out(f"vision-aided: {args.va_model} {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M frozen params, "
-            f"{F_va / 1e9:.1f} GFLOPs at 224 px; head {n_va / 1e6:.2f}M (in D)")
-    train += 5 * F_va
-    out(f"train GFLOPs per sample per iteration (App. A.2, 4F_G + 10.5F_D{' + 5F_va' if F_va else ''}): "
-        f"{train / 1e9:.1f}")
+    out(f"G GFLOPs: {f['F_G'] / 1e9:.1f} (multiply-adds per sample, one-step inference)")
+    out(f"D GFLOPs: {f['F_D'] / 1e9:.1f} (all {len(D.scales)} scales, {D.segments[-1][1]} tokens)")
+    if va:
+        out(f"vision-aided: {args.va_model} {sum(p.numel() for p in va.parameters()) / 1e6:.1f}M frozen params, "
+            f"{f['F_va'] / 1e9:.1f} GFLOPs at 224 px; head {n_va / 1e6:.2f}M (in D)")
+    out(f"train GFLOPs per sample per iteration (App. A.2, 4F_G + 10.5F_D{' + 5F_va' if va else ''}): "
+        f"{f['train'] / 1e9:.1f}")
     if args.model in PAPER_STEPS:
         steps = PAPER_STEPS[args.model] if info['kind'] == 'latent' else 100_000    # App. A.3: B/2, 40 epochs
-        flop = 2 * train * 512 * steps                 # 2 FLOPs per multiply-add
+        flop = 2 * f['train'] * 512 * steps                 # 2 FLOPs per multiply-add
         hours = flop / (8 * 0.4 * PEAK_BF16_TFLOPS['H100'] * 1e12) / 3600
         out(f"paper schedule: {steps} iterations x batch 512 = {flop / 1e18:.0f} EFLOP; at 40% MFU on 8 H100 "
             f"(989 TFLOP/s bf16 dense) {hours:.1f} h (model FLOPs only: data loading, DINOv2 and EMA excluded)")
-    return dict(G_params=n_g, D_params=n_d, proj_params=n_proj, F_G=F_G, F_D=F_D)
+    return dict(G_params=n_g, D_params=n_d, proj_params=n_proj, **f)
+
+def names(args, D):
+    """'G-B/2 + D-B/2' (patch sizes after the slash; App. A.3: 'G-B/16 + D-B/8,16')."""
+    return (f"G-{args.model}/{args.patch or 2} + D-{args.model_d or D_FOR_G[args.model]}/"
+            f"{','.join(map(str, sorted(set(D.patches))))}")
 
 def bench(args, out=print):
     """Median time of --bench-steps iterations after --bench-warmup, each logged; REPA vs a random-init DINOv2-B."""
@@ -1515,8 +1516,9 @@ def bench(args, out=print):
     img = ((torch.randint(0, 256, (b, 3, 256, 256), generator=g, device=device, dtype=torch.uint8)
             if info['kind'] == 'latent' else batch) if args.lambda_repa > 0 else None)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
-    out(f"bench {name}: G-{args.model}/2 + D-{args.model_d or D_FOR_G[args.model]}/2, batch {b}/device (micro "
-        f"{m.micro}), {args.precision}, REPA {'on' if img is not None else 'off'}, compile={args.compile}, "
+    out(f"bench {name}: {names(args, m.D)}, {info['res']}x{info['res']}x{C} {info['kind']}, batch {b}/device (micro "
+        f"{m.micro}), {args.precision}, REPA {'on' if img is not None else 'off'}, vision-aided "
+        f"{'on' if args.lambda_va > 0 else 'off'}, compile={args.compile}, "
         f"grad_ckpt={args.grad_ckpt}, d_attn={args.d_attn}"
         + ("" if device.type == 'cuda' else " (no CUDA: fp32 and no DINOv2 unless --precision / --lambda-repa)"))
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
@@ -1532,9 +1534,7 @@ def bench(args, out=print):
         if step == args.bench_warmup - 1 and device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
     t = float(np.median(times[args.bench_warmup:]))
-    with torch.device('meta'):
-        F_G, F_D = forward_macs(Generator(**g_cfg), Discriminator(**d_cfg))
-    tflops = 2 * (4 * F_G + 10.5 * F_D) * b / t / 1e12
+    tflops = 2 * cost(args, g_cfg, d_cfg)[-1]['train'] * b / t / 1e12
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == 'cuda' else 'n/a (CPU)'
     out(f"  {t * 1e3:.1f} ms/it (median of {args.bench_steps}), {b / t:.1f} img/s/device, {tflops:.3g} TFLOP/s "

@@ -654,7 +654,7 @@ def real_batches(ds, info, sampler, device, workers):
 # classes = (shape, base hue), visible after 4x area pooling; finest-scale detail: 1-px texture, ~1.5 px soft edges.
 TOY_HUES = (0, 216, 72, 288, 36, 252, 324, 144, 108, 180)  # degrees, per class
 TOY_SUMMARY = ('shape_acc', 'class_acc', 'min_class_acc', 'fd', 'fd_floor', 'precision', 'precision_floor', 'recall',
-               'recall_floor', 'diversity', 'recall_rand', 'recall_rand_floor', 'diversity_rand', 'delta', 'R', 'A',
+               'recall_floor', 'diversity', 'recall_px', 'recall_px_floor', 'diversity_px', 'delta', 'R', 'A',
                'delta_h')       # the toy run's final line
 
 def _toy_sdf(c, x, y, s):
@@ -1066,6 +1066,11 @@ def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shap
         metric('shape_acc', lambda: dict(shape_acc=class_accuracy(shape_judge, fake, c, num_classes)[0]))
     return out
 
+class PooledPixels(nn.Module):
+    """Label-free features for variety: the image pooled 2 x 2 by area (16 px: 8 x 8 x C values)."""
+    def features(self, x):
+        return F.avg_pool2d(x.float(), 2).flatten(1)
+
 def nanmean(values):
     """Mean of the values that are not nan (nan if none is), without numpy's warning."""
     v = [x for x in values if x == x]
@@ -1079,13 +1084,14 @@ def pixels(ds, idx):
 
 class Evaluation:
     """On fixed EMA samples: Eq. 1 and its floor; a grid (pixel data: a row per class, as reals.png for the reals);
-    pixel data: judge_metrics in the features of a judge trained on the data set and (keys *_rand) of an untrained
-    seeded judge, random CNN features that keep what a classifier learns to ignore (label-free, as the 'T4' embedding
-    of Naeem et al. 2020; one class: these only). A metric that fails is named, not fatal. FID: `fid.py train`'s hook."""
+    pixel data: judge_metrics in the features of a judge trained on the data set (one class: of the judge untrained,
+    random CNN features, label-free as the 'T4' embedding of Naeem et al. 2020) and, keys *_px, in pixels pooled 2 x 2,
+    which keep the variety a classifier learns to ignore (position, size, stroke, colour) without the 1-px texture and
+    noise that differ in every image. A metric that fails is named, not fatal. FID: `fid.py train`'s hook."""
     def __init__(self, args, info, ds, device, run_dir, log):
         self.a, self.info, self.device, self.run_dir = args, info, device, run_dir
         self.scales = hierarchy(args, info)[0]
-        self.vae = self.judge = self.shape_judge = self.rand = None
+        self.vae = self.judge = self.shape_judge = None
         nc = info['num_classes']
         self.z = torch.randn(args.eval_n, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345))
         self.c = torch.arange(args.eval_n) % nc
@@ -1117,15 +1123,14 @@ class Evaluation:
         path = os.path.join(self.run_dir, 'judge.pt')
         state = torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else {}
         self.labelled = nc > 1
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.rand = Judge(info['res'], nc, info['channels']).eval()
         if self.labelled:
             self.judge = self.trained(state, 'judge', train, val, a.seed, log)
-            self.features = 'judge (trained on the data set); *_rand: random CNN (untrained judge, seed 0)'
+            self.features = 'judge (trained on the data set); *_px: pixels pooled 2 x 2'
         else:
-            self.judge, self.rand = self.rand, None
-            self.features = 'random CNN (untrained judge, seed 0: the data set has one class)'
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.judge = Judge(info['res'], nc, info['channels']).eval()
+            self.features = 'random CNN (untrained judge, seed 0: the data set has one class); *_px: pixels pooled 2 x 2'
         if info['kind'] == 'toy':
             self.shape_judge = self.trained(state, 'shape_judge', toy(38400, 1001, True), toy(2000, 2001, True),
                                             a.seed + 1, log)
@@ -1170,12 +1175,11 @@ class Evaluation:
         if self.judge is not None:
             out.update(judge_metrics(self.judge, hs[-1], c, self.real, self.c_real, info['num_classes'],
                                      self.labelled, self.shape_judge, failed), features=self.features)
-        if self.rand is not None:
+        if self.judge is not None:
             fail = {}
-            rand = judge_metrics(self.rand, hs[-1], c, self.real, self.c_real, info['num_classes'], False, None, fail)
-            failed.update({f'{k} (random CNN)': v for k, v in fail.items()})
-            out.update({f'{k}_rand' if '_' not in k else k.replace('_', '_rand_', 1): v for k, v in rand.items()
-                        if k.startswith(('fd', 'precision', 'recall', 'diversity'))})
+            px = judge_metrics(PooledPixels(), hs[-1], c, self.real, self.c_real, info['num_classes'], False, None, fail)
+            failed.update({f'{k} (pooled pixels)': v for k, v in fail.items()})
+            out.update({f'{k}_px' if '_' not in k else k.replace('_', '_px_', 1): v for k, v in px.items()})
         save_grid(decode(grid, info, self.vae), 10 if self.judge is not None else 8,
                   os.path.join(self.run_dir, f'samples-{step:07d}.png'))
         return out, failed

@@ -798,6 +798,8 @@ def test_judge_metrics_identical_sets_and_one_image_per_class():
     assert same['fd_floor'] > 0 and 0 < same['recall_floor'] <= 1
     one = cat.judge_metrics(judge, real[:3][c_real[:150]], c_real[:150], real, c_real, 3)
     assert one['diversity'] == 0 and one['recall'] <= 3 / 150 and one['precision'] == 1.0
+    px = cat.judge_metrics(cat.PooledPixels(), real[:3][c_real[:150]], c_real[:150], real, c_real, 3, False)
+    assert px['diversity'] == 0 and px['recall'] <= 3 / 150 and 'class_acc' not in px
     assert set(f'class_acc_{k}' for k in range(3)) | {'min_class_acc', 'diversity_2'} <= set(one)
     assert 'class_acc' not in cat.judge_metrics(judge, real[:150], c_real[:150], real, c_real, 3, labelled=False)
 
@@ -846,7 +848,7 @@ def test_evaluation_of_degenerate_data_keeps_the_run(tmp_path, case):
     r = cat.train(cat.get_args(EVAL + ['--data', data, '--out', str(tmp_path / 'r')]))
     log = (tmp_path / 'r' / 'log.txt').read_text()
     assert load(r['run_dir'])['step'] == 2 and 'failed' not in log and 'eval 2: ' in log
-    assert set(r['eval']) >= {'fd', 'fd_floor', 'precision', 'recall', 'diversity'}
+    assert set(r['eval']) >= {'fd', 'fd_floor', 'precision', 'recall', 'diversity', 'recall_px', 'diversity_px'}
 
 
 def test_a_failing_metric_is_one_line_and_training_goes_on(tmp_path, monkeypatch):

@@ -10,14 +10,10 @@ block-diagonal attention; a generator-side consistency loss (Eq. 2) keeps h_0..h
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 cat.py --model H
     torchrun --nproc_per_node=8 cat.py --model H --resume runs/000-H   # continue a run
 
-Sections (banners) in the paper's order: Notation and configs (Table 6: K, w_k, G-B/M/H, D-B/M); Shared building blocks
-(App. A.1: sin-cos tokens, 2D RoPE, qk-norm attention, SwiGLU, equalized lr; precision); Generator (Sec. 3.1, App. A.1,
-Fig. 11: GAT's, h_k by output skip accumulation); Scale-wise discriminator (Sec. 3.1, Fig. 3: r_k, x_k, block-diagonal
-attention, a [cls] and d_k per scale); Augmentation (GAT's DiffAugment: the paper defers to GAT's code); Objectives
-(Sec. 3.2, Eq. 2-3, Table 6: RpGAN, approximated R1/R2, L_cons, D-side REPA); Cross-scale metrics (Eq. 1: delta_k, R_k,
-A_k); Data (Sec. 4: prepare_latents.py's latents or pixels, the toy set); One training iteration (App. A.2: a D step,
-then a G step); Evaluation (EMA grids, Eq. 1, the data set's own judge; fid.py adds FID); Training loop (Table 6: AdamW,
-EMA, bf16, DDP, checkpoints, resume, preemption); Cost (Table 2, App. A.2: --summary, --bench); Command line.
+Sections (banners) in the paper's order: notation and configs (Table 6); shared building blocks (App. A.1);
+generator (Sec. 3.1, Fig. 11); scale-wise discriminator (Fig. 3); augmentation (GAT's DiffAugment); objectives
+(Sec. 3.2, Eq. 2-3); cross-scale metrics (Eq. 1); data (Sec. 4); one training iteration (App. A.2); evaluation;
+training loop; cost (Table 2, App. A.2); command line.
 """
 import argparse, collections, contextlib, copy, glob, io, json, math, os, pickle, re, signal, time, warnings
 
@@ -36,8 +32,7 @@ def table6_scales(res):
     return [res >> (K - k) for k in range(K + 1)]
 
 def w_cons(K):
-    """w_k of Eq. 2, weaker for coarse stages: (1/3, 1/2, 1) for K = 3 (the paper); 1/(K-k) for any other K, which
-    continues that pattern (our extrapolation: the paper sets w_k for K = 3 only)."""
+    """w_k of Eq. 2: (1/3, 1/2, 1) for K = 3 (the paper); other K: 1/(K-k) continues the pattern (our extrapolation)."""
     return [1 / (K - k) for k in range(K)]
 DEFAULT_DATA = 'data/imagenet256'       # what prepare_latents.py writes by default
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'
@@ -103,9 +98,8 @@ def full_fp32(enabled=True):
             f.allow_tf32 = o
 
 class EqualLinear(nn.Module):
-    """Equalized learning rate in GAT's form: stored xavier-uniform / lr_mul, used x lr_mul, so the used weight starts
-    plain xavier-uniform and Adam moves it by about lr * lr_mul per step whatever the fan-in (StyleGAN2's form, randn /
-    lr_mul with a runtime gain lr_mul / sqrt(fan_in), moves it sqrt(fan_in) times less)."""
+    """Equalized lr in GAT's form: stored xavier-uniform / lr_mul, used x lr_mul, so Adam moves the used weight by ~lr *
+    lr_mul per step whatever the fan-in (StyleGAN2's randn / lr_mul, gain lr_mul / sqrt(fan_in): sqrt(fan_in)x less)."""
     def __init__(self, n_in, n_out, lr_mul=0.01):
         super().__init__()
         self.weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_out, n_in), gain=1 / lr_mul))
@@ -314,13 +308,13 @@ class Discriminator(nn.Module):
 
     def forward(self, xs, c, return_tokens=False):
         """xs = [x_0..x_K] -> d [B, K+1]; with return_tokens also the finest scale's tokens (cls_K first) for REPA."""
-        B, tk = xs[0].shape[0], [None] * len(xs)
+        B, tk = xs[0].shape[0], {}
         for i, p in enumerate(self.sizes):          # one embedding call per patch size, on all scales of that size
+            embed = getattr(self, f'patch_embed_{p}' if i else 'patch_embed')
             ks = [k for k, q in enumerate(self.patches) if q == p]
-            t = getattr(self, f'patch_embed_{p}' if i else 'patch_embed')(torch.cat([patchify(xs[k], p) for k in ks], 1))
-            for k, u in zip(ks, t.split([self.grids[k] ** 2 for k in ks], dim=1)):
-                tk[k] = u
-        t = torch.cat(tk, dim=1) + self.pos.to(xs[0].dtype)
+            t = embed(torch.cat([patchify(xs[k], p) for k in ks], 1))
+            tk.update(zip(ks, t.split([self.grids[k] ** 2 for k in ks], dim=1)))
+        t = torch.cat([tk[k] for k in range(len(xs))], dim=1) + self.pos.to(xs[0].dtype)
         x = torch.cat([u for k, tk in enumerate(t.split([n * n for n in self.grids], dim=1))
                        for u in (self.cls[k].expand(B, 1, -1), tk)], dim=1)        # segments [cls_k, tokens of x_k]
         x = x + torch.cat([self.scale_embed[k].expand(1 + n * n, -1) for k, n in enumerate(self.grids)])
@@ -370,8 +364,7 @@ def augment(x, a, color=True, cutout=True, scale=1):
     x = x * (vy[:, None, :, None] & vx[:, None, None, :]).to(x.dtype)
     if cutout:
         s = int(H * 0.5 + 0.5)
-        dy = ar_h.view(1, H, 1) - a['cut'][:, 0].view(B, 1, 1)
-        dx = ar_w.view(1, 1, W) - a['cut'][:, 1].view(B, 1, 1)
+        dy, dx = ar_h.view(1, H, 1) - a['cut'][:, 0].view(B, 1, 1), ar_w.view(1, 1, W) - a['cut'][:, 1].view(B, 1, 1)
         hole = (dy >= 0) & (dy < s) & (dx >= 0) & (dx < s)
         x = x * (~hole)[:, None].to(x.dtype)
     return torch.where(a['flip'].view(B, 1, 1, 1), x.flip(-1), x)
@@ -421,13 +414,9 @@ def load_frozen(name, device, pretrained=True, what='DINOv2', off='--lambda-repa
     m.register_buffer('pixel_std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     return m.to(device).eval().requires_grad_(False)
 
-def load_dino(device, pretrained=True):
-    return load_frozen(DINO_NAME, device, pretrained, img_size=224)
-
 def dino_features(dino, img, aug=None, res=32, grid=16):
-    """DINOv2 tokens [B, 1 + grid^2, 768] of uint8 crops: 256 -> 224 bicubic, ImageNet normalization, the real's flip
-    and translation (a data pixel = 224 / res pixels; GAT's res / 224 is a bug: its targets barely shift); its 16 x 16
-    patch features resized by area (or bilinearly) when D's finest grid differs (another --scales / --d-patch)."""
+    """DINOv2 tokens [B, 1 + grid^2, 768] of uint8 crops (256 -> 224 bicubic, normalized) with the real's flip and shift
+    (a data pixel = 224 / res px; GAT's res / 224 barely moves its targets, a bug); 16 x 16 patches resized to grid."""
     x = F.interpolate(img.float() / 255, size=(224, 224), mode='bicubic', align_corners=False)
     x = (x - dino.pixel_mean) / dino.pixel_std
     if aug is not None:
@@ -459,8 +448,8 @@ class VisionAidedHead(nn.Module):
 # ==== Cross-scale metrics ==== Eq. 1: how coherently the stages accumulate toward the final output.
 def cross_scale_metrics(hs, scales):
     """Eq. 1's delta_k, R_k, A_k (lists over k < K; batch means) of x_k = r_k(h_k) upsampled bilinearly to x_K. Not in
-    the paper: delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw outputs (what L_cons acts on, with the detail r_k pools
-    away, invisible to Eq. 1), and *_floor: Eq. 1 for a perfect hierarchy (every h_k = h_K), what r_k's pooling leaves."""
+    the paper: delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw outputs (what L_cons acts on, incl. the detail r_k pools
+    away), and *_floor: Eq. 1 for a perfect hierarchy (every h_k = h_K), what r_k's pooling leaves."""
     full, K = scales[-1], len(hs) - 1
     up = lambda x: (F.interpolate(x, size=(full, full), mode='bilinear', align_corners=False)
                     if x.shape[-1] != full else x)
@@ -484,9 +473,8 @@ def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
     except Exception as e:
         if not required:
             return None
-        raise SystemExit(f"error: cannot load the VAE '{name_or_path}' ({type(e).__name__}): download it once with "
-                         f"network access (huggingface_hub caches it) or pass a local save_pretrained directory "
-                         f"with --vae.")
+        raise SystemExit(f"error: cannot load the VAE '{name_or_path}' ({type(e).__name__}): download it once online "
+                         f"(huggingface_hub caches it) or pass a local save_pretrained directory with --vae.")
     return vae.to(device).eval().requires_grad_(False)
 
 DATA_FORMAT_VERSION = 2     # 2: pixels as uint8 or JPEG ('store'); latent directories of version 1 read unchanged
@@ -503,9 +491,8 @@ def is_small_data(path):
         return False
 
 def check_data_dir(path):
-    """Checks a dataset directory before anything is built (cat.py, fid.py, sample.py): meta.json, files and labels
-    (hierarchy() checks the geometry). Returns meta.json with 'store' and 'shape' [C, r, r] of a training sample; a
-    problem is one line that names the fix."""
+    """Checks a dataset directory before anything is built (cat.py, fid.py, sample.py): meta.json, files, labels (not
+    the geometry: hierarchy()) -> meta.json plus 'store' and a sample's 'shape' [C, r, r]; a problem: one line."""
     redo = f"re-run prepare_latents.py for '{path}'"
     if not os.path.isdir(path):
         raise SystemExit(f"error: no dataset directory '{path}'. Make one with `python prepare_latents.py --images "
@@ -514,29 +501,27 @@ def check_data_dir(path):
         with open(os.path.join(path, 'meta.json')) as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise SystemExit(f"error: '{path}' has no meta.json, so it is not a finished dataset: re-run "
-                         f"prepare_latents.py with the same arguments to complete it.")
+        raise SystemExit(f"error: '{path}' has no meta.json (unfinished): {redo} with the same arguments.")
     except ValueError as e:
         raise SystemExit(f"error: '{path}/meta.json' is not valid JSON ({e}): {redo}.")
     if missing := [k for k in META_KEYS if k not in meta]:
         raise SystemExit(f"error: '{path}/meta.json' lacks {', '.join(map(repr, missing))}: {redo} (pixel data: "
                          f"\"vae\": null, \"scaling_factor\": 1).")
     if meta['format_version'] == 1 and meta['vae'] is None:
-        raise SystemExit(f"error: '{path}' holds pixels as float16 (format 1, four times their uint8 size): prepare it "
-                         f"again, `prepare_latents.py --images SRC --vae none --resolution R --out {path} --overwrite`.")
+        raise SystemExit(f"error: '{path}' holds pixels as float16 (format 1, 4x their uint8 size): prepare it again, "
+                         f"`prepare_latents.py --images SRC --vae none --resolution R --out {path} --overwrite`.")
     if meta['format_version'] not in (1, DATA_FORMAT_VERSION):
-        raise SystemExit(f"error: '{path}' has format_version {meta['format_version']!r}, this cat.py reads "
-                         f"{DATA_FORMAT_VERSION}: {redo}.")
+        raise SystemExit(f"error: '{path}' has format_version {meta['format_version']!r} (unknown): {redo}.")
     meta = dict({'store': 'latents'}, **meta)                    # version 1: latents
     count = lambda v: type(v) is int and v > 0
-    store, shape, sf, latents = meta['store'], meta.get('latent_shape', meta.get('shape')), meta['scaling_factor'], \
-        meta['store'] == 'latents'
+    store, shape, sf = meta['store'], meta.get('latent_shape', meta.get('shape')), meta['scaling_factor']
+    latents = store == 'latents'
+    square = isinstance(shape, list) and len(shape) == 3 and all(map(count, shape)) and shape[1] == shape[2]
     for key, ok, want in (('N', count(meta['N']), 'a positive integer'),
                           ('num_classes', count(meta['num_classes']), 'a positive integer'),
                           ('store', store in STORES, ' or '.join(STORES)),
-                          ('latent_shape' if latents else 'shape', isinstance(shape, list) and len(shape) == 3 and
-                           all(map(count, shape)) and shape[1] == shape[2] and
-                           (shape[0] % 2 == 0 if latents else shape[0] in (1, 3)),
+                          ('latent_shape' if latents else 'shape',
+                           square and (shape[0] % 2 == 0 if latents else shape[0] in (1, 3)),
                            '[2C, r, r] (mean | std of C channels)' if latents else '[C, r, r], C = 1 or 3'),
                           ('scaling_factor', type(sf) in (int, float) and sf > 0, 'a positive number'),
                           ('vae', isinstance(meta['vae'], str) if latents else meta['vae'] is None,
@@ -548,23 +533,20 @@ def check_data_dir(path):
     for name in ['labels.npy', STORES[store]] + (['images.bin', 'images_index.npy'] if meta['images'] else []):
         if not os.path.exists(os.path.join(path, name)):
             raise SystemExit(f"error: '{path}' has no {name}, which its meta.json promises: {redo}.")
-    lab = np.load(os.path.join(path, 'labels.npy'), mmap_mode='r')
-    arr = np.load(os.path.join(path, STORES[store]), mmap_mode='r') if store != 'jpeg' else \
-        np.load(os.path.join(path, 'images_index.npy'), mmap_mode='r')
+    name = STORES[store] if store != 'jpeg' else 'images_index.npy'
+    lab, arr = (np.load(os.path.join(path, f), mmap_mode='r') for f in ('labels.npy', name))
     want = (meta['N'], *shape) if store != 'jpeg' else (meta['N'] + 1,)
     if arr.shape != want or lab.shape != (meta['N'],) or (store == 'uint8') != (arr.dtype == np.uint8):
-        raise SystemExit(f"error: '{path}' does not match its meta.json ({STORES[store] if store != 'jpeg' else 'index'} "
-                         f"{tuple(arr.shape)} {arr.dtype}, labels {tuple(lab.shape)}, N={meta['N']}, shape={shape}): "
-                         f"{redo}.")
+        raise SystemExit(f"error: '{path}' does not match its meta.json ({name} {tuple(arr.shape)} {arr.dtype}, labels "
+                         f"{tuple(lab.shape)}, N={meta['N']}, shape={shape}): {redo}.")
     if lab.min() < 0 or lab.max() >= meta['num_classes']:
         raise SystemExit(f"error: '{path}' has labels outside [0, num_classes = {meta['num_classes']}) (from "
                          f"{lab.min()} to {lab.max()}): {redo}, or fix num_classes in its meta.json.")
     return dict(meta, shape=[shape[0] // 2, *shape[1:]] if latents else shape)
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Item i -> (x, label, img) of a dataset directory: x the float16 posterior moments [2C, r, r] (mean | std) of
-    latents, or the uint8 image [C, r, r] of pixel data (memory-mapped, or decoded from its JPEG); img the uint8 JPEG
-    crop for REPA (latents with images=True), else empty (pixel data: REPA reads x itself)."""
+    """Item i -> (x, label, img): x the float16 posterior moments [2C, r, r] (mean | std) of latents or the uint8 image
+    [C, r, r] of pixels (memmap or JPEG); img the JPEG crop for REPA of latents, else empty (pixels: REPA reads x)."""
     def __init__(self, path, meta, images):
         self.path, self.meta, self.images, self.store = path, meta, images and meta['store'] == 'latents', meta['store']
         self.data = self.labels = self.blob = None      # opened lazily, once per DataLoader worker
@@ -653,9 +635,8 @@ def real_batches(ds, info, sampler, device, workers):
 # The toy set (--data toy): small class-conditional pixel images, so the whole pipeline runs on a CPU in minutes. 10
 # classes = (shape, base hue), visible after 4x area pooling; finest-scale detail: 1-px texture, ~1.5 px soft edges.
 TOY_HUES = (0, 216, 72, 288, 36, 252, 324, 144, 108, 180)  # degrees, per class
-TOY_SUMMARY = ('shape_acc', 'class_acc', 'min_class_acc', 'fd', 'fd_floor', 'precision', 'precision_floor', 'recall',
-               'recall_floor', 'diversity', 'recall_px', 'recall_px_floor', 'diversity_px', 'delta', 'R', 'A',
-               'delta_h')       # the toy run's final line
+TOY_SUMMARY = tuple('shape_acc class_acc min_class_acc fd fd_floor precision precision_floor recall recall_floor '
+                    'diversity recall_px recall_px_floor diversity_px delta R A delta_h'.split())    # the final line
 
 def _toy_sdf(c, x, y, s):
     """Signed distance (pixels, <0 inside) of shape c at offsets x, y (image y points down), half-size s."""
@@ -738,8 +719,7 @@ class DStep(nn.Module):
         q = slice(None, None, 4)                                               # the GP quarter: every 4th sample
         nq, repa = len(range(B)[q]), a.lambda_repa > 0
         if a.gp_precision == 'bf16' or a.precision == 'fp32':   # one pass: real, fake, perturbed quarter (App. A.2)
-            pr = [x[q] + a.gp_sigma * e[q] for x, e in zip(xr, nz['gp_r'])]
-            pf = [x[q] + a.gp_sigma * e[q] for x, e in zip(xf, nz['gp_f'])]
+            pr, pf = ([x[q] + a.gp_sigma * e[q] for x, e in zip(xs, nz[k])] for xs, k in ((xr, 'gp_r'), (xf, 'gp_f')))
             with amp:
                 out = D([torch.cat(t) for t in zip(xr, xf, pr, pf)], torch.cat([c, c, c[q], c[q]]), return_tokens=repa)
             d, tok = out if repa else (out, None)
@@ -763,14 +743,12 @@ class DStep(nn.Module):
                 f = dino_features(self._dino[0], img, nz['aug_dr'] if a.aug else None, x_real.shape[-1], D.grids[-1])
             with amp:
                 lr = repa_loss(D.proj(tok[:B]), f[:, 0], f[:, 1:])
-            loss = loss + a.lambda_repa * lr
-            stats['repa'] = lr.detach()
+            loss, stats['repa'] = loss + a.lambda_repa * lr, lr.detach()
         if self._va[0] is not None:                                            # the backbone needs no gradient here
             with torch.no_grad(), amp:
                 f = va_features(self._va[0], va_in)
             va = rpgan_d_loss(*D.va(f, torch.cat([c, c])).chunk(2))
-            loss = loss + a.lambda_va * va
-            stats['va_d'] = va.detach()
+            loss, stats['va_d'] = loss + a.lambda_va * va, va.detach()
         return loss, stats
 
 class GStep(nn.Module):
@@ -852,7 +830,7 @@ def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained=True):
     if args.compile:                                   # per block, in place: state_dict keys stay unchanged
         for blk in [*G.blocks, *D.blocks]:
             blk.compile()
-    dino = load_dino(device, pretrained) if args.lambda_repa > 0 else None
+    dino = load_frozen(DINO_NAME, device, pretrained, img_size=224) if args.lambda_repa > 0 else None
     va = load_frozen(args.va_model, device, pretrained, 'vision-aided (ConvNeXt-V2)', '--lambda-va 0') \
         if args.lambda_va > 0 else None
     d_step, g_step = DStep(D, G, args, dino, va), GStep(G, D, args, va)
@@ -863,8 +841,7 @@ def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained=True):
     return Models(G, D, ema, opt_g, opt_d, d_step, g_step, world, args.micro_batch or args.batch_size // world)
 
 def hierarchy(args, info):
-    """(scales, G's patch, D's patches) of --scales / --patch / --d-patch for the data, or one line that names the fix.
-    Defaults: Table 6's scales, patch 2 for G and for every scale of D."""
+    """(scales, G's patch, D's patches) of --scales / --patch / --d-patch (default Table 6's, 2), or an error line."""
     r, kind = info['res'], 'images' if info['kind'] != 'latent' else 'latents'
     scales, p = args.scales or table6_scales(r), args.patch or 2
     dp = args.d_patch * len(scales) if args.d_patch and len(args.d_patch) == 1 else args.d_patch or [p] * len(scales)
@@ -1027,11 +1004,10 @@ def class_accuracy(judge, x, y, num_classes):
 
 @torch.no_grad()
 def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shape_judge=None, failed=None):
-    """n fakes of A's classes c (the data's mix) vs reals A = real[:n], B = real[n:2n]. fd, precision, recall: fakes
-    vs A; floors: B vs A. diversity: per class, mean pairwise feature distance of the fakes over A's, averaged (1 = as
-    varied as the data; nan for a class whose reals are identical). With labels: class_acc (overall, per class,
-    worst), class_acc_flip (mirrored fakes: high on asymmetric classes: G draws mirror images); shape_acc from
-    shape_judge (toy: trained on random hues: shape only). A metric that fails is left out and named in `failed`."""
+    """n fakes of A's classes c (the data's mix) vs reals A = real[:n], B = real[n:2n]. fd, precision, recall: fakes vs
+    A; floors: B vs A. diversity: per class, mean pairwise feature distance of fakes over A's (1 = as varied as data;
+    nan: identical reals). With labels: class_acc (overall, per class, worst), class_acc_flip (mirrored fakes: high if G
+    draws mirror images); shape_acc: shape_judge's (toy: hue-blind). A failing metric: left out, named in `failed`."""
     n, out, failed = len(fake), {}, {} if failed is None else failed
     def metric(name, fn):
         try:
@@ -1053,7 +1029,9 @@ def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shap
     ratio = lambda a, b: a / b if b > tol else float('nan')
     def diversity():
         div = [ratio(spread(ff[c == k]), spread(fa[c_real[:n] == k])) for k in range(num_classes)]
-        return dict(diversity=nanmean(div), **{f'diversity_{k}': v for k, v in enumerate(div)})
+        seen = [v for v in div if v == v]               # nanmean without numpy's warning
+        return dict(diversity=sum(seen) / len(seen) if seen else float('nan'),
+                    **{f'diversity_{k}': v for k, v in enumerate(div)})
     metric('diversity', diversity)
     def accuracy():
         acc, per = class_accuracy(judge, fake, c, num_classes)
@@ -1071,11 +1049,6 @@ class PooledPixels(nn.Module):
     def features(self, x):
         return F.avg_pool2d(x.float(), 2).flatten(1)
 
-def nanmean(values):
-    """Mean of the values that are not nan (nan if none is), without numpy's warning."""
-    v = [x for x in values if x == x]
-    return sum(v) / len(v) if v else float('nan')
-
 def pixels(ds, idx):
     """Images idx (in that order) of a pixel-space LatentDataset as float [n, C, r, r] in [-1, 1], and their labels."""
     idx = np.asarray(idx, dtype=np.int64)
@@ -1083,11 +1056,10 @@ def pixels(ds, idx):
     return x.float() / 127.5 - 1, torch.from_numpy(ds.labels[idx].astype(np.int64))
 
 class Evaluation:
-    """On fixed EMA samples: Eq. 1 and its floor; a grid (pixel data: a row per class, as reals.png for the reals);
-    pixel data: judge_metrics in the features of a judge trained on the data set (one class: of the judge untrained,
-    random CNN features, label-free as the 'T4' embedding of Naeem et al. 2020) and, keys *_px, in pixels pooled 2 x 2,
-    which keep the variety a classifier learns to ignore (position, size, stroke, colour) without the 1-px texture and
-    noise that differ in every image. A metric that fails is named, not fatal. FID: `fid.py train`'s hook."""
+    """On fixed EMA samples: Eq. 1 and its floor; a grid (pixel data: a row per class, as reals.png). Pixel data:
+    judge_metrics in a judge's features (trained on the data; one class: untrained, random CNN features as Naeem et al.
+    2020's 'T4') and, keys *_px, in pixels pooled 2 x 2, which keep the variety a classifier ignores (position, size,
+    stroke, colour) but not 1-px texture and noise. A failing metric is named, not fatal. FID: `fid.py train`'s hook."""
     def __init__(self, args, info, ds, device, run_dir, log):
         self.a, self.info, self.device, self.run_dir = args, info, device, run_dir
         self.scales = hierarchy(args, info)[0]
@@ -1125,12 +1097,13 @@ class Evaluation:
         self.labelled = nc > 1
         if self.labelled:
             self.judge = self.trained(state, 'judge', train, val, a.seed, log)
-            self.features = 'judge (trained on the data set); *_px: pixels pooled 2 x 2'
+            self.features = 'judge (trained on the data set)'
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 self.judge = Judge(info['res'], nc, info['channels']).eval()
-            self.features = 'random CNN (untrained judge, seed 0: the data set has one class); *_px: pixels pooled 2 x 2'
+            self.features = 'random CNN (untrained judge, seed 0: the data set has one class)'
+        self.features += '; *_px: pixels pooled 2 x 2'
         if info['kind'] == 'toy':
             self.shape_judge = self.trained(state, 'shape_judge', toy(38400, 1001, True), toy(2000, 2001, True),
                                             a.seed + 1, log)
@@ -1166,18 +1139,15 @@ class Evaluation:
             hs = list(generate(ema, z.to(dev), c.to(dev), all_stages=True).float().cpu())
             grid = generate(ema, self.z_grid.to(dev), self.grid_c.to(dev)).float().cpu()
         try:
-            out = {f'{name}_{k}': v for name, vals in cross_scale_metrics(hs, self.scales).items()
-                   for k, v in enumerate(vals)}
-            K = len(hs) - 1
-            out.update({name: sum(out[f'{name}_{k}'] for k in range(K)) / K for name in ('delta', 'R', 'A', 'delta_h')})
+            eq1 = cross_scale_metrics(hs, self.scales)
+            out = {f'{name}_{k}': v for name, vals in eq1.items() for k, v in enumerate(vals)}
+            out.update({name: sum(eq1[name]) / len(eq1[name]) for name in ('delta', 'R', 'A', 'delta_h')})
         except Exception as e:
             failed['Eq. 1 (delta, R, A)'] = f'{type(e).__name__}: {e}'
         if self.judge is not None:
-            out.update(judge_metrics(self.judge, hs[-1], c, self.real, self.c_real, info['num_classes'],
-                                     self.labelled, self.shape_judge, failed), features=self.features)
-        if self.judge is not None:
-            fail = {}
-            px = judge_metrics(PooledPixels(), hs[-1], c, self.real, self.c_real, info['num_classes'], False, None, fail)
+            ab, fail = (hs[-1], c, self.real, self.c_real, info['num_classes']), {}
+            out.update(judge_metrics(self.judge, *ab, self.labelled, self.shape_judge, failed), features=self.features)
+            px = judge_metrics(PooledPixels(), *ab, False, None, fail)
             failed.update({f'{k} (pooled pixels)': v for k, v in fail.items()})
             out.update({f'{k}_px' if '_' not in k else k.replace('_', '_px_', 1): v for k, v in px.items()})
         save_grid(decode(grid, info, self.vae), 10 if self.judge is not None else 8,
@@ -1203,9 +1173,8 @@ def save_checkpoint(path, state):
     os.replace(path + '.tmp', path)
 
 def load_checkpoint(path, map_location='cpu'):
-    """A CAT checkpoint dict, or one clear line (missing, truncated, unsafe, not a CAT checkpoint, too old). Loading runs
-    no code: torch's weights-only unpickler (tensors and plain data only). A .safetensors file (sample.py --export)
-    holds the EMA generator and its config: the dict then has 'ema' and no 'G', 'D' or optimizer states."""
+    """A CAT checkpoint dict, or one clear line (missing, truncated, unsafe, not CAT's, too old). Loading runs no code
+    (torch's weights-only unpickler). A .safetensors file (sample.py --export) holds only 'ema' and its config."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint file '{path}'.")
     try:
@@ -1225,8 +1194,7 @@ def load_checkpoint(path, map_location='cpu'):
     if not isinstance(ck, dict) or ck.get('format') != 'cat' or 'config' not in ck:
         raise SystemExit(f"error: '{path}' is not a CAT checkpoint (written by cat.py or sample.py --export).")
     if ck.get('version', 1) < CKPT_VERSION:
-        raise SystemExit(f"error: '{path}' was written by an older cat.py whose equalized-lr layers store their "
-                         f"weights in another form: retrain it with this version.")
+        raise SystemExit(f"error: '{path}' is from an older cat.py (another equalized-lr form): retrain with this one.")
     return ck
 
 def checkpoints_in(run_dir):
@@ -1265,21 +1233,18 @@ def resolve_run(args, info, g_cfg, d_cfg, rank, world):
             path = find_resume(src)
             ck = dict(load_checkpoint(path), path=path)
             if 'G' not in ck:
-                raise SystemExit(f"error: {path} holds only the EMA generator (an export for sampling): resume from a "
-                                 f"training checkpoint (latest.pt, ckpt-*.pt).")
+                raise SystemExit(f"error: {path} holds only the EMA generator: resume from latest.pt or ckpt-*.pt.")
             run_dir = args.out or (src if os.path.isdir(src) else os.path.dirname(path))
             if ck['config']['G'] != g_cfg or ck['config']['D'] != d_cfg:
                 a = ck['config']['args']
                 raise SystemExit(f"error: {path} holds a different model (--model {a['model']}, --model-d "
-                                 f"{a['model_d']}, data {a['data']}): resume with the same --model, --model-d, --data "
-                                 f"and options.")
+                                 f"{a['model_d']}, data {a['data']}): resume with the same model options and --data.")
     else:
         run_dir = args.out or new_run_dir('runs', 'toy' if info['kind'] == 'toy' else args.model)
         if rank == 0 and checkpoints_in(run_dir):
             raise SystemExit(f"error: {run_dir} already holds a run: add --resume to continue it, or pick a new --out.")
     if world > 1:                                   # every rank writes logs / reads checkpoints of rank 0's choice
-        obj = [run_dir]
-        dist.broadcast_object_list(obj, src=0)
+        dist.broadcast_object_list(obj := [run_dir], src=0)
         run_dir = obj[0]
     return run_dir, ck
 
@@ -1314,7 +1279,6 @@ def make_logger(run_dir, rank):
     from tqdm import tqdm
     os.makedirs(run_dir, exist_ok=True)
     txt, jsonl = (open(os.path.join(run_dir, name), 'a') for name in ('log.txt', 'metrics.jsonl'))
-
     def log(msg, metrics=None):
         tqdm.write(msg)
         print(msg, file=txt, flush=True)
@@ -1360,8 +1324,7 @@ def train(args, hooks=()):
         raise SystemExit(f"error: --batch-size {args.batch_size} must split evenly over {world} processes and into "
                          f"micro-batches of {args.micro_batch}: pick sizes that divide.")
     if micro % 4:
-        raise SystemExit(f"error: the per-process micro-batch ({micro}) must be a multiple of 4 (R1/R2 use every 4th "
-                         f"sample).")
+        raise SystemExit(f"error: the per-process micro-batch ({micro}) must be a multiple of 4 (R1/R2: every 4th).")
     info, ds, notes = open_data(args)
     g_cfg, d_cfg = model_configs(args, info)
     run_dir, ck = resolve_run(args, info, g_cfg, d_cfg, rank, world)
@@ -1406,8 +1369,7 @@ def train(args, hooks=()):
             bad = [n for n, v in zip(names, vals) if not math.isfinite(v)]
             if bad:
                 raise SystemExit(f"error: non-finite {', '.join(bad)} within steps {done - len(pending) + 1}-{done}: "
-                                 f"stopped; the last checkpoint ({run_dir}/latest.pt) is from before them and "
-                                 f"untouched.")
+                                 f"stopped; the last checkpoint ({run_dir}/latest.pt) is from before them, untouched.")
             metrics = dict(step=done, **dict(zip(names, vals)), sec_per_it=(time.time() - t0) / len(pending))
             pending, t0 = [], time.time()
             log(f"step {done}: " + ' '.join(f"{k}={v:.4g}" for k, v in metrics.items() if k != 'step'), metrics)
@@ -1422,8 +1384,9 @@ def train(args, hooks=()):
                 last_eval, failed = None, {'evaluation': f'{type(e).__name__}: {e}'}
             for name, why in failed.items():
                 log(f"eval {done}: {name} failed ({why}); training goes on")
-            shown = {k: v for k, v in (last_eval or {}).items() if k != 'features' and not re.search(r'_\d+$', k)}
-            log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in shown.items()), dict(step=done, **(last_eval or {})))
+            ev = last_eval or {}
+            shown = ' '.join(f"{k}={v:.4f}" for k, v in ev.items() if k != 'features' and not re.search(r'_\d+$', k))
+            log(f"eval {done}: {shown}", dict(step=done, **ev))
         for hook in hooks if rank == 0 and not stopping else ():
             try:
                 hook(done, m.ema, info, log)
@@ -1453,16 +1416,16 @@ def count_macs(fn):
         fn()
     return fc.get_total_flops() / 2
 
-def synthetic_info(args):
-    """The data --summary and --bench assume: ImageNet-256 SD-VAE latents (4 x 32 x 32), or RGB ImageNet pixels at the
-    finest --scales resolution when that is not 32 (App. A.3: 256)."""
+def synthetic(args):
+    """(info, G and D configs) for the data --summary and --bench assume: ImageNet-256 SD-VAE latents (4 x 32 x 32), or
+    RGB ImageNet pixels at the finest --scales resolution when that is not 32 (App. A.3: 256)."""
     res = args.scales[-1] if args.scales else 32
-    return dict(kind='latent' if res == 32 else 'pixel', channels=4 if res == 32 else 3, res=res, num_classes=1000)
+    info = dict(kind='latent' if res == 32 else 'pixel', channels=4 if res == 32 else 3, res=res, num_classes=1000)
+    return (info, *model_configs(args, info))
 
 def cost(args, g_cfg, d_cfg):
     """On the meta device: G, D, the vision-aided backbone (or None) and App. A.2's multiply-adds per sample: F_G, F_D
-    (one forward pass) and the training total 4F_G + 10.5F_D + 5F_va (the backbone: real and fake in the D step, real,
-    fake and fake's input gradient in the G step)."""
+    (a forward pass), the training total 4F_G + 10.5F_D + 5F_va (backbone: D step real, fake; G step those + grad)."""
     import timm
     with torch.device('meta'):
         G, D, c = Generator(**g_cfg), Discriminator(**d_cfg), torch.zeros(1, dtype=torch.long)
@@ -1473,8 +1436,7 @@ def cost(args, g_cfg, d_cfg):
     return G, D, va, dict(F_G=F_G, F_D=F_D, F_va=F_va, train=4 * F_G + 10.5 * F_D + 5 * F_va)
 
 def summary(args, out=print):
-    info = synthetic_info(args)
-    g_cfg, d_cfg = model_configs(args, info)
+    info, g_cfg, d_cfg = synthetic(args)
     G, D, va, f = cost(args, g_cfg, dict(d_cfg, repa_dim=768))
     n_g, n_proj, n_va = (sum(p.numel() for p in net.parameters()) if net else 0 for net in (G, D.proj, D.va))
     n_d = sum(p.numel() for p in D.parameters()) - n_proj - n_va
@@ -1509,8 +1471,7 @@ def bench(args, out=print):
     rank, world, device = setup_ddp()
     out = out if rank == 0 else (lambda line: None)         # one report, from rank 0
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    info = synthetic_info(args)
-    g_cfg, d_cfg = model_configs(args, info)
+    info, g_cfg, d_cfg = synthetic(args)
     m = build(args, g_cfg, d_cfg, device, world, pretrained=False)
     b, g, C, R = args.batch_size // world, torch.Generator(device).manual_seed(0), info['channels'], info['res']
     batch = (torch.cat([torch.randn(b, C, R, R, generator=g, device=device),
@@ -1522,8 +1483,7 @@ def bench(args, out=print):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     out(f"bench {name}: {names(args, m.D)}, {info['res']}x{info['res']}x{C} {info['kind']}, batch {b}/device (micro "
         f"{m.micro}), {args.precision}, REPA {'on' if img is not None else 'off'}, vision-aided "
-        f"{'on' if args.lambda_va > 0 else 'off'}, compile={args.compile}, "
-        f"grad_ckpt={args.grad_ckpt}, d_attn={args.d_attn}"
+        f"{('off', 'on')[args.lambda_va > 0]}, compile={args.compile}, grad_ckpt={args.grad_ckpt}, d_attn={args.d_attn}"
         + ("" if device.type == 'cuda' else " (no CUDA: fp32 and no DINOv2 unless --precision / --lambda-repa)"))
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     times = []
@@ -1606,11 +1566,10 @@ def get_args(argv=None):
         p.error(f"unknown --model {args.model} / --model-d {args.model_d}: choose G from {list(G_CONFIGS)}, "
                 f"D from {list(D_CONFIGS)}")
     args.repa_given = args.lambda_repa is not None
-    # Small data (toy set, pixel data) departs from Table 6 where a few hundred CPU steps on a few thousand images need
-    # it (README: small-data ablations): lr 2e-3 (GAT scales lr by 768 / width: 2.4e-3 at 64); EMA 0.99 (0.999 keeps
-    # ~50% of the initial weights after 700 steps); no DiffAugment and gamma 0.1 (both leave a 64-wide D unable to
-    # tell real from fake at 16 px); no REPA (no DINOv2 targets). No CUDA: fp32 (bf16 autocast is slow on CPUs), data
-    # loading in the main process, --bench without DINOv2.
+    # Small data (toy, pixels) departs from Table 6 for a few hundred CPU steps on a few thousand images (README:
+    # small-data ablations): lr 2e-3 (GAT scales lr by 768 / width: 2.4e-3 at 64); EMA 0.99 (0.999 keeps ~50% of the
+    # initial weights after 700 steps); no DiffAugment, gamma 0.1 (else a 64-wide D can't tell real from fake at 16 px);
+    # no REPA (no DINOv2 targets). No CUDA: fp32 (bf16 autocast is slow on CPUs), no data workers, --bench: no DINOv2.
     defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if small or args.bench else 512,
                     lambda_repa=0.0 if small or (args.bench and not cuda) else 1.0, lr=2e-3 if small else 2e-4,
                     ema_decay=0.99 if small else 0.999, aug=not small, gamma=0.1 if small else 1.0, eval_n=1000,

@@ -386,8 +386,9 @@ def get_args(argv=None):
     parser.add_argument('--chunk', type=int, default=10000, help='images per resumable chunk')
     parser.add_argument('--no-images', action='store_true', help='store no JPEG crops (no REPA)')
     parser.add_argument('--store', choices=['uint8', 'jpeg'], default=None,
-                        help=f'pixel data (--vae none): uint8 array, or JPEG q{JPEG_QUALITY} 4:4:4 decoded while training '
-                             f'(default: JPEG from {JPEG_FROM} px, where it is ~5x smaller; README: pixel data)')
+                        help=f'pixel data (--vae none): uint8 array, or JPEG q{JPEG_QUALITY} 4:4:4 decoded while '
+                             f'training (default: JPEG from {JPEG_FROM} px, where it is ~5x smaller; '
+                             f'README: pixel data)')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace a complete output or an unfinished one with other settings')
     parser.add_argument('--stop-after-chunks', type=int, default=0, help=argparse.SUPPRESS)

@@ -140,7 +140,8 @@ def test_default_hierarchy_is_unchanged():
     for m, layers in (('B', [3, 6, 9, 12]), ('M', [6, 12, 18, 24]), ('H', [8, 16, 24, 32])):
         with torch.device('meta'):
             assert cat.Generator(*cat.G_CONFIGS[m][:3]).out_layers == layers
-    g_cfg, d_cfg = cat.model_configs(cat.get_args(['--data', 'toy']), dict(kind='toy', channels=3, res=16, num_classes=10))
+    g_cfg, d_cfg = cat.model_configs(cat.get_args(['--data', 'toy']),
+                                     dict(kind='toy', channels=3, res=16, num_classes=10))
     assert set(g_cfg) == {'depth', 'width', 'heads', 'channels', 'res', 'num_classes'}
     assert set(d_cfg) == {'depth', 'width', 'heads', 'cmap_dim', 'repa_dim', 'mask', 'channels', 'res', 'num_classes'}
     torch.manual_seed(0)
@@ -794,7 +795,8 @@ def test_judge_metrics_identical_sets_and_one_image_per_class():
     real = torch.rand(300, 3, 16, 16) * 2 - 1
     c_real = torch.arange(300) % 3
     same = cat.judge_metrics(judge, real[:150], c_real[:150], real, c_real, 3)
-    assert abs(same['fd']) < 1e-6 and same['precision'] == same['recall'] == 1.0 and same['diversity'] == pytest.approx(1)
+    assert abs(same['fd']) < 1e-6 and same['precision'] == same['recall'] == 1.0
+    assert same['diversity'] == pytest.approx(1)
     assert same['fd_floor'] > 0 and 0 < same['recall_floor'] <= 1
     one = cat.judge_metrics(judge, real[:3][c_real[:150]], c_real[:150], real, c_real, 3)
     assert one['diversity'] == 0 and one['recall'] <= 3 / 150 and one['precision'] == 1.0
@@ -843,7 +845,8 @@ def test_evaluation_of_degenerate_data_keeps_the_run(tmp_path, case):
     g = np.random.default_rng(0)
     n, nc = {'identical_per_class': (48, 4), 'one_class_identical': (20, 1), 'one_per_class': (4, 4)}[case]
     labels = np.arange(n) % nc
-    images = g.integers(0, 256, (nc, 3, 16, 16))[labels] if case != 'one_per_class' else g.integers(0, 256, (4, 3, 16, 16))
+    images = (g.integers(0, 256, (nc, 3, 16, 16))[labels] if case != 'one_per_class' else
+              g.integers(0, 256, (4, 3, 16, 16)))
     data = pixel_dir(tmp_path / 'data', images, labels)
     r = cat.train(cat.get_args(EVAL + ['--data', data, '--out', str(tmp_path / 'r')]))
     log = (tmp_path / 'r' / 'log.txt').read_text()
@@ -1453,7 +1456,7 @@ def test_bad_hierarchy_is_one_clear_line(tmp_path, opts, msg):
 
 
 def test_jpeg_pixel_store_trains_and_scores(tmp_path):
-    """Pixel data kept as JPEG (the default from 128 px; forced here at 16 px): decoded by the loader, scored by fid.py."""
+    """Pixel data kept as JPEG (default from 128 px; forced here at 16 px): decoded by the loader, scored by fid.py."""
     rng, root = np.random.default_rng(3), tmp_path / 'tree'
     for c in range(2):
         (root / f'c{c}').mkdir(parents=True)
@@ -1691,7 +1694,8 @@ def test_small_data_defaults_follow_the_data(tmp_path):
     for kind, vae, shape in (('pixel', None, [3, 64, 64]), ('pixel256', None, [3, 256, 256]),
                              ('latent', 'stabilityai/sd-vae-ft-ema', None)):
         (tmp_path / kind).mkdir()
-        (tmp_path / kind / 'meta.json').write_text(json.dumps({'vae': vae, 'shape': shape, 'latent_shape': [8, 32, 32]}))
+        (tmp_path / kind / 'meta.json').write_text(json.dumps({'vae': vae, 'shape': shape,
+                                                               'latent_shape': [8, 32, 32]}))
     keys = ('model', 'batch_size', 'lr', 'ema_decay', 'aug', 'gamma', 'lambda_repa')
     small, table6 = ("S", 64, 2e-3, 0.99, False, 0.1, 0.0), ('B', 512, 2e-4, 0.999, True, 1.0, 1.0)
     for data, want in (('toy', small), (str(tmp_path / 'pixel'), small), (str(tmp_path / 'pixel256'), table6),
@@ -1711,7 +1715,8 @@ def test_prepare_defaults_on_a_cpu():
     sys.path.insert(0, HERE)
     import prepare_latents
     assert 1 <= prepare_latents.get_args(['--images', 'x']).workers <= min(8, len(os.sched_getaffinity(0)))
-    assert prepare_latents.plural(1, 'class', 'classes') == '1 class' and prepare_latents.plural(2, 'image') == '2 images'
+    assert prepare_latents.plural(1, 'class', 'classes') == '1 class'
+    assert prepare_latents.plural(2, 'image') == '2 images'
 
 
 def test_curves_draws_fig4_layout_or_says_matplotlib_is_missing(tmp_path):

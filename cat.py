@@ -815,14 +815,15 @@ def train_step(m, x, c, img, nz, args):
     ema_update(m.ema, m.G, args.ema_decay)
     return [*st_d, *st_g, 'gnorm_d', 'gnorm_g'], torch.stack([*st_d.values(), *st_g.values(), gn_d, gn_g]).float()
 
+def adamw(net, args, fused):
+    return torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0, fused=fused)
+
 def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained=True):
     """G, D, EMA, AdamW (0, 0.99) optimizers and the (DDP-wrapped) step modules; state from checkpoint ck if given."""
     torch.manual_seed(args.seed)
     G, D = Generator(**g_cfg).to(device), Discriminator(**d_cfg, attn_impl=args.d_attn).to(device)
     ema = copy.deepcopy(G).eval().requires_grad_(False)
-    adamw = lambda net: torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0,
-                                          fused=device.type == 'cuda')
-    opt_g, opt_d = adamw(G), adamw(D)
+    opt_g, opt_d = adamw(G, args, device.type == 'cuda'), adamw(D, args, device.type == 'cuda')
     if ck is not None:
         G.load_state_dict(ck['G']), D.load_state_dict(ck['D']), ema.load_state_dict(ck['ema'])
         opt_g.load_state_dict(ck['opt_g']), opt_d.load_state_dict(ck['opt_d'])
@@ -1435,7 +1436,7 @@ def cost(args, g_cfg, d_cfg):
         F_va = count_macs(lambda: va(torch.randn(1, 3, 224, 224))) if va else 0
     return G, D, va, dict(F_G=F_G, F_D=F_D, F_va=F_va, train=4 * F_G + 10.5 * F_D + 5 * F_va)
 
-def summary(args, out=print):
+def summary(args, out=print, memory=True):
     info, g_cfg, d_cfg = synthetic(args)
     G, D, va, f = cost(args, g_cfg, dict(d_cfg, repa_dim=768))
     n_g, n_proj, n_va = (sum(p.numel() for p in net.parameters()) if net else 0 for net in (G, D.proj, D.va))
@@ -1459,12 +1460,98 @@ def summary(args, out=print):
         hours = flop / (8 * 0.4 * PEAK_BF16_TFLOPS['H100'] * 1e12) / 3600
         out(f"paper schedule: {steps} iterations x batch 512 = {flop / 1e18:.0f} EFLOP; at 40% MFU on 8 H100 "
             f"(989 TFLOP/s bf16 dense) {hours:.1f} h (model FLOPs only: data loading, DINOv2 and EMA excluded)")
-    return dict(G_params=n_g, D_params=n_d, proj_params=n_proj, **f)
+    try:
+        r, gib = memory_estimate(args) if memory else None, lambda v: f'{v / 2**30:.2f}'
+    except Exception as e:                          # one line, never a traceback
+        r = out(f"memory per GPU: the estimate failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})")
+    if r:
+        out(f"memory per GPU at batch {args.batch_size}/GPU{f' (micro {args.micro_batch})' if args.micro_batch else ''}"
+            f", {args.precision}, grad-ckpt {('off', 'on')[args.grad_ckpt]}: peak {gib(r['peak'])} GiB; world > 1: "
+            f"{gib(r['peak'] + r['ddp'])} GiB")
+        out(f"  = G, D params+buffers {gib(r['params'])} + EMA {gib(r['ema'])} + frozen DINOv2/ConvNeXt "
+            f"{gib(r['frozen'])} + AdamW {gib(r['opt'])} + gradients at the peak {gib(r['grads'])} + activations and "
+            f"temporaries {gib(r['act'])} GiB (world > 1: + DDP buckets {gib(r['ddp'])})")
+        out("  an estimate: train_step on fake tensors on the CPU, CUDA's flash attention and fused rms_norm modelled; "
+            "check on a GPU with torch.cuda.max_memory_allocated (--bench prints it)")
+    return dict(G_params=n_g, D_params=n_d, proj_params=n_proj, memory=r, **f)
 
 def names(args, D):
     """'G-B/2 + D-B/2' (patch sizes after the slash; App. A.3: 'G-B/16 + D-B/8,16')."""
     return (f"G-{args.model}/{args.patch or 2} + D-{args.model_d or D_FOR_G[args.model]}/"
             f"{','.join(map(str, sorted(set(D.patches))))}")
+
+class _FusedRMSNorm(torch.autograd.Function):
+    """CUDA's fused rms_norm as memory_estimate sees it (values never read): saves its input and an fp32 rstd."""
+    @staticmethod
+    def forward(ctx, x, w, n):
+        ctx.save_for_backward(x, x.new_empty((*x.shape[:x.dim() - n], *[1] * n), dtype=torch.float32), w)
+        return x.new_empty(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, _, w = ctx.saved_tensors
+        return x.new_empty(x.shape), w.new_empty(w.shape) if ctx.needs_input_grad[1] else None, None
+
+def _cuda_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               cpu=F.scaled_dot_product_attention):
+    """CUDA's choice: flash (bf16) or memory-efficient (fp32); with a mask (--d-attn mask) CPU's ~ CUDA's efficient."""
+    if attn_mask is not None:
+        return cpu(q, k, v, attn_mask, dropout_p, is_causal, scale=scale)
+    q, k, v = (t.to(torch.bfloat16) if torch.is_autocast_enabled('cpu') else t for t in (q, k, v))
+    return (torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)
+            if q.dtype == torch.bfloat16 else torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, None, True, dropout_p, is_causal, scale=scale))[0]
+
+def _cuda_rms_norm(x, shape, w=None, eps=None):       # CUDA's autocast runs rms_norm in fp32 (the CPU's: in bf16)
+    f = (lambda t: t if t is None else t.float()) if torch.is_autocast_enabled('cpu') else (lambda t: t)
+    return _FusedRMSNorm.apply(f(x), f(w), len(shape))
+
+CUDA_KERNELS = dict(scaled_dot_product_attention=_cuda_sdpa, rms_norm=_cuda_rms_norm)
+
+def memory_estimate(args, kernels=CUDA_KERNELS):
+    """Bytes per GPU of a training iteration at --batch-size per GPU, on a CPU: train_step on fake tensors (shapes
+    only, no memory; fake CPU ones: fake CUDA ones cannot run backward without a GPU) with CUDA's kernels, its 2nd
+    iteration (AdamW state exists) tracked by MemTracker. -> peak and its parts; ddp: DDP's gradient buckets, not in
+    the peak (world > 1)."""
+    from unittest import mock
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    class Tracker(MemTracker):      # the global peak only (per-module peaks: 10x slower); no gradient hooks on
+        def _update_peak_stats(self, state):        # frozen modules (DINOv2's fail)
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap['Total']:
+                    self._peak_mem[dev], self._peak_mem_snap[dev] = snap['Total'], dict(snap)
+        def _track_module_params_and_buffers(self, mod, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(mod, install_grad_hooks and all(
+                p.requires_grad for p in mod.parameters()))
+        def _pre_fw_hook(self, mod, inputs):        # a step module's next micro-batch (--micro-batch)
+            if mod in (m.d_step, m.g_step) and not self._mod_tracker.is_bw:
+                self.memory_tracking.pop(mod, None)
+            super()._pre_fw_hook(mod, inputs)
+    (info, g_cfg, d_cfg), b, args = synthetic(args), args.batch_size, argparse.Namespace(**{**vars(args), 'compile': 0})
+    with torch.device('meta'):
+        m = build(args, g_cfg, d_cfg, torch.device('meta'), 1, pretrained=False)
+    nets = [n for n in (m.G, m.D, m.ema, m.d_step._dino[0], m.d_step._va[0]) if n is not None]
+    size = lambda ts: sum(t.nbytes for t in ts)
+    with FakeTensorMode(), mock.patch.multiple(F, **kernels) if kernels else contextlib.nullcontext():
+        for net in nets:                                                    # meta -> fake CPU tensors
+            net._apply(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype))
+        m, mt = m._replace(opt_g=adamw(m.G, args, True), opt_d=adamw(m.D, args, True)), Tracker()   # as on CUDA
+        C, R, lat, c = info['channels'], info['res'], info['kind'] == 'latent', torch.zeros(b, dtype=torch.long)
+        x = torch.empty(b, 2 * C, R, R) if lat else torch.empty(b, C, R, R, dtype=torch.uint8)   # bench()'s batch
+        img = (torch.empty(b, 3, 256, 256, dtype=torch.uint8) if lat else x) if args.lambda_repa > 0 else None
+        for step in range(2):
+            if step:
+                mt.track_external(*nets, m.opt_g, m.opt_d, x, c, img)
+                mt.__enter__()
+            nz = step_noise(args.seed, step, b, m.G, m.D.scales, 'cpu')
+            train_step(m, real_x(x, nz, dict(info, scale=0.18215)), c, img, nz, args)
+        mt.__exit__(None, None, None)
+    s = {getattr(k, 'value', k): v for k, v in next(iter(mt.get_tracker_snapshot('peak').values())).items()}
+    r = dict(params=size([*m.G.parameters(), *m.G.buffers(), *m.D.parameters(), *m.D.buffers()]),
+             ema=size([*m.ema.parameters(), *m.ema.buffers()]), opt=s['Optstate'], grads=s['Gradient'],
+             frozen=size([t for n in nets[3:] for t in [*n.parameters(), *n.buffers()]]))
+    return dict(r, peak=s['Total'], act=s['Total'] - sum(r.values()), ddp=size([*m.G.parameters(), *m.D.parameters()]))
 
 def bench(args, out=print):
     """Median time of --bench-steps iterations after --bench-warmup, each logged; REPA vs a random-init DINOv2-B."""
@@ -1549,7 +1636,7 @@ def get_args(argv=None):
     p.add_argument('--milestone-every', type=int, default=50_000, help='checkpoints at multiples are never deleted')
     p.add_argument('--toy-n', type=int, default=20000, help='toy training set size')
     p.add_argument('--toy-res', type=int, default=16, help='toy image resolution')
-    p.add_argument('--summary', action='store_true', help='print params and GFLOPs of --model and exit (meta device)')
+    p.add_argument('--summary', action='store_true', help='print params, GFLOPs, GPU memory of --model; exit (no GPU)')
     p.add_argument('--bench', action='store_true', help='time training iterations on synthetic latents and exit')
     p.add_argument('--bench-steps', type=int, default=10)
     p.add_argument('--bench-warmup', type=int, default=3)
@@ -1570,10 +1657,10 @@ def get_args(argv=None):
     # small-data ablations): lr 2e-3 (GAT scales lr by 768 / width: 2.4e-3 at 64); EMA 0.99 (0.999 keeps ~50% of the
     # initial weights after 700 steps); no DiffAugment, gamma 0.1 (else a 64-wide D can't tell real from fake at 16 px);
     # no REPA (no DINOv2 targets). No CUDA: fp32 (bf16 autocast is slow on CPUs), no data workers, --bench: no DINOv2.
-    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if small or args.bench else 512,
+    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if small or args.bench or args.summary else 512,
                     lambda_repa=0.0 if small or (args.bench and not cuda) else 1.0, lr=2e-3 if small else 2e-4,
                     ema_decay=0.99 if small else 0.999, aug=not small, gamma=0.1 if small else 1.0, eval_n=1000,
-                    precision='bf16' if cuda else 'fp32', workers=8 if cuda else 0)
+                    precision='bf16' if cuda or args.summary else 'fp32', workers=8 if cuda else 0)
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     # Cadence: the toy's; else by run length (10 evals, 5 checkpoints) capped at Table 6's, so short runs show progress.
     cap = lambda most, div: min(most, max(1, args.steps // div))         # a share of the run, at most `most`

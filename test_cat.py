@@ -43,7 +43,7 @@ def rand_scales(B=3, C=3, res=16, seed=0):
 @pytest.mark.parametrize('model,g_params,g_gflops', [('B', 133e6, None), ('M', 261e6, 46.0), ('H', 960e6, 167.0)])
 def test_summary_matches_table6(model, g_params, g_gflops):
     lines = []
-    s = cat.summary(cat.get_args(['--model', model, '--summary']), out=lines.append)
+    s = cat.summary(cat.get_args(['--model', model, '--summary']), out=lines.append, memory=False)
     assert abs(s['G_params'] / g_params - 1) < 0.01, lines
     assert abs(s['D_params'] / 96e6 - 1) < 0.02, lines
     if g_gflops:
@@ -56,6 +56,66 @@ def test_summary_cli_runs_in_seconds():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert 'G params: 959.4M' in out.stdout and 'G GFLOPs: 166.' in out.stdout
+    assert re.search(r'^memory per GPU at batch 64/GPU, bf16, grad-ckpt off: peak \d+\.\d\d GiB; world > 1: ',
+                     out.stdout, re.M) and 'fake tensors' in out.stdout, out.stdout
+
+
+def toy_memory_args(batch, precision='fp32'):
+    return cat.get_args(['--data', 'toy', '--summary', '--batch-size', str(batch), '--precision', precision])
+
+
+def test_memory_estimate_equals_real_cpu_tensors():
+    """The fake-tensor trace allocates what real tensors do: the peak of the same 2nd train_step on real CPU tensors
+    under a plain MemTracker, CPU kernels in both (CUDA's kernels cannot run on a CPU)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    args = toy_memory_args(4)
+    est = cat.memory_estimate(args, kernels={})
+    info, g_cfg, d_cfg = cat.synthetic(args)
+    m = cat.build(args, g_cfg, d_cfg, torch.device('cpu'), 1)
+    m = m._replace(opt_g=cat.adamw(m.G, args, True), opt_d=cat.adamw(m.D, args, True))
+    x, c = torch.cat([torch.randn(4, 4, 32, 32), torch.rand(4, 4, 32, 32)], 1), torch.randint(0, 1000, (4,))
+    mt, threads = MemTracker(), torch.get_num_threads()
+    torch.set_num_threads(1)                    # many small ops: 2 threads on a busy 2-core machine take 8x longer
+    try:
+        for step in range(2):
+            if step:
+                mt.track_external(m.G, m.D, m.ema, m.opt_g, m.opt_d, x, c)
+                mt.__enter__()
+            nz = cat.step_noise(0, step, 4, m.G, m.D.scales, 'cpu')
+            cat.train_step(m, cat.real_x(x, nz, dict(info, scale=0.18215)), c, None, nz, args)
+        mt.__exit__(None, None, None)
+    finally:
+        torch.set_num_threads(threads)
+    peak = mt.get_tracker_snapshot('peak')[torch.device('cpu')]['Total']
+    assert abs(est['peak'] / peak - 1) < 0.01, (est, peak)
+    assert est['act'] > 10 * est['params'], est                 # toy-sized nets: activations dominate
+
+
+def test_memory_estimate_counts_weights_and_adamw_state_exactly():
+    args = toy_memory_args(4, 'bf16')
+    est = cat.memory_estimate(args)
+    m = cat.build(args, *cat.synthetic(args)[1:], torch.device('cpu'), 1)
+    nbytes = lambda *nets: sum(t.nbytes for n in nets for t in [*n.parameters(), *n.buffers()])
+    assert est['params'] == nbytes(m.G, m.D) and est['ema'] == nbytes(m.ema) and est['frozen'] == 0, est
+    n_tensors = len([*m.G.parameters(), *m.D.parameters()])      # exp_avg, exp_avg_sq and an fp32 step per tensor
+    assert est['opt'] == 2 * est['ddp'] + 4 * n_tensors, est
+    assert est['ddp'] == sum(p.nbytes for p in [*m.G.parameters(), *m.D.parameters()])
+
+
+def test_memory_estimate_activations_scale_with_the_batch():
+    """Twice the batch, twice the activations (batches of multiples of 4: R1/R2 take every 4th sample)."""
+    small, large = (cat.memory_estimate(toy_memory_args(b, 'bf16')) for b in (4, 8))
+    assert abs(large['act'] / small['act'] - 2) < 0.2, (small, large)
+    assert large['params'] == small['params'] and large['opt'] == small['opt']
+
+
+def test_failed_memory_estimate_is_one_line(monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError('no kernel\nsecond line')
+    monkeypatch.setattr(cat, 'train_step', boom)
+    lines = []
+    s = cat.summary(toy_memory_args(4), out=lines.append)
+    assert lines[-1] == 'memory per GPU: the estimate failed (RuntimeError: no kernel)' and s['memory'] is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,15 +5,14 @@ outputs h_0..h_3; a scale-wise discriminator judges x_k = r_k(h_k) at four resol
 block-diagonal attention; a generator-side consistency loss (Eq. 2) keeps h_0..h_2 on the trajectory of the final h_3.
 
     python cat.py --data toy                                  # the embedded default: CPU, minutes
-    python cat.py --model H --summary                         # params / GFLOPs of Table 6, no GPU needed
+    python cat.py --model H --summary                         # params / GFLOPs of Table 6, GPU memory; no GPU
     torchrun --nproc_per_node=8 cat.py --model H              # CAT-H/2 on ImageNet latents (prepare_latents.py)
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 cat.py --model H
     torchrun --nproc_per_node=8 cat.py --model H --resume runs/000-H   # continue a run
 
-Sections (banners) in the paper's order: notation and configs (Table 6); shared building blocks (App. A.1);
-generator (Sec. 3.1, Fig. 11); scale-wise discriminator (Fig. 3); augmentation (GAT's DiffAugment); objectives
-(Sec. 3.2, Eq. 2-3); cross-scale metrics (Eq. 1); data (Sec. 4); one training iteration (App. A.2); evaluation;
-training loop; cost (Table 2, App. A.2); command line.
+Sections in the paper's order: notation and configs (Table 6); building blocks (App. A.1); generator (Sec. 3.1,
+Fig. 11); scale-wise discriminator (Fig. 3); augmentation (GAT's DiffAugment); objectives (Sec. 3.2, Eq. 2-3); cross-
+scale metrics (Eq. 1); data (Sec. 4); training iteration (App. A.2); evaluation; training loop; cost; command line.
 """
 import argparse, collections, contextlib, copy, glob, io, json, math, os, pickle, re, signal, time, warnings
 
@@ -87,14 +86,13 @@ def autocast(precision, device):
 @contextlib.contextmanager
 def full_fp32(enabled=True):
     """Inside: fp32 matmuls and convolutions in full precision (TF32 off on CUDA); the previous flags are restored."""
-    flags = torch.backends.cuda.matmul, torch.backends.cudnn
-    old = [f.allow_tf32 for f in flags]
-    for f in flags if enabled else ():
+    old = [(f, f.allow_tf32) for f in (torch.backends.cuda.matmul, torch.backends.cudnn)]
+    for f, _ in old if enabled else ():
         f.allow_tf32 = False
     try:
         yield
     finally:
-        for f, o in zip(flags, old):
+        for f, o in old:
             f.allow_tf32 = o
 
 class EqualLinear(nn.Module):
@@ -104,7 +102,6 @@ class EqualLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_out, n_in), gain=1 / lr_mul))
         self.bias, self.lr_mul = nn.Parameter(torch.zeros(n_out)), lr_mul
-
     def forward(self, x):
         return F.linear(x, self.weight * self.lr_mul, self.bias * self.lr_mul)
 
@@ -125,7 +122,6 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.q_norm, self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6), nn.RMSNorm(dim // heads, eps=1e-6)
-
     def forward(self, x, rope, segments=None):
         B, L, C = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
@@ -142,7 +138,6 @@ class SwiGLU(nn.Module):
         super().__init__()
         hidden = int(2 / 3 * 4 * dim)       # MLP ratio 4 at SwiGLU's parameter parity
         self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
-
     def forward(self, x):
         x1, x2 = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(x1) * x2)
@@ -165,7 +160,6 @@ class GBlock(nn.Module):
         self.norm1, self.attn = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False), Attention(width, heads)
         self.norm2, self.mlp = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False), SwiGLU(width)
         self.ada = nn.Linear(width, 6 * width)      # w -> shift, scale, gate for attention and MLP
-
     def forward(self, x, w, rope):
         s1, c1, g1, s2, c2, g2 = self.ada(F.silu(w)).unsqueeze(1).chunk(6, dim=-1)
         x = x + g1 * self.attn(modulate(self.norm1(x), s1, c1), rope)
@@ -178,7 +172,6 @@ class OutputHead(nn.Module):
         self.norm, self.ada = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False), nn.Linear(width, 2 * width)
         self.linear = nn.Linear(width, patch * patch * channels)
         self.patch, self.channels = patch, channels
-
     def forward(self, x, w):
         shift, scale = self.ada(F.silu(w)).unsqueeze(1).chunk(2, dim=-1)
         return unpatchify(self.linear(modulate(self.norm(x), shift, scale)), self.patch, self.channels)
@@ -201,21 +194,17 @@ class Generator(nn.Module):
         self.blocks = nn.ModuleList([GBlock(width, heads) for _ in range(depth)])
         self.heads = nn.ModuleList([OutputHead(width, patch, channels) for _ in range(stages)])
         self.initialize_weights()
-
     def initialize_weights(self):
         init_linears(self)
         for m in list(self.blocks) + list(self.heads):
             nn.init.xavier_uniform_(m.ada.weight, gain=0.1)    # small modulation at init (as GAT)
         nn.init.normal_(self.class_embed.weight, std=0.02)     # as GAT: small, so Adam turns its direction quickly
-
     def style(self, z, c):
         """w = mapping([z, e(c)]), both normalized to unit second moment."""
         return self.mapping(torch.cat([normalize_2nd_moment(z), normalize_2nd_moment(self.class_embed(c))], dim=1))
-
     def truncate(self, w, c, psi):
         """StyleGAN convention: psi = 1 is no truncation, psi = 0 gives w_avg[c]."""
         return self.w_avg[c].lerp(w, psi) if psi != 1 else w
-
     def synthesis(self, w):
         """Returns [h_0, ..., h_K]: accumulated outputs h_k = o_0 + ... + o_k, each [B, C, res, res]."""
         x = self.pos.expand(w.shape[0], -1, -1)        # fp32: the residual stream stays fp32 under autocast
@@ -226,16 +215,13 @@ class Generator(nn.Module):
             if i + 1 == self.out_layers[len(hs)]:       # output skip accumulation: h_k = h_{k-1} + o_k
                 hs.append((hs[-1] if hs else 0) + self.heads[len(hs)](x, w))
         return hs
-
     def forward(self, z, c, psi=1.0):
         return self.synthesis(self.truncate(self.style(z, c), c, psi))
-
     @torch.no_grad()
     def update_w_avg(self, w, c):
         """w_avg[c] <- lerp(w_avg[c], mean of this step's w of class c, 1 - beta), classes of the global batch."""
-        sums = torch.zeros_like(self.w_avg).index_add_(0, c, w.float())
-        counts = torch.zeros(self.num_classes, device=c.device)                  # not bincount: it syncs on CUDA
-        counts.index_add_(0, c, torch.ones_like(c, dtype=torch.float))
+        sums = torch.zeros_like(self.w_avg).index_add_(0, c, w.float())         # counts: not bincount (syncs on CUDA)
+        counts = torch.zeros(self.num_classes, device=c.device).index_add_(0, c, torch.ones_like(c, dtype=torch.float))
         if dist.is_initialized():
             packed = torch.cat([sums, counts[:, None]], dim=1)
             dist.all_reduce(packed)
@@ -258,7 +244,6 @@ class DBlock(nn.Module):
         self.norm1, self.attn = nn.RMSNorm(width, eps=1e-6), Attention(width, heads)
         self.norm2, self.mlp = nn.RMSNorm(width, eps=1e-6), SwiGLU(width)
         self.ls1, self.ls2 = (nn.Parameter(torch.full((width,), layerscale)) for _ in range(2))
-
     def forward(self, x, rope, segments):
         x = x + self.ls1 * self.attn(self.norm1(x), rope, segments)
         return x + self.ls2 * self.mlp(self.norm2(x))
@@ -291,21 +276,17 @@ class Discriminator(nn.Module):
         # projection head (as GAT): d_k = <Linear(RMSNorm(cls_k)), e(c)>, e(c) through an equalized-lr 2-layer mapping
         self.head, self.class_embed = nn.Linear(width, cmap_dim), nn.Embedding(num_classes, cmap_dim)
         self.class_map = nn.Sequential(EqualLinear(cmap_dim, cmap_dim), nn.SiLU(), EqualLinear(cmap_dim, cmap_dim))
-        # REPA projector (training only): finest-scale tokens -> DINOv2 feature space
         self.proj = nn.Sequential(nn.Linear(width, 2048), nn.SiLU(), nn.Linear(2048, 2048), nn.SiLU(),
-                                  nn.Linear(2048, repa_dim)) if repa_dim else None
+                                  nn.Linear(2048, repa_dim)) if repa_dim else None      # REPA: tokens -> DINOv2's
         self.va = VisionAidedHead(va_dim, num_classes) if va_dim else None      # App. A.3 (--lambda-va)
         self.initialize_weights()
-
     def initialize_weights(self):
         init_linears(self)
         for p in (self.scale_embed, self.cls, self.class_embed.weight) + ((self.va.embed.weight,) if self.va else ()):
             nn.init.normal_(p, std=0.02)
-
     def block_mask(self):
-        dev = self.cls.device
-        return torch.block_diag(*[torch.ones(e - s, e - s, dtype=torch.bool, device=dev) for s, e in self.segments])
-
+        return torch.block_diag(*[torch.ones(e - s, e - s, dtype=torch.bool, device=self.cls.device)
+                                  for s, e in self.segments])
     def forward(self, xs, c, return_tokens=False):
         """xs = [x_0..x_K] -> d [B, K+1]; with return_tokens also the finest scale's tokens (cls_K first) for REPA."""
         B, tk = xs[0].shape[0], {}
@@ -332,9 +313,8 @@ class Discriminator(nn.Module):
 # ==== Augmentation ==== GAT's DiffAugment 'color,translation,cutout,flip' (losses/diffaug.py, losses/Rp_PT_loss.py)
 # on every D input of both steps, probability 1; a sample's stages share its parameters (augment at full res, then r_k).
 def draw_aug(n, res, g, device):
-    """Per-sample parameters from generator g, GAT's probabilities and sizes: colour on a random half of the samples;
-    translation by up to 1/8 of the side; a half-side cutout square centred anywhere (even on the border); a horizontal
-    flip with probability 0.4, not 0.5: at 0.5 D cannot tell mirror images apart and G may draw mirrored content."""
+    """Per-sample parameters from g, GAT's probabilities and sizes: colour on half the samples, translation up to 1/8 of
+    the side, a half-side cutout centred anywhere; flip p = 0.4, not 0.5 (at 0.5 D can't tell mirror images apart)."""
     u = torch.rand(n, 5, generator=g, device=device)
     t, s = int(res * 0.125 + 0.5), int(res * 0.5 + 0.5)
     return dict(color=u[:, 0] < 0.5, bright=u[:, 1] - 0.5, sat=u[:, 2] * 2, contrast=u[:, 3] + 0.5,
@@ -441,7 +421,6 @@ class VisionAidedHead(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(feat_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.embed = nn.Embedding(num_classes, dim)
-
     def forward(self, f, c):
         return (self.mlp(f.float()) * self.embed(c)).sum(-1, keepdim=True)
 
@@ -550,10 +529,8 @@ class LatentDataset(torch.utils.data.Dataset):
     def __init__(self, path, meta, images):
         self.path, self.meta, self.images, self.store = path, meta, images and meta['store'] == 'latents', meta['store']
         self.data = self.labels = self.blob = None      # opened lazily, once per DataLoader worker
-
     def __len__(self):
         return self.meta['N']
-
     def open(self):
         if self.labels is None:
             self.labels = np.load(os.path.join(self.path, 'labels.npy'), mmap_mode='r')
@@ -563,12 +540,10 @@ class LatentDataset(torch.utils.data.Dataset):
                 self.index = np.load(os.path.join(self.path, 'images_index.npy'))
                 self.blob = np.memmap(os.path.join(self.path, 'images.bin'), dtype=np.uint8, mode='r')
         return self
-
     def jpeg(self, i, mode):
         from PIL import Image
         a = np.asarray(Image.open(io.BytesIO(self.blob[self.index[i]:self.index[i + 1]].tobytes())).convert(mode))
         return torch.from_numpy(a.reshape(*a.shape[:2], -1).copy()).permute(2, 0, 1)
-
     def __getitem__(self, i):
         self.open()
         x = (self.jpeg(i, 'L' if self.meta['shape'][0] == 1 else 'RGB') if self.store == 'jpeg' else
@@ -707,7 +682,6 @@ class DStep(nn.Module):
     def __init__(self, D, G, args, dino=None, va=None):
         super().__init__()
         self.D, self._G, self._dino, self._va, self.a = D, [G], [dino], [va], args
-
     def forward(self, x_real, c, img, nz):
         a, D, B = self.a, self.D, x_real.shape[0]
         amp = autocast(a.precision, x_real.device)
@@ -757,7 +731,6 @@ class GStep(nn.Module):
     def __init__(self, G, D, args, va=None):
         super().__init__()
         self.G, self._D, self._va, self.a = G, [D], [va], args
-
     def forward(self, x_real, c, nz):
         a, G, D, va = self.a, self.G, self._D[0], self._va[0]
         with autocast(a.precision, x_real.device):
@@ -971,10 +944,8 @@ class Judge(nn.Module):
                                    nn.Conv2d(32, 64, 3, 2, 1), nn.SiLU(), nn.Conv2d(64, 64, 3, 2, 1), nn.SiLU())
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, dim), nn.SiLU())
         self.head = nn.Linear(dim, num_classes)
-
     def features(self, x):
         return self.fc(self.convs(x.float().clamp(-1, 1)))
-
     def forward(self, x):
         return self.head(self.features(x))
 
@@ -1294,16 +1265,13 @@ class Preemption:
         self.flag, self.world, self.work = torch.zeros(1), world, None
         self.old = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
         self.group = dist.new_group(backend='gloo') if world > 1 else None
-
     def handler(self, signum, frame):
         if self.flag.item():                    # a second signal: stop now
             raise KeyboardInterrupt
         self.flag.fill_(1)
-
     def restore(self):
         for sig, h in self.old.items():
             signal.signal(sig, h)
-
     def requested(self):
         if self.world == 1:
             return bool(self.flag.item())
@@ -1461,18 +1429,18 @@ def summary(args, out=print, memory=True):
         out(f"paper schedule: {steps} iterations x batch 512 = {flop / 1e18:.0f} EFLOP; at 40% MFU on 8 H100 "
             f"(989 TFLOP/s bf16 dense) {hours:.1f} h (model FLOPs only: data loading, DINOv2 and EMA excluded)")
     try:
-        r, gib = memory_estimate(args) if memory else None, lambda v: f'{v / 2**30:.2f}'
+        r = memory_estimate(args) if memory else None
     except Exception as e:                          # one line, never a traceback
         r = out(f"memory per GPU: the estimate failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})")
     if r:
+        g = {k: f'{v / 2**30:.2f}' for k, v in dict(r, world=r['peak'] + r['ddp']).items()}      # GiB
         out(f"memory per GPU at batch {args.batch_size}/GPU{f' (micro {args.micro_batch})' if args.micro_batch else ''}"
-            f", {args.precision}, grad-ckpt {('off', 'on')[args.grad_ckpt]}: peak {gib(r['peak'])} GiB; world > 1: "
-            f"{gib(r['peak'] + r['ddp'])} GiB")
-        out(f"  = G, D params+buffers {gib(r['params'])} + EMA {gib(r['ema'])} + frozen DINOv2/ConvNeXt "
-            f"{gib(r['frozen'])} + AdamW {gib(r['opt'])} + gradients at the peak {gib(r['grads'])} + activations and "
-            f"temporaries {gib(r['act'])} GiB (world > 1: + DDP buckets {gib(r['ddp'])})")
-        out("  an estimate: train_step on fake tensors on the CPU, CUDA's flash attention and fused rms_norm modelled; "
-            "check on a GPU with torch.cuda.max_memory_allocated (--bench prints it)")
+            f", {args.precision}, grad-ckpt {('off', 'on')[args.grad_ckpt]}: peak {g['peak']} GiB; world > 1: "
+            f"{g['world']} GiB\n  = G, D params+buffers {g['params']} + EMA {g['ema']} + frozen DINOv2/ConvNeXt "
+            f"{g['frozen']} + AdamW {g['opt']} + gradients at the peak {g['grads']} + activations and temporaries "
+            f"{g['act']} GiB (world > 1: + DDP buckets {g['ddp']})\n  an estimate: train_step on fake tensors on the "
+            f"CPU, CUDA's flash attention and fused rms_norm modelled; check on a GPU: torch.cuda.max_memory_allocated "
+            "(--bench prints it)")
     return dict(G_params=n_g, D_params=n_d, proj_params=n_proj, memory=r, **f)
 
 def names(args, D):
@@ -1480,59 +1448,51 @@ def names(args, D):
     return (f"G-{args.model}/{args.patch or 2} + D-{args.model_d or D_FOR_G[args.model]}/"
             f"{','.join(map(str, sorted(set(D.patches))))}")
 
+# CUDA's kernels as memory_estimate sees them (values never read): flash (bf16) or memory-efficient (fp32) attention,
+# rms_norm fused, in fp32 under autocast (CPU's: bf16), saving its input and an fp32 rstd.
 class _FusedRMSNorm(torch.autograd.Function):
-    """CUDA's fused rms_norm as memory_estimate sees it (values never read): saves its input and an fp32 rstd."""
     @staticmethod
     def forward(ctx, x, w, n):
         ctx.save_for_backward(x, x.new_empty((*x.shape[:x.dim() - n], *[1] * n), dtype=torch.float32), w)
         return x.new_empty(x.shape)
-
     @staticmethod
     def backward(ctx, g):
         x, _, w = ctx.saved_tensors
         return x.new_empty(x.shape), w.new_empty(w.shape) if ctx.needs_input_grad[1] else None, None
 
-def _cuda_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-               cpu=F.scaled_dot_product_attention):
-    """CUDA's choice: flash (bf16) or memory-efficient (fp32); with a mask (--d-attn mask) CPU's ~ CUDA's efficient."""
-    if attn_mask is not None:
+def _cuda_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, cpu=F.scaled_dot_product_attention):
+    if attn_mask is not None:                       # --d-attn mask: CPU's kernel ~ CUDA's memory-efficient one
         return cpu(q, k, v, attn_mask, dropout_p, is_causal, scale=scale)
     q, k, v = (t.to(torch.bfloat16) if torch.is_autocast_enabled('cpu') else t for t in (q, k, v))
     return (torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)
             if q.dtype == torch.bfloat16 else torch.ops.aten._scaled_dot_product_efficient_attention(
                 q, k, v, None, True, dropout_p, is_causal, scale=scale))[0]
-
-def _cuda_rms_norm(x, shape, w=None, eps=None):       # CUDA's autocast runs rms_norm in fp32 (the CPU's: in bf16)
-    f = (lambda t: t if t is None else t.float()) if torch.is_autocast_enabled('cpu') else (lambda t: t)
-    return _FusedRMSNorm.apply(f(x), f(w), len(shape))
-
-CUDA_KERNELS = dict(scaled_dot_product_attention=_cuda_sdpa, rms_norm=_cuda_rms_norm)
+_fp32 = lambda t: t.float() if t is not None and torch.is_autocast_enabled('cpu') else t
+CUDA_KERNELS = dict(scaled_dot_product_attention=_cuda_sdpa,
+                    rms_norm=lambda x, shape, w=None, eps=None: _FusedRMSNorm.apply(_fp32(x), _fp32(w), len(shape)))
 
 def memory_estimate(args, kernels=CUDA_KERNELS):
-    """Bytes per GPU of a training iteration at --batch-size per GPU, on a CPU: train_step on fake tensors (shapes
-    only, no memory; fake CPU ones: fake CUDA ones cannot run backward without a GPU) with CUDA's kernels, its 2nd
-    iteration (AdamW state exists) tracked by MemTracker. -> peak and its parts; ddp: DDP's gradient buckets, not in
-    the peak (world > 1)."""
+    """Per-GPU bytes of a training iteration at --batch-size per GPU, on a CPU: train_step on fake CPU tensors (shapes,
+    no memory) with CUDA's kernels, its 2nd iteration (AdamW state exists) under MemTracker; ddp: DDP's buckets."""
     from unittest import mock
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
-    class Tracker(MemTracker):      # the global peak only (per-module peaks: 10x slower); no gradient hooks on
-        def _update_peak_stats(self, state):        # frozen modules (DINOv2's fail)
+    class Tracker(MemTracker):
+        def _update_peak_stats(self, state):        # the global peak only (per-module peaks: 10x slower)
             for dev, snap in self._curr_mem_snap.items():
                 if self._peak_mem.get(dev, 0) < snap['Total']:
                     self._peak_mem[dev], self._peak_mem_snap[dev] = snap['Total'], dict(snap)
-        def _track_module_params_and_buffers(self, mod, install_grad_hooks=True):
-            return super()._track_module_params_and_buffers(mod, install_grad_hooks and all(
+        def _track_module_params_and_buffers(self, mod, install_grad_hooks=True):     # no gradient hooks on frozen
+            return super()._track_module_params_and_buffers(mod, install_grad_hooks and all(    # modules: they fail
                 p.requires_grad for p in mod.parameters()))
-        def _pre_fw_hook(self, mod, inputs):        # a step module's next micro-batch (--micro-batch)
+        def _pre_fw_hook(self, mod, inputs):        # a step module again: the next micro-batch, not a new iteration
             if mod in (m.d_step, m.g_step) and not self._mod_tracker.is_bw:
                 self.memory_tracking.pop(mod, None)
             super()._pre_fw_hook(mod, inputs)
     (info, g_cfg, d_cfg), b, args = synthetic(args), args.batch_size, argparse.Namespace(**{**vars(args), 'compile': 0})
     with torch.device('meta'):
         m = build(args, g_cfg, d_cfg, torch.device('meta'), 1, pretrained=False)
-    nets = [n for n in (m.G, m.D, m.ema, m.d_step._dino[0], m.d_step._va[0]) if n is not None]
-    size = lambda ts: sum(t.nbytes for t in ts)
+    nets = [n for n in (m.G, m.D, m.ema, *m.d_step._dino, *m.d_step._va) if n is not None]
     with FakeTensorMode(), mock.patch.multiple(F, **kernels) if kernels else contextlib.nullcontext():
         for net in nets:                                                    # meta -> fake CPU tensors
             net._apply(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype))
@@ -1548,10 +1508,10 @@ def memory_estimate(args, kernels=CUDA_KERNELS):
             train_step(m, real_x(x, nz, dict(info, scale=0.18215)), c, img, nz, args)
         mt.__exit__(None, None, None)
     s = {getattr(k, 'value', k): v for k, v in next(iter(mt.get_tracker_snapshot('peak').values())).items()}
-    r = dict(params=size([*m.G.parameters(), *m.G.buffers(), *m.D.parameters(), *m.D.buffers()]),
-             ema=size([*m.ema.parameters(), *m.ema.buffers()]), opt=s['Optstate'], grads=s['Gradient'],
-             frozen=size([t for n in nets[3:] for t in [*n.parameters(), *n.buffers()]]))
-    return dict(r, peak=s['Total'], act=s['Total'] - sum(r.values()), ddp=size([*m.G.parameters(), *m.D.parameters()]))
+    both = lambda *ns: sum(t.nbytes for n in ns for t in [*n.parameters(), *n.buffers()])     # parameters, buffers
+    r = dict(params=both(m.G, m.D), ema=both(m.ema), frozen=both(*nets[3:]), opt=s['Optstate'], grads=s['Gradient'])
+    return dict(r, peak=s['Total'], act=s['Total'] - sum(r.values()), ddp=sum(p.nbytes for p in m.G.parameters()) +
+                sum(p.nbytes for p in m.D.parameters()))
 
 def bench(args, out=print):
     """Median time of --bench-steps iterations after --bench-warmup, each logged; REPA vs a random-init DINOv2-B."""

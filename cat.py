@@ -29,19 +29,16 @@ K = 3                       # Table 6: stages k = 0..K; any other hierarchy: --s
 def table6_scales(res):
     """Resolutions of x_0..x_K in Table 6: R/8, R/4, R/2, R (4, 8, 16, 32 for ImageNet latents)."""
     return [res >> (K - k) for k in range(K + 1)]
-
 def w_cons(K):
     """w_k of Eq. 2: (1/3, 1/2, 1) for K = 3 (the paper); other K: 1/(K-k) continues the pattern (our extrapolation)."""
     return [1 / (K - k) for k in range(K)]
-DEFAULT_DATA = 'data/imagenet256'       # what prepare_latents.py writes by default
-DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'
+DEFAULT_DATA, DEFAULT_VAE = 'data/imagenet256', 'stabilityai/sd-vae-ft-ema'      # data: prepare_latents.py's default
 DINO_NAME = 'vit_base_patch14_dinov2.lvd142m'
 VA_NAME = 'convnextv2_base.fcmae_ft_in22k_in1k'     # App. A.3's vision-aided loss: pMF's ConvNeXt-V2-B (README)
 Z_DIM = 64                  # z ~ N(0, I) and the class embedding of G's mapping network (App. A.1)
 TOY_STEPS = 700             # the embedded default: about 8 minutes on 2 CPU cores
 
-# cmap, D only: dimension of the projection head / class embedding (GAT: 2048)
-NetConfig = collections.namedtuple('NetConfig', 'depth width heads cmap', defaults=[2048])
+NetConfig = collections.namedtuple('NetConfig', 'depth width heads cmap', defaults=[2048])    # cmap: D's head (GAT)
 # G: output layers are uniformly spaced, depth/4 * (1, 2, 3, 4) (Table 6: 3,6,9,12 / 6,12,18,24 / 8,16,24,32).
 G_CONFIGS = {'T': NetConfig(4, 32, 2), 'S': NetConfig(4, 64, 2),     # T: tests only; S: the toy run and CPU experiments
              'B': NetConfig(12, 768, 12), 'M': NetConfig(24, 768, 12), 'H': NetConfig(32, 1280, 16)}
@@ -52,8 +49,7 @@ D_FOR_G = {'T': 'T', 'S': 'S', 'B': 'B', 'M': 'B', 'H': 'B'}   # the paper: one 
 
 # ==== Shared building blocks ==== App. A.1, and the precision helpers of autocast and TF32.
 def sincos_2d(dim, n):
-    """Fixed 2D sin-cos embedding of an n x n grid, [n*n, dim]: the first half of the channels encodes the row, the
-    second half the column (MAE, DiT and GAT put the column first: the same embedding up to a channel permutation)."""
+    """Fixed 2D sin-cos embedding [n*n, dim] of an n x n grid, rows first (MAE, DiT, GAT: columns; a permutation)."""
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
         out = pos.reshape(-1, 1).double() * omega
@@ -62,8 +58,7 @@ def sincos_2d(dim, n):
     return torch.cat([one_d(dim // 2, ys), one_d(dim // 2, xs)], dim=1).float()
 
 def rope_2d(head_dim, n, n_cls=0, theta=10000.0):
-    """Axial 2D RoPE tables (cos, sin) [n_cls + n*n, head_dim] for an n x n grid; [cls] tokens get angle 0.
-    Dims (i, i + head_dim/2) form rotated pairs: the first quarter of pairs encodes the row, the second the column."""
+    """Axial 2D RoPE (cos, sin) [n_cls + n*n, head_dim], angle 0 for [cls]; pairs (i, i + d/2): rows, then columns."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim // 4, dtype=torch.float64) / (head_dim // 4))
     ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing='ij')
     ang = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=1)      # [n*n, head_dim/2]
@@ -73,7 +68,6 @@ def rope_2d(head_dim, n, n_cls=0, theta=10000.0):
 def rms_norm(x, norm):
     """nn.RMSNorm with its weight in x's dtype, so that the fused kernel also runs on bf16 activations."""
     return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
-
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
@@ -116,8 +110,7 @@ def normalize_2nd_moment(x, eps=1e-8):
     return x * (x.square().mean(dim=-1, keepdim=True) + eps).rsqrt()
 
 class Attention(nn.Module):
-    """Multi-head self-attention with qkv bias, qk-norm (per-head RMSNorm) and 2D RoPE. segments: None = full; a list of
-    (start, end) = block-diagonal, one fused call per block (no mask built); bool [L, L] = explicit mask (reference)."""
+    """qkv bias, qk-norm, 2D RoPE; segments: None full, [(start, end)] block-diagonal (a call each), [L, L] a mask."""
     def __init__(self, dim, heads):
         super().__init__()
         self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
@@ -145,11 +138,9 @@ class SwiGLU(nn.Module):
 def patchify(x, p):
     B, C, H, W = x.shape
     return x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
-
 def unpatchify(t, p, C):
     B, n = t.shape[0], math.isqrt(t.shape[1])
     return t.reshape(B, n, n, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, n * p, n * p)
-
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
@@ -170,8 +161,7 @@ class OutputHead(nn.Module):
     def __init__(self, width, patch, channels):
         super().__init__()
         self.norm, self.ada = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False), nn.Linear(width, 2 * width)
-        self.linear = nn.Linear(width, patch * patch * channels)
-        self.patch, self.channels = patch, channels
+        self.linear, self.patch, self.channels = nn.Linear(width, patch * patch * channels), patch, channels
     def forward(self, x, w):
         shift, scale = self.ada(F.silu(w)).unsqueeze(1).chunk(2, dim=-1)
         return unpatchify(self.linear(modulate(self.norm(x), shift, scale)), self.patch, self.channels)
@@ -233,7 +223,6 @@ class Generator(nn.Module):
 def r_k(h, size):
     """Resize to scale k's resolution `size` (a divisor of h's) by area (average-pool) downsampling."""
     return F.avg_pool2d(h, h.shape[-1] // size) if size < h.shape[-1] else h
-
 def multiscale(hs, scales):
     """[h_0..h_K] -> [x_0..x_K] at resolutions `scales`; a single tensor (a real image) is used for every scale."""
     return [r_k(hs if torch.is_tensor(hs) else hs[k], s) for k, s in enumerate(scales)]
@@ -249,9 +238,8 @@ class DBlock(nn.Module):
         return x + self.ls2 * self.mlp(self.norm2(x))
 
 class Discriminator(nn.Module):
-    """Segments [cls_k, tokens of x_k], k = 0..K (4 cls + 4 + 16 + 64 + 256 tokens at res 32); block-diagonal attention
-    (mask=False: scale-aggregated ablation, Fig. 9) by attn_impl 'split', one fused call per scale, or 'mask' [L, L].
-    scales: resolutions of x_0..x_K (default Table 6's); patch: one size, or one per scale (App. A.3: 8, 8, 8, 16)."""
+    """Segments [cls_k, tokens of x_k] (4 cls + 4 + 16 + 64 + 256 tokens at res 32), block-diagonal attention ('split':
+    a call per scale, or 'mask'; mask=False: Fig. 9's scale-aggregated D); scales, patch (one, or per scale): A.3."""
     def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, cmap_dim=2048,
                  repa_dim=768, mask=True, attn_impl='split', scales=None, va_dim=0):
         super().__init__()
@@ -322,9 +310,8 @@ def draw_aug(n, res, g, device):
                 cut=torch.randint(0, res + 1 - s % 2, (n, 2), generator=g, device=device) - s // 2)   # top-left corner
 
 def augment(x, a, color=True, cutout=True, scale=1):
-    """x [B, C, H, W], or [n*B, ...] for n stacked stages. Colour as GAT's rand_brightness_saturation_contrast (both
-    means before the brightness shift) but with each image's own means (GAT reuses the final stage's for the others,
-    mixing h_K into x_k). scale: translation multiplier for images matching a latent (224 / 32 = 7 px per latent px)."""
+    """x [B, C, H, W] (or n stacked stages [n*B, ...]). Colour as GAT's, but with each image's own means (GAT reuses the
+    final stage's, mixing h_K into x_k). scale: translation multiplier for images of a latent (224 / 32 = 7 px/px)."""
     rep = x.shape[0] // a['flip'].shape[0]
     a = {k: v.repeat(rep, *[1] * (v.dim() - 1)) for k, v in a.items()}
     B, C, H, W = x.shape
@@ -353,7 +340,6 @@ def augment(x, a, color=True, cutout=True, scale=1):
 def rpgan_d_loss(d_real, d_fake):
     """L_D = mean_k softplus(-(d_k(real) - d_k(fake))), pairs (real i, fake i)."""
     return F.softplus(d_fake - d_real).mean()
-
 def rpgan_g_loss(d_fake, d_real):
     """L_adv(G) = mean_k softplus(-(d_k(fake) - d_k(real))); d_real carries no gradient."""
     return F.softplus(d_real.detach() - d_fake).mean()
@@ -382,8 +368,7 @@ def repa_loss(pred_tokens, dino_cls, dino_patch):
     return (cls + patch).mean()
 
 def load_frozen(name, device, pretrained=True, what='DINOv2', off='--lambda-repa 0', **kw):
-    """A frozen timm backbone in eval mode with its ImageNet normalization: DINOv2-B/14 at 224 px (16 x 16 patches)
-    for REPA, or ConvNeXt-V2 for the vision-aided loss. Missing weights: one line."""
+    """A frozen timm backbone in eval mode, ImageNet normalization: DINOv2-B/14 (REPA) or ConvNeXt-V2 (App. A.3)."""
     import timm
     try:
         m = timm.create_model(name, pretrained=pretrained, num_classes=0, **kw)
@@ -409,14 +394,12 @@ def dino_features(dino, img, aug=None, res=32, grid=16):
     return f
 
 def va_features(net, x):
-    """Vision-aided loss (App. A.3): images x in [-1, 1] [B, C, R, R] -> the frozen ConvNeXt-V2's pooled, normalized
-    last-stage features [B, F] (pMF's feature), at 224 px (bicubic, antialiased) with ImageNet normalization."""
+    """App. A.3: images in [-1, 1] -> the frozen ConvNeXt-V2's pooled, normalized features [B, F] (pMF's), 224 px."""
     x = F.interpolate((x.float().expand(-1, 3, -1, -1) + 1) / 2, size=(224, 224), mode='bicubic', antialias=True)
     return net.forward_head(net.forward_features((x - net.pixel_mean) / net.pixel_std), pre_logits=True)
 
 class VisionAidedHead(nn.Module):
-    """The trainable head on the frozen features (part of D, trained with it): a projection discriminator as D's own,
-    d_va = <MLP(f), e(c)>; its logit enters the same relativistic pairing loss as d_k (README: departures)."""
+    """Part of D: d_va = <MLP(f), e(c)> on the frozen features, in the RpGAN pairing of d_k (README: departures)."""
     def __init__(self, feat_dim, num_classes, dim=512):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(feat_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -426,9 +409,8 @@ class VisionAidedHead(nn.Module):
 
 # ==== Cross-scale metrics ==== Eq. 1: how coherently the stages accumulate toward the final output.
 def cross_scale_metrics(hs, scales):
-    """Eq. 1's delta_k, R_k, A_k (lists over k < K; batch means) of x_k = r_k(h_k) upsampled bilinearly to x_K. Not in
-    the paper: delta_h_k = ||h_K - h_k|| / ||h_K|| on the raw outputs (what L_cons acts on, incl. the detail r_k pools
-    away), and *_floor: Eq. 1 for a perfect hierarchy (every h_k = h_K), what r_k's pooling leaves."""
+    """Eq. 1's delta_k, R_k, A_k (k < K, batch means) of x_k = r_k(h_k) upsampled to x_K; not in the paper: delta_h_k =
+    ||h_K - h_k|| / ||h_K|| of raw outputs (L_cons's view), *_floor: Eq. 1 if every h_k = h_K (what pooling leaves)."""
     full, K = scales[-1], len(hs) - 1
     up = lambda x: (F.interpolate(x, size=(full, full), mode='bilinear', align_corners=False)
                     if x.shape[-1] != full else x)
@@ -470,8 +452,7 @@ def is_small_data(path):
         return False
 
 def check_data_dir(path):
-    """Checks a dataset directory before anything is built (cat.py, fid.py, sample.py): meta.json, files, labels (not
-    the geometry: hierarchy()) -> meta.json plus 'store' and a sample's 'shape' [C, r, r]; a problem: one line."""
+    """Checks a data directory first (meta.json, files, labels; not geometry) -> meta + 'store', a sample's 'shape'."""
     redo = f"re-run prepare_latents.py for '{path}'"
     if not os.path.isdir(path):
         raise SystemExit(f"error: no dataset directory '{path}'. Make one with `python prepare_latents.py --images "
@@ -524,8 +505,7 @@ def check_data_dir(path):
     return dict(meta, shape=[shape[0] // 2, *shape[1:]] if latents else shape)
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Item i -> (x, label, img): x the float16 posterior moments [2C, r, r] (mean | std) of latents or the uint8 image
-    [C, r, r] of pixels (memmap or JPEG); img the JPEG crop for REPA of latents, else empty (pixels: REPA reads x)."""
+    """Item i -> (x, label, img): latent moments [2C, r, r] (mean | std) or uint8 pixels [C, r, r]; img: REPA's crop."""
     def __init__(self, path, meta, images):
         self.path, self.meta, self.images, self.store = path, meta, images and meta['store'] == 'latents', meta['store']
         self.data = self.labels = self.blob = None      # opened lazily, once per DataLoader worker
@@ -552,8 +532,7 @@ class LatentDataset(torch.utils.data.Dataset):
         return x, int(self.labels[i]), img
 
 def open_data(args):
-    """-> info (kind 'toy' | 'pixel' | 'latent', N, channels, res, num_classes, scale, vae, meta), the data (toy tensors
-    or a LatentDataset), notes to log. Latents without images turn REPA off (a note) unless --lambda-repa was given."""
+    """-> info (kind toy | pixel | latent, N, channels, res, ...), data, notes; latents without images: REPA off."""
     if args.data == 'toy':
         x, y = make_toy(args.toy_n, seed=args.seed, res=args.toy_res)
         info = dict(kind='toy', N=len(y), channels=3, res=args.toy_res, num_classes=int(y.max()) + 1, scale=1.0,
@@ -576,7 +555,6 @@ def real_x(batch, nz, info):
     if info['kind'] == 'latent':
         return posterior_sample(batch, nz['eps'], info['scale'])
     return batch if batch.is_floating_point() else batch.float() / 127.5 - 1
-
 def posterior_sample(moments, eps, scale):
     """x = (mean + std * eps) * scaling_factor: a fresh posterior draw at each use (pixel data: std = 0, factor 1)."""
     C = moments.shape[1] // 2
@@ -743,8 +721,7 @@ class GStep(nn.Module):
                 d_real = D(multiscale(xr, D.scales), c)
                 f_real = va_features(va, xr) if va is not None else None
             f_fake = va_features(va, xf.chunk(len(hs))[-1]) if va is not None else None    # G's gradient flows through
-        adv = rpgan_g_loss(d_fake, d_real)
-        cons = consistency_loss(hs, detach_anchor=a.cons_detach)
+        adv, cons = rpgan_g_loss(d_fake, d_real), consistency_loss(hs, detach_anchor=a.cons_detach)
         loss, stats = adv + a.lambda_cons * cons, dict(loss_g=adv.detach(), cons=cons.detach())
         if va is not None:
             va_g = rpgan_g_loss(D.va(f_fake, c), D.va(f_real, c))
@@ -1448,9 +1425,9 @@ def names(args, D):
     return (f"G-{args.model}/{args.patch or 2} + D-{args.model_d or D_FOR_G[args.model]}/"
             f"{','.join(map(str, sorted(set(D.patches))))}")
 
-# CUDA's kernels as memory_estimate sees them (values never read): flash (bf16) or memory-efficient (fp32) attention,
-# rms_norm fused, in fp32 under autocast (CPU's: bf16), saving its input and an fp32 rstd.
-class _FusedRMSNorm(torch.autograd.Function):
+class CudaRMSNorm(torch.autograd.Function):
+    """rms_norm's memory on CUDA, for memory_estimate (values never read): fused, in fp32 under autocast (the CPU's: in
+    bf16), saving its input and an fp32 rstd. Attention needs no stand-in: CPU's flash kernel saves what CUDA's do."""
     @staticmethod
     def forward(ctx, x, w, n):
         ctx.save_for_backward(x, x.new_empty((*x.shape[:x.dim() - n], *[1] * n), dtype=torch.float32), w)
@@ -1459,21 +1436,14 @@ class _FusedRMSNorm(torch.autograd.Function):
     def backward(ctx, g):
         x, _, w = ctx.saved_tensors
         return x.new_empty(x.shape), w.new_empty(w.shape) if ctx.needs_input_grad[1] else None, None
+    @staticmethod
+    def rms_norm(x, shape, w=None, eps=None):       # for F.rms_norm
+        fp32 = lambda t: t.float() if t is not None and torch.is_autocast_enabled('cpu') else t
+        return CudaRMSNorm.apply(fp32(x), fp32(w), len(shape))
 
-def _cuda_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, cpu=F.scaled_dot_product_attention):
-    if attn_mask is not None:                       # --d-attn mask: CPU's kernel ~ CUDA's memory-efficient one
-        return cpu(q, k, v, attn_mask, dropout_p, is_causal, scale=scale)
-    q, k, v = (t.to(torch.bfloat16) if torch.is_autocast_enabled('cpu') else t for t in (q, k, v))
-    return (torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)
-            if q.dtype == torch.bfloat16 else torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, None, True, dropout_p, is_causal, scale=scale))[0]
-_fp32 = lambda t: t.float() if t is not None and torch.is_autocast_enabled('cpu') else t
-CUDA_KERNELS = dict(scaled_dot_product_attention=_cuda_sdpa,
-                    rms_norm=lambda x, shape, w=None, eps=None: _FusedRMSNorm.apply(_fp32(x), _fp32(w), len(shape)))
-
-def memory_estimate(args, kernels=CUDA_KERNELS):
+def memory_estimate(args):
     """Per-GPU bytes of a training iteration at --batch-size per GPU, on a CPU: train_step on fake CPU tensors (shapes,
-    no memory) with CUDA's kernels, its 2nd iteration (AdamW state exists) under MemTracker; ddp: DDP's buckets."""
+    no memory) with CUDA's rms_norm, its 2nd iteration (AdamW state exists) under MemTracker; ddp: DDP's buckets."""
     from unittest import mock
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -1493,7 +1463,7 @@ def memory_estimate(args, kernels=CUDA_KERNELS):
     with torch.device('meta'):
         m = build(args, g_cfg, d_cfg, torch.device('meta'), 1, pretrained=False)
     nets = [n for n in (m.G, m.D, m.ema, *m.d_step._dino, *m.d_step._va) if n is not None]
-    with FakeTensorMode(), mock.patch.multiple(F, **kernels) if kernels else contextlib.nullcontext():
+    with FakeTensorMode(), mock.patch.object(F, 'rms_norm', CudaRMSNorm.rms_norm):
         for net in nets:                                                    # meta -> fake CPU tensors
             net._apply(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype))
         m, mt = m._replace(opt_g=adamw(m.G, args, True), opt_d=adamw(m.D, args, True)), Tracker()   # as on CUDA

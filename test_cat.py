@@ -64,12 +64,14 @@ def toy_memory_args(batch, precision='fp32'):
     return cat.get_args(['--data', 'toy', '--summary', '--batch-size', str(batch), '--precision', precision])
 
 
-def test_memory_estimate_equals_real_cpu_tensors():
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_memory_estimate_equals_real_cpu_tensors(precision, monkeypatch):
     """The fake-tensor trace allocates what real tensors do: the peak of the same 2nd train_step on real CPU tensors
-    under a plain MemTracker, CPU kernels in both (CUDA's kernels cannot run on a CPU)."""
+    under a plain MemTracker, with the same stand-in for CUDA's rms_norm."""
     from torch.distributed._tools.mem_tracker import MemTracker
-    args = toy_memory_args(4)
-    est = cat.memory_estimate(args, kernels={})
+    args = toy_memory_args(4, precision)
+    est = cat.memory_estimate(args)
+    monkeypatch.setattr(F, 'rms_norm', cat.CudaRMSNorm.rms_norm)
     info, g_cfg, d_cfg = cat.synthetic(args)
     m = cat.build(args, g_cfg, d_cfg, torch.device('cpu'), 1)
     m = m._replace(opt_g=cat.adamw(m.G, args, True), opt_d=cat.adamw(m.D, args, True))

@@ -608,8 +608,7 @@ def _toy_sdf(c, x, y, s):
     return shapes[c]()
 
 def make_toy(n, seed=0, res=16, random_hue=False):
-    """Deterministic: x [n, 3, res, res] float32 in [-1, 1], y [n] int64, every aligned block of 10 holding each class
-    once (counts differ by at most 1). random_hue: any hue for any class (the shape judge's training set)."""
+    """x [n, 3, res, res] in [-1, 1], y [n], each aligned block of 10 holding every class once; random_hue: any hue."""
     g = torch.Generator().manual_seed(seed)
     y = torch.rand(n // 10 + 1, 10, generator=g).argsort(1).flatten()[:n]
     u = lambda *shape: torch.rand(*shape, generator=g)
@@ -639,8 +638,7 @@ def make_toy(n, seed=0, res=16, random_hue=False):
 # ==== One training iteration ==== App. A.2: a D step, then a G step, each a module so DDP wraps just what it trains.
 def step_noise(seed, step, n, G, scales, device):
     """All noise of a step's global batch (n) from (seed, step) alone: exact resume at any world size, no RNG state."""
-    g = torch.Generator(device).manual_seed(seed * 1_000_003 + step + 1)
-    C, R = G.channels, G.res
+    g, C, R = torch.Generator(device).manual_seed(seed * 1_000_003 + step + 1), G.channels, G.res
     nz = dict(z=torch.randn(n, G.z_dim, generator=g, device=device),        # both steps' z, as GAT's loop (see README)
               eps=torch.randn(n, C, R, R, generator=g, device=device))          # posterior sample of the real latent
     nz.update({name: draw_aug(n, R, g, device) for name in ('aug_dr', 'aug_df', 'aug_gr', 'aug_gf')})
@@ -738,8 +736,7 @@ def ema_update(ema, G, decay):
 Models = collections.namedtuple('Models', 'G D ema opt_g opt_d d_step g_step world micro')
 
 def train_step(m, x, c, img, nz, args):
-    """One iteration on this rank's batch (App. A.2): D step, then G step with D frozen, w_avg and EMA updates.
-    Micro-batches accumulate gradients (DDP syncs on the last one). Returns (names, stats tensor): no host sync."""
+    """One iteration (App. A.2): D step, G step (D frozen), w_avg and EMA; micro-batches accumulate; no host sync."""
     n_acc = x.shape[0] // m.micro
     chunks = [(i * m.micro, (i + 1) * m.micro) for i in range(n_acc)]
     sync = lambda mod, i: contextlib.nullcontext() if m.world == 1 or i == n_acc - 1 else mod.no_sync()
@@ -816,8 +813,7 @@ def hierarchy(args, info):
     return scales, p, dp
 
 def model_configs(args, info):
-    """G and D constructor arguments for --model / --model-d, the hierarchy and the data (channels, size, classes).
-    What equals the default (Table 6's hierarchy, patch 2) is left out, so such configs read as before it existed."""
+    """G and D constructor arguments (--model, --model-d, hierarchy, data); Table 6's hierarchy, patch 2 left out."""
     g, d = G_CONFIGS[args.model], D_CONFIGS[args.model_d or D_FOR_G[args.model]]
     common = dict(channels=info['channels'], res=info['res'], num_classes=info['num_classes'])
     g_cfg = dict(depth=g.depth, width=g.width, heads=g.heads, **common)
@@ -913,8 +909,7 @@ def precision_recall(real_feats, fake_feats, k=3, batch=5000, device='cpu'):
 JUDGE_STEPS, JUDGE_MIN_ACC = 300, 0.95     # the judges' training steps; the toy's judges must reach this accuracy
 
 class Judge(nn.Module):
-    """A small CNN for small pixel data: 3 convs down to 4 x 4, a 128-d feature layer over the whole map (no global
-    pooling, so the features keep where things are and how big they are), a linear class head."""
+    """Small CNN for small pixel data: 3 convs to 4 x 4, a 128-d layer on the whole map (no pooling: where, how big)."""
     def __init__(self, res=16, num_classes=10, channels=3, dim=128):
         super().__init__()
         self.convs = nn.Sequential(nn.Conv2d(channels, 32, 3, max(1, res // 16), 1), nn.SiLU(),
@@ -953,10 +948,9 @@ def class_accuracy(judge, x, y, num_classes):
 
 @torch.no_grad()
 def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shape_judge=None, failed=None):
-    """n fakes of A's classes c (the data's mix) vs reals A = real[:n], B = real[n:2n]. fd, precision, recall: fakes vs
-    A; floors: B vs A. diversity: per class, mean pairwise feature distance of fakes over A's (1 = as varied as data;
-    nan: identical reals). With labels: class_acc (overall, per class, worst), class_acc_flip (mirrored fakes: high if G
-    draws mirror images); shape_acc: shape_judge's (toy: hue-blind). A failing metric: left out, named in `failed`."""
+    """n fakes of A's classes c vs reals A = real[:n], B = real[n:2n]: fd, precision, recall (floors: B vs A); diversity
+    per class, fakes' mean pairwise distance over A's (1: as varied as data). Labels: class_acc (overall, per class,
+    worst), class_acc_flip (high if G draws mirror images); shape_acc (toy: hue-blind). Failures named in `failed`."""
     n, out, failed = len(fake), {}, {} if failed is None else failed
     def metric(name, fn):
         try:
@@ -1005,10 +999,9 @@ def pixels(ds, idx):
     return x.float() / 127.5 - 1, torch.from_numpy(ds.labels[idx].astype(np.int64))
 
 class Evaluation:
-    """On fixed EMA samples: Eq. 1 and its floor; a grid (pixel data: a row per class, as reals.png). Pixel data:
-    judge_metrics in a judge's features (trained on the data; one class: untrained, random CNN features as Naeem et al.
-    2020's 'T4') and, keys *_px, in pixels pooled 2 x 2, which keep the variety a classifier ignores (position, size,
-    stroke, colour) but not 1-px texture and noise. A failing metric is named, not fatal. FID: `fid.py train`'s hook."""
+    """On fixed EMA samples: Eq. 1 and its floor, a grid (pixels: a row per class). Pixel data: judge_metrics in the
+    judge's features (one class: an untrained CNN's, Naeem et al. 2020's 'T4') and, *_px, in pixels pooled 2 x 2 (the
+    variety a classifier ignores: position, size, stroke, colour; not 1-px texture). Failures: named. FID: fid.py."""
     def __init__(self, args, info, ds, device, run_dir, log):
         self.a, self.info, self.device, self.run_dir = args, info, device, run_dir
         self.scales = hierarchy(args, info)[0]
@@ -1122,8 +1115,7 @@ def save_checkpoint(path, state):
     os.replace(path + '.tmp', path)
 
 def load_checkpoint(path, map_location='cpu'):
-    """A CAT checkpoint dict, or one clear line (missing, truncated, unsafe, not CAT's, too old). Loading runs no code
-    (torch's weights-only unpickler). A .safetensors file (sample.py --export) holds only 'ema' and its config."""
+    """A CAT checkpoint dict (weights-only: runs no code; .safetensors: 'ema' and config only), else one clear line."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint file '{path}'.")
     try:
@@ -1165,8 +1157,7 @@ def find_resume(path):
     raise SystemExit(f"error: --resume {path}: no readable checkpoint there.")
 
 def resolve_run(args, info, g_cfg, d_cfg, rank, world):
-    """-> (run directory, checkpoint or None): --resume FILE or DIR (a DIR without a checkpoint, or not there yet,
-    starts a new run there: a requeue script repeats one command), else --out or a new runs/NNN-NAME, on every rank."""
+    """-> (run dir, checkpoint or None): --resume FILE | DIR (none there yet: a new run there), --out, or runs/NNN."""
     ck = None
     if args.resume:
         src = args.resume if args.resume != 'auto' else (args.out or '')
@@ -1264,8 +1255,7 @@ def train(args, hooks=()):
     """The run. hooks: callables hook(step, ema, info, log), called on rank 0 after every step (fid.py train: FID)."""
     rank, world, device = setup_ddp()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    b = args.batch_size // world
-    micro = args.micro_batch or b
+    b, micro = args.batch_size // world, args.micro_batch or args.batch_size // world
     if args.batch_size % world or b % micro:
         raise SystemExit(f"error: --batch-size {args.batch_size} must split evenly over {world} processes and into "
                          f"micro-batches of {args.micro_batch}: pick sizes that divide.")
@@ -1298,8 +1288,7 @@ def train(args, hooks=()):
         f"{sum(p.numel() for p in m.D.parameters()) / 1e6:.2f}M params, {world} process(es) x batch {b} (micro "
         f"{micro}), {args.precision}, device {device}, {args.workers} data workers")
     from tqdm import tqdm
-    stop = Preemption(world)
-    pending, t0, last_eval, done = [], time.time(), None, start
+    stop, pending, t0, last_eval, done = Preemption(world), [], time.time(), None, start
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, dynamic_ncols=True):
         moments, c, img = next(batches)
         nz = take(step_noise(args.seed, step, args.batch_size, m.G, m.D.scales, device), rank * b, (rank + 1) * b)
@@ -1363,8 +1352,7 @@ def count_macs(fn):
     return fc.get_total_flops() / 2
 
 def synthetic(args):
-    """(info, G and D configs) for the data --summary and --bench assume: ImageNet-256 SD-VAE latents (4 x 32 x 32), or
-    RGB ImageNet pixels at the finest --scales resolution when that is not 32 (App. A.3: 256)."""
+    """(info, G and D configs) of --summary / --bench: ImageNet-256 latents, or RGB pixels at the finest --scales."""
     res = args.scales[-1] if args.scales else 32
     info = dict(kind='latent' if res == 32 else 'pixel', channels=4 if res == 32 else 3, res=res, num_classes=1000)
     return (info, *model_configs(args, info))

@@ -36,7 +36,8 @@ DEFAULT_DATA, DEFAULT_VAE = 'data/imagenet256', 'stabilityai/sd-vae-ft-ema'     
 DINO_NAME = 'vit_base_patch14_dinov2.lvd142m'
 VA_NAME = 'convnextv2_base.fcmae_ft_in22k_in1k'     # App. A.3's vision-aided loss: pMF's ConvNeXt-V2-B (README)
 Z_DIM = 64                  # z ~ N(0, I) and the class embedding of G's mapping network (App. A.1)
-TOY_STEPS = 700             # the embedded default: about 8 minutes on 2 CPU cores
+TOY_STEPS = 2000            # the embedded default: about 8 minutes on 2 CPU cores (docs/small-data.md)
+SMALL_STEPS = 4000          # other small data (pixels up to 64 px): about 15 minutes at 16 px
 
 NetConfig = collections.namedtuple('NetConfig', 'depth width heads cmap', defaults=[2048])    # cmap: D's head (GAT)
 # G: output layers are uniformly spaced, depth/4 * (1, 2, 3, 4) (Table 6: 3,6,9,12 / 6,12,18,24 / 8,16,24,32).
@@ -1571,18 +1572,19 @@ def get_args(argv=None):
         p.error(f"unknown --model {args.model} / --model-d {args.model_d}: choose G from {list(G_CONFIGS)}, "
                 f"D from {list(D_CONFIGS)}")
     args.repa_given = args.lambda_repa is not None
-    # Small data (toy, pixels) departs from Table 6 for a few hundred CPU steps on a few thousand images (README:
-    # small-data ablations): lr 2e-3 (GAT scales lr by 768 / width: 2.4e-3 at 64); EMA 0.99 (0.999 keeps ~50% of the
-    # initial weights after 700 steps); no DiffAugment, gamma 0.1 (else a 64-wide D can't tell real from fake at 16 px);
-    # no REPA (no DINOv2 targets). No CUDA: fp32 (bf16 autocast is slow on CPUs), no data workers, --bench: no DINOv2.
-    defaults = dict(steps=TOY_STEPS if toy else 50_000, batch_size=64 if small or args.bench or args.summary else 512,
+    # Small data (toy, pixels up to 64 px) departs from Table 6 for minutes on a CPU (docs/small-data.md): batch 16
+    # (per wall-clock minute, 16 beat 64, 32, 8 and 4), lr 2e-3 (GAT: lr x 768 / width = 2.4e-3 at 64), EMA 0.99
+    # (0.995, 0.998 lag behind at these lengths), no DiffAugment, gamma 0.1 (else a 64-wide D can't tell real from fake
+    # at 16 px), no REPA. No CUDA: fp32 (bf16 autocast is slow on CPUs), no data workers, --bench: no DINOv2.
+    defaults = dict(steps=TOY_STEPS if toy else SMALL_STEPS if small else 50_000,
+                    batch_size=64 if args.bench or args.summary else 16 if small else 512,
                     lambda_repa=0.0 if small or (args.bench and not cuda) else 1.0, lr=2e-3 if small else 2e-4,
                     ema_decay=0.99 if small else 0.999, aug=not small, gamma=0.1 if small else 1.0, eval_n=1000,
                     precision='bf16' if cuda or args.summary else 'fp32', workers=8 if cuda else 0)
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     # Cadence: the toy's; else by run length (10 evals, 5 checkpoints) capped at Table 6's, so short runs show progress.
     cap = lambda most, div: min(most, max(1, args.steps // div))         # a share of the run, at most `most`
-    cadence = (dict(log_every=50, eval_every=350, ckpt_every=1000, latest_every=500) if toy else dict(
+    cadence = (dict(log_every=50, eval_every=TOY_STEPS // 4, ckpt_every=1000, latest_every=500) if toy else dict(
         log_every=cap(100, 100), eval_every=cap(5000, 10), ckpt_every=cap(10_000, 5), latest_every=cap(1000, 20)))
     vars(args).update({k: v for k, v in cadence.items() if getattr(args, k) is None})
     if toy and args.lambda_repa > 0:

@@ -1759,7 +1759,7 @@ def test_small_data_defaults_follow_the_data(tmp_path):
         (tmp_path / kind / 'meta.json').write_text(json.dumps({'vae': vae, 'shape': shape,
                                                                'latent_shape': [8, 32, 32]}))
     keys = ('model', 'batch_size', 'lr', 'ema_decay', 'aug', 'gamma', 'lambda_repa')
-    small, table6 = ("S", 64, 2e-3, 0.99, False, 0.1, 0.0), ('B', 512, 2e-4, 0.999, True, 1.0, 1.0)
+    small, table6 = ("S", 16, 2e-3, 0.99, False, 0.1, 0.0), ('B', 512, 2e-4, 0.999, True, 1.0, 1.0)
     for data, want in (('toy', small), (str(tmp_path / 'pixel'), small), (str(tmp_path / 'pixel256'), table6),
                        (str(tmp_path / 'latent'), table6), ('no/such/dir', None)):
         a = cat.get_args(['--data', data])
@@ -1767,6 +1767,8 @@ def test_small_data_defaults_follow_the_data(tmp_path):
     a = cat.get_args(['--data', 'toy', '--aug', '--gamma', '1', '--model', 'T', '--lr', '2e-4'])
     assert (a.aug, a.gamma, a.model, a.lr) == (True, 1.0, 'T', 2e-4)
     assert cat.get_args(['--data', str(tmp_path / 'latent'), '--no-aug']).aug is False
+    assert [cat.get_args(['--data', d]).steps for d in ('toy', str(tmp_path / 'pixel'), str(tmp_path / 'latent'))] == [
+        cat.TOY_STEPS, cat.SMALL_STEPS, 50_000]
     for bad in ('{not json', '[1, 2]'):         # left to check_data_dir's one line, not a traceback in get_args
         (tmp_path / 'pixel' / 'meta.json').write_text(bad)
         assert cat.get_args(['--data', str(tmp_path / 'pixel')]).model == 'B'

@@ -1,8 +1,7 @@
 """CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449), one file.
 
-A one-step class-conditional transformer GAN in SD-VAE latent space. The generator (GAT's) emits four accumulated
-outputs h_0..h_3; a scale-wise discriminator judges x_k = r_k(h_k) at four resolutions through one transformer with
-block-diagonal attention; a generator-side consistency loss (Eq. 2) keeps h_0..h_2 on the trajectory of the final h_3.
+A one-step class-conditional transformer GAN on SD-VAE latents: GAT's generator emits accumulated outputs h_0..h_3; one
+scale-wise D judges x_k = r_k(h_k) (block-diagonal attention); a consistency loss (Eq. 2) keeps h_0..h_2 on h_3's path.
 
     python cat.py --data toy                                  # the embedded default: CPU, minutes
     python cat.py --model H --summary                         # params / GFLOPs of Table 6, GPU memory; no GPU
@@ -10,10 +9,8 @@ block-diagonal attention; a generator-side consistency loss (Eq. 2) keeps h_0..h
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 cat.py --model H
     torchrun --nproc_per_node=8 cat.py --model H --resume runs/000-H   # continue a run
 
-Sections in the paper's order: notation and configs (Table 6); building blocks (App. A.1); generator (Sec. 3.1,
-Fig. 11); scale-wise discriminator (Fig. 3); augmentation (GAT's DiffAugment); objectives (Sec. 3.2, Eq. 2-3); cross-
-scale metrics (Eq. 1); data (Sec. 4); training iteration (App. A.2); evaluation; training loop; cost; command line.
-"""
+Sections in the paper's order: configs (Table 6); blocks (A.1); generator (Sec. 3.1, Fig. 11); scale-wise D (Fig. 3);
+augmentation; objectives (Sec. 3.2, Eq. 2-3); metrics (Eq. 1); data (Sec. 4); step (App. A.2); eval; loop; cost."""
 import argparse, collections, contextlib, copy, glob, io, json, math, os, pickle, re, signal, time, warnings
 
 import numpy as np
@@ -25,7 +22,6 @@ from torch.utils.checkpoint import checkpoint
 
 # ==== Notation and configs ==== Table 6. K+1 = 4 stages k = 0..3, coarse to fine.
 K = 3                       # Table 6: stages k = 0..K; any other hierarchy: --scales (K = number of scales - 1)
-
 def table6_scales(res):
     """Resolutions of x_0..x_K in Table 6: R/8, R/4, R/2, R (4, 8, 16, 32 for ImageNet latents)."""
     return [res >> (K - k) for k in range(K + 1)]
@@ -38,7 +34,6 @@ VA_NAME = 'convnextv2_base.fcmae_ft_in22k_in1k'     # App. A.3's vision-aided lo
 Z_DIM = 64                  # z ~ N(0, I) and the class embedding of G's mapping network (App. A.1)
 TOY_STEPS = 2000            # the embedded default: about 8 minutes on 2 CPU cores (docs/small-data.md)
 SMALL_STEPS = 4000          # other small data (pixels up to 64 px): about 15 minutes at 16 px
-
 NetConfig = collections.namedtuple('NetConfig', 'depth width heads cmap', defaults=[2048])    # cmap: D's head (GAT)
 # G: output layers are uniformly spaced, depth/4 * (1, 2, 3, 4) (Table 6: 3,6,9,12 / 6,12,18,24 / 8,16,24,32).
 G_CONFIGS = {'T': NetConfig(4, 32, 2), 'S': NetConfig(4, 64, 2),     # T: tests only; S: the toy run and CPU experiments
@@ -57,7 +52,6 @@ def sincos_2d(dim, n):
         return torch.cat([out.sin(), out.cos()], dim=1)
     ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing='ij')
     return torch.cat([one_d(dim // 2, ys), one_d(dim // 2, xs)], dim=1).float()
-
 def rope_2d(head_dim, n, n_cls=0, theta=10000.0):
     """Axial 2D RoPE (cos, sin) [n_cls + n*n, head_dim], angle 0 for [cls]; pairs (i, i + d/2): rows, then columns."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim // 4, dtype=torch.float64) / (head_dim // 4))
@@ -65,19 +59,16 @@ def rope_2d(head_dim, n, n_cls=0, theta=10000.0):
     ang = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=1)      # [n*n, head_dim/2]
     ang = torch.cat([torch.zeros(n_cls, head_dim // 2, dtype=ang.dtype), ang]).repeat(1, 2)
     return ang.cos().float(), ang.sin().float()
-
 def rms_norm(x, norm):
     """nn.RMSNorm with its weight in x's dtype, so that the fused kernel also runs on bf16 activations."""
     return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
-
 def autocast(precision, device):
     """bf16 autocast or ('fp32') autocast off, also inside an outer autocast region; a no-op on meta (--summary)."""
     return (contextlib.nullcontext() if device.type == 'meta' else
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16'))
-
 @contextlib.contextmanager
 def full_fp32(enabled=True):
     """Inside: fp32 matmuls and convolutions in full precision (TF32 off on CUDA); the previous flags are restored."""
@@ -91,22 +82,18 @@ def full_fp32(enabled=True):
             f.allow_tf32 = o
 
 class EqualLinear(nn.Module):
-    """Equalized lr in GAT's form: stored xavier-uniform / lr_mul, used x lr_mul, so Adam moves the used weight by ~lr *
-    lr_mul per step whatever the fan-in (StyleGAN2's randn / lr_mul, gain lr_mul / sqrt(fan_in): sqrt(fan_in)x less)."""
+    """Equalized lr, GAT's form: weight stored / lr_mul, used x lr_mul: Adam steps ~lr * lr_mul whatever the fan-in."""
     def __init__(self, n_in, n_out, lr_mul=0.01):
         super().__init__()
         self.weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_out, n_in), gain=1 / lr_mul))
         self.bias, self.lr_mul = nn.Parameter(torch.zeros(n_out)), lr_mul
     def forward(self, x):
         return F.linear(x, self.weight * self.lr_mul, self.bias * self.lr_mul)
-
 def init_linears(module):
-    """Xavier-uniform weights and zero biases for every nn.Linear (as DiT / GAT)."""
-    for m in module.modules():
+    for m in module.modules():          # xavier-uniform weights, zero biases (as DiT / GAT)
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
-
 def normalize_2nd_moment(x, eps=1e-8):
     return x * (x.square().mean(dim=-1, keepdim=True) + eps).rsqrt()
 
@@ -135,7 +122,6 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         x1, x2 = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(x1) * x2)
-
 def patchify(x, p):
     B, C, H, W = x.shape
     return x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
@@ -158,7 +144,6 @@ class GBlock(nn.Module):
         return x + g2 * self.mlp(modulate(self.norm2(x), s2, c2))
 
 class OutputHead(nn.Module):
-    """o_k = unpatchify(Linear(modulate(RMSNorm(tokens), w)))."""
     def __init__(self, width, patch, channels):
         super().__init__()
         self.norm, self.ada = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False), nn.Linear(width, 2 * width)
@@ -191,7 +176,6 @@ class Generator(nn.Module):
             nn.init.xavier_uniform_(m.ada.weight, gain=0.1)    # small modulation at init (as GAT)
         nn.init.normal_(self.class_embed.weight, std=0.02)     # as GAT: small, so Adam turns its direction quickly
     def style(self, z, c):
-        """w = mapping([z, e(c)]), both normalized to unit second moment."""
         return self.mapping(torch.cat([normalize_2nd_moment(z), normalize_2nd_moment(self.class_embed(c))], dim=1))
     def truncate(self, w, c, psi):
         """StyleGAN convention: psi = 1 is no truncation, psi = 0 gives w_avg[c]."""
@@ -239,8 +223,7 @@ class DBlock(nn.Module):
         return x + self.ls2 * self.mlp(self.norm2(x))
 
 class Discriminator(nn.Module):
-    """Segments [cls_k, tokens of x_k] (4 cls + 4 + 16 + 64 + 256 tokens at res 32), block-diagonal attention ('split':
-    a call per scale, or 'mask'; mask=False: Fig. 9's scale-aggregated D); scales, patch (one, or per scale): A.3."""
+    """Per scale [cls_k, tokens of x_k]; block-diagonal attention ('split' | 'mask'; mask=False: Fig. 9); patch: A.3."""
     def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, cmap_dim=2048,
                  repa_dim=768, mask=True, attn_impl='split', scales=None, va_dim=0):
         super().__init__()
@@ -261,8 +244,7 @@ class Discriminator(nn.Module):
         self.register_buffer('rope_cos', torch.cat([r[0] for r in ropes]), persistent=False)
         self.register_buffer('rope_sin', torch.cat([r[1] for r in ropes]), persistent=False)
         self.blocks = nn.ModuleList([DBlock(width, heads) for _ in range(depth)])
-        self.norm = nn.RMSNorm(width, eps=1e-6)
-        # projection head (as GAT): d_k = <Linear(RMSNorm(cls_k)), e(c)>, e(c) through an equalized-lr 2-layer mapping
+        self.norm = nn.RMSNorm(width, eps=1e-6)    # projection head (GAT's): d_k = <Linear(norm(cls_k)), map(e(c))>
         self.head, self.class_embed = nn.Linear(width, cmap_dim), nn.Embedding(num_classes, cmap_dim)
         self.class_map = nn.Sequential(EqualLinear(cmap_dim, cmap_dim), nn.SiLU(), EqualLinear(cmap_dim, cmap_dim))
         self.proj = nn.Sequential(nn.Linear(width, 2048), nn.SiLU(), nn.Linear(2048, 2048), nn.SiLU(),
@@ -299,20 +281,16 @@ class Discriminator(nn.Module):
             d = (self.head(cls) * e[:, None]).sum(-1)
         return (d, x[:, self.segments[-1][0]:]) if return_tokens else d
 
-# ==== Augmentation ==== GAT's DiffAugment 'color,translation,cutout,flip' (losses/diffaug.py, losses/Rp_PT_loss.py)
-# on every D input of both steps, probability 1; a sample's stages share its parameters (augment at full res, then r_k).
+# ==== Augmentation ==== GAT's DiffAugment (losses/diffaug.py) on every D input, p = 1; at full res, then r_k (shared).
 def draw_aug(n, res, g, device):
-    """Per-sample parameters from g, GAT's probabilities and sizes: colour on half the samples, translation up to 1/8 of
-    the side, a half-side cutout centred anywhere; flip p = 0.4, not 0.5 (at 0.5 D can't tell mirror images apart)."""
+    """Per-sample parameters from g as GAT's, but flip p = 0.4, not 0.5: at 0.5 D can't tell mirror images apart."""
     u = torch.rand(n, 5, generator=g, device=device)
     t, s = int(res * 0.125 + 0.5), int(res * 0.5 + 0.5)
     return dict(color=u[:, 0] < 0.5, bright=u[:, 1] - 0.5, sat=u[:, 2] * 2, contrast=u[:, 3] + 0.5,
                 flip=u[:, 4] < 0.4, shift=torch.randint(-t, t + 1, (n, 2), generator=g, device=device),
                 cut=torch.randint(0, res + 1 - s % 2, (n, 2), generator=g, device=device) - s // 2)   # top-left corner
-
 def augment(x, a, color=True, cutout=True, scale=1):
-    """x [B, C, H, W] (or n stacked stages [n*B, ...]). Colour as GAT's, but with each image's own means (GAT reuses the
-    final stage's, mixing h_K into x_k). scale: translation multiplier for images of a latent (224 / 32 = 7 px/px)."""
+    """x [B or n*B, C, H, W]; colour by each image's own means (GAT: h_K's); scale: px per data px (224 / 32 = 7)."""
     rep = x.shape[0] // a['flip'].shape[0]
     a = {k: v.repeat(rep, *[1] * (v.dim() - 1)) for k, v in a.items()}
     B, C, H, W = x.shape
@@ -344,45 +322,36 @@ def rpgan_d_loss(d_real, d_fake):
 def rpgan_g_loss(d_fake, d_real):
     """L_adv(G) = mean_k softplus(-(d_k(fake) - d_k(real))); d_real carries no gradient."""
     return F.softplus(d_real.detach() - d_fake).mean()
-
 def approx_gp(d, d_perturbed, sigma):
     """Approximated R1/R2 (Seaweed-APT): mean ((d(x) - d(x + sigma eps)) / sigma)^2, ~ ||grad_x d||^2 as sigma -> 0."""
     return ((d - d_perturbed) / sigma).square().mean()
-
 def approx_gp_pass(D, xs, eps, c, sigma, precision):
-    """Per-sample approx_gp averaged over scales, one D pass over [x; x + sigma eps]; precision 'bf16' (autocast) or
-    'fp32' (no autocast or TF32): at sigma = 0.01 a difference ~1e-3 of the logit drowns in bf16 rounding (README)."""
+    """approx_gp per sample over scales, one D pass on [x; x + sigma eps]; fp32: a ~1e-3 gap drowns in bf16 (README)."""
     n = xs[0].shape[0]
     with autocast(precision, xs[0].device), full_fp32(precision == 'fp32'):
         d = D([torch.cat([x, x + sigma * e]).float() for x, e in zip(xs, eps)], torch.cat([c, c]))
     return ((d[:n] - d[n:]) / sigma).square().mean(1)
-
 def consistency_loss(hs, detach_anchor=False):
     """Eq. 2: L_cons = 1/K sum_{k<K} w_k * mean((h_k - h_K)^2). No stop-gradient on h_K by default (as Eq. 2)."""
     anchor, K = hs[-1].detach() if detach_anchor else hs[-1], len(hs) - 1
     return sum(wk * (h - anchor).float().square().mean() for wk, h in zip(w_cons(K), hs[:-1])) / K
-
 def repa_loss(pred_tokens, dino_cls, dino_patch):
     """(1 - cos) between projected D tokens and frozen DINOv2 features: the cls term plus the mean patch term."""
     cls = 1 - F.cosine_similarity(pred_tokens[:, 0].float(), dino_cls.float(), dim=-1)
     patch = 1 - F.cosine_similarity(pred_tokens[:, 1:].float(), dino_patch.float(), dim=-1).mean(1)
     return (cls + patch).mean()
-
 def load_frozen(name, device, pretrained=True, what='DINOv2', off='--lambda-repa 0', **kw):
     """A frozen timm backbone in eval mode, ImageNet normalization: DINOv2-B/14 (REPA) or ConvNeXt-V2 (App. A.3)."""
     import timm
     try:
         m = timm.create_model(name, pretrained=pretrained, num_classes=0, **kw)
     except Exception as e:
-        raise SystemExit(f"error: cannot load {what} weights '{name}' ({type(e).__name__}): download them once with "
-                         f"network access (timm caches them in the Hugging Face cache) or train with {off}.")
+        raise SystemExit(f"error: cannot load {what} '{name}' ({type(e).__name__}): fetch it once online or use {off}.")
     m.register_buffer('pixel_mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))     # ImageNet normalization
     m.register_buffer('pixel_std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     return m.to(device).eval().requires_grad_(False)
-
 def dino_features(dino, img, aug=None, res=32, grid=16):
-    """DINOv2 tokens [B, 1 + grid^2, 768] of uint8 crops (256 -> 224 bicubic, normalized) with the real's flip and shift
-    (a data pixel = 224 / res px; GAT's res / 224 barely moves its targets, a bug); 16 x 16 patches resized to grid."""
+    """DINOv2 tokens [B, 1 + grid^2, 768] of 224-px crops, the real's flip, shift x 224/res (GAT: x res/224, a bug)."""
     x = F.interpolate(img.float() / 255, size=(224, 224), mode='bicubic', align_corners=False)
     x = (x - dino.pixel_mean) / dino.pixel_std
     if aug is not None:
@@ -393,7 +362,6 @@ def dino_features(dino, img, aug=None, res=32, grid=16):
         p = F.interpolate(p, size=(grid, grid), mode='area' if grid < 16 else 'bilinear', align_corners=None)
         f = torch.cat([f[:, :1], p.flatten(2).transpose(1, 2)], dim=1)
     return f
-
 def va_features(net, x):
     """App. A.3: images in [-1, 1] -> the frozen ConvNeXt-V2's pooled, normalized features [B, F] (pMF's), 224 px."""
     x = F.interpolate((x.float().expand(-1, 3, -1, -1) + 1) / 2, size=(224, 224), mode='bicubic', antialias=True)
@@ -410,8 +378,7 @@ class VisionAidedHead(nn.Module):
 
 # ==== Cross-scale metrics ==== Eq. 1: how coherently the stages accumulate toward the final output.
 def cross_scale_metrics(hs, scales):
-    """Eq. 1's delta_k, R_k, A_k (k < K, batch means) of x_k = r_k(h_k) upsampled to x_K; not in the paper: delta_h_k =
-    ||h_K - h_k|| / ||h_K|| of raw outputs (L_cons's view), *_floor: Eq. 1 if every h_k = h_K (what pooling leaves)."""
+    """Eq. 1's delta_k, R_k, A_k (k < K, batch means); ours: delta_h_k of raw h_k, *_floor: Eq. 1 if all h_k = h_K."""
     full, K = scales[-1], len(hs) - 1
     up = lambda x: (F.interpolate(x, size=(full, full), mode='bilinear', align_corners=False)
                     if x.shape[-1] != full else x)
@@ -438,11 +405,9 @@ def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
         raise SystemExit(f"error: cannot load the VAE '{name_or_path}' ({type(e).__name__}): download it once online "
                          f"(huggingface_hub caches it) or pass a local save_pretrained directory with --vae.")
     return vae.to(device).eval().requires_grad_(False)
-
 DATA_FORMAT_VERSION = 2     # 2: pixels as uint8 or JPEG ('store'); latent directories of version 1 read unchanged
 META_KEYS = ('format_version', 'N', 'num_classes', 'scaling_factor', 'vae', 'images')
 STORES = {'latents': 'latents.npy', 'uint8': 'pixels.npy', 'jpeg': 'images.bin'}   # where the training data lies
-
 def is_small_data(path):
     """Pixel data of at most 64 px ("vae": null)? Unreadable meta.json: no, and check_data_dir's one line follows."""
     try:
@@ -451,7 +416,6 @@ def is_small_data(path):
         return meta.get('vae', '') is None and (meta.get('shape') or meta['latent_shape'])[-1] <= 64
     except (OSError, ValueError, AttributeError, KeyError, TypeError, IndexError):
         return False
-
 def check_data_dir(path):
     """Checks a data directory first (meta.json, files, labels; not geometry) -> meta + 'store', a sample's 'shape'."""
     redo = f"re-run prepare_latents.py for '{path}'"
@@ -536,9 +500,8 @@ def open_data(args):
     """-> info (kind toy | pixel | latent, N, channels, res, ...), data, notes; latents without images: REPA off."""
     if args.data == 'toy':
         x, y = make_toy(args.toy_n, seed=args.seed, res=args.toy_res)
-        info = dict(kind='toy', N=len(y), channels=3, res=args.toy_res, num_classes=int(y.max()) + 1, scale=1.0,
-                    vae=None, meta=None)
-        return info, (x, y), []
+        return dict(kind='toy', N=len(y), channels=3, res=args.toy_res, num_classes=int(y.max()) + 1, scale=1.0,
+                    vae=None, meta=None), (x, y), []
     meta, notes = check_data_dir(args.data), []
     if args.lambda_repa > 0 and not meta['images'] and meta['store'] == 'latents':
         if args.repa_given:
@@ -546,13 +509,10 @@ def open_data(args):
                              f"prepare_latents.py without --no-images, or train with --lambda-repa 0.")
         args.lambda_repa = 0.0
         notes.append(f"REPA off: '{args.data}' has no images for DINOv2 (pass --lambda-repa to insist)")
-    info = dict(kind='pixel' if meta['vae'] is None else 'latent', N=meta['N'], channels=meta['shape'][0],
+    return dict(kind='pixel' if meta['vae'] is None else 'latent', N=meta['N'], channels=meta['shape'][0],
                 res=meta['shape'][1], num_classes=meta['num_classes'], scale=meta['scaling_factor'],
-                vae=meta['vae'], meta=meta)
-    return info, LatentDataset(args.data, meta, images=args.lambda_repa > 0), notes
-
+                vae=meta['vae'], meta=meta), LatentDataset(args.data, meta, images=args.lambda_repa > 0), notes
 def real_x(batch, nz, info):
-    """The real x of a step: a fresh posterior draw of latents; pixels (uint8) in [-1, 1]; the toy set as it is."""
     if info['kind'] == 'latent':
         return posterior_sample(batch, nz['eps'], info['scale'])
     return batch if batch.is_floating_point() else batch.float() / 127.5 - 1
@@ -560,10 +520,8 @@ def posterior_sample(moments, eps, scale):
     """x = (mean + std * eps) * scaling_factor: a fresh posterior draw at each use (pixel data: std = 0, factor 1)."""
     C = moments.shape[1] // 2
     return (moments[:, :C].float() + moments[:, C:].float() * eps) * scale
-
 def step_indices(n, global_batch, rank, world, seed, start, steps):
-    """Per step from start to steps, this rank's slice of the global batch: indices as a pure function of (seed, step),
-    epoch-wise permutations. Resuming at any step replays the same data; any world size sees the same global batches."""
+    """This rank's indices per step, from (seed, step) alone: a resume replays the same data, at any world size."""
     b, epoch = global_batch // world, None
     for step in range(start, steps):
         idx, pos = [], step * global_batch
@@ -573,25 +531,21 @@ def step_indices(n, global_batch, rank, world, seed, start, steps):
                 epoch, perm = e, torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
             idx += perm[off:off + global_batch - len(idx)].tolist()
         yield idx[rank * b:(rank + 1) * b]
-
 def real_batches(ds, info, sampler, device, workers):
     """Yields this rank's (x, c, img) per step; x is the posterior (mean | std) for data sets, pixels for toy."""
     if info['kind'] == 'toy':
         x, y = ds[0].to(device), ds[1].to(device)
-        for idx in sampler:
-            yield x[idx], y[idx], None
+        yield from ((x[idx], y[idx], None) for idx in sampler)
         return
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=device.type == 'cuda', prefetch_factor=4 if workers else None)
     for m, c, img in loader:
         yield m.to(device, non_blocking=True), c.to(device, non_blocking=True), img.to(device, non_blocking=True)
 
-# The toy set (--data toy): small class-conditional pixel images, so the whole pipeline runs on a CPU in minutes. 10
-# classes = (shape, base hue), visible after 4x area pooling; finest-scale detail: 1-px texture, ~1.5 px soft edges.
+# The toy set (--data toy), to run it all on a CPU in minutes: 10 classes = (shape, base hue), seen after 4x pooling.
 TOY_HUES = (0, 216, 72, 288, 36, 252, 324, 144, 108, 180)  # degrees, per class
 TOY_SUMMARY = tuple('shape_acc class_acc min_class_acc fd fd_floor precision precision_floor recall recall_floor '
                     'diversity recall_px recall_px_floor diversity_px delta R A delta_h'.split())    # the final line
-
 def _toy_sdf(c, x, y, s):
     """Signed distance (pixels, <0 inside) of shape c at offsets x, y (image y points down), half-size s."""
     ax, ay = x.abs(), y.abs()
@@ -628,10 +582,9 @@ def make_toy(n, seed=0, res=16, random_hue=False):
     sat, val = 0.75 + 0.25 * u(n), 0.8 + 0.2 * u(n)
     k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * hue[:, None]) % 6       # HSV -> RGB [n, 3]
     rgb = val[:, None] - (val * sat)[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
-    # fine texture: 1-px stripes (horizontal / vertical) or 1-px checker, random phase
-    ix, iy = torch.arange(res)[None, :], torch.arange(res)[:, None]
+    ix, iy = torch.arange(res)[None, :], torch.arange(res)[:, None]    # fine texture: 1-px stripes (h / v) or checker
     pats = torch.stack([(p + t) % 2 for t in (iy + 0 * ix, ix + 0 * iy, ix + iy) for p in (0, 1)])
-    tex = 1 - 0.3 * pats.float()[(u(n) * 6).long()]  # every other line 30 % darker
+    tex = 1 - 0.3 * pats.float()[(u(n) * 6).long()]  # random phase; every other line 30 % darker
     bg = 0.06 + 0.06 * u(n, 1, 1) + 0.03 * torch.randn(n, res, res, generator=g)
     x = (bg - bg * mask)[:, None] + rgb[:, :, None, None] * (mask * tex)[:, None]
     return x.clamp_(0, 1).mul_(2).sub_(1), y
@@ -643,25 +596,20 @@ def step_noise(seed, step, n, G, scales, device):
     nz = dict(z=torch.randn(n, G.z_dim, generator=g, device=device),        # both steps' z, as GAT's loop (see README)
               eps=torch.randn(n, C, R, R, generator=g, device=device))          # posterior sample of the real latent
     nz.update({name: draw_aug(n, R, g, device) for name in ('aug_dr', 'aug_df', 'aug_gr', 'aug_gf')})
-    for name in ('gp_r', 'gp_f'):                                            # perturbation eps of each x_k
-        nz[name] = [torch.randn(n, C, s, s, generator=g, device=device) for s in scales]
+    nz.update({k: [torch.randn(n, C, s, s, generator=g, device=device) for s in scales] for k in ('gp_r', 'gp_f')})
     return nz
-
 def take(nz, lo, hi):
-    """Samples [lo, hi) of every tensor in a (nested) noise dict."""
     if torch.is_tensor(nz):
         return nz[lo:hi]
     return [take(v, lo, hi) for v in nz] if isinstance(nz, list) else {k: take(v, lo, hi) for k, v in nz.items()}
 
 class DStep(nn.Module):
-    """L_D = RpGAN + gamma/2 (R1 + R2) + lambda_REPA * REPA (+ lambda_va * RpGAN of the vision-aided head) on one
-    (micro-)batch. G and the frozen backbones are held outside the module tree (never trained, never in train mode)."""
+    """L_D = RpGAN + gamma/2 (R1 + R2) + lambda_REPA REPA (+ lambda_va RpGAN of d_va); G, backbones outside the tree."""
     def __init__(self, D, G, args, dino=None, va=None):
         super().__init__()
         self.D, self._G, self._dino, self._va, self.a = D, [G], [dino], [va], args
     def forward(self, x_real, c, img, nz):
-        a, D, B = self.a, self.D, x_real.shape[0]
-        amp = autocast(a.precision, x_real.device)
+        a, D, B, amp = self.a, self.D, x_real.shape[0], autocast(self.a.precision, x_real.device)
         with torch.no_grad(), amp:
             fake = torch.cat(self._G[0](nz['z'], c))                            # [h_0; ...; h_K], [(K+1)B, C, R, R]
         xr, xf = (augment(x_real, nz['aug_dr']), augment(fake, nz['aug_df'])) if a.aug else (x_real, fake)
@@ -686,9 +634,8 @@ class DStep(nn.Module):
                                 torch.cat([c[q], c[q]]), a.gp_sigma, 'fp32')
             r1, r2 = sq[:nq].mean(), sq[nq:].mean()
         adv = rpgan_d_loss(d_real, d_fake)
-        loss = adv + a.gamma / 2 * (r1 + r2)
-        stats = dict(loss_d=adv.detach(), r1=r1.detach(), r2=r2.detach(), d_real=d_real.detach().mean(),
-                     d_fake=d_fake.detach().mean())
+        loss, stats = adv + a.gamma / 2 * (r1 + r2), dict(loss_d=adv.detach(), r1=r1.detach(), r2=r2.detach(),
+                                                          d_real=d_real.detach().mean(), d_fake=d_fake.detach().mean())
         if repa:
             with torch.no_grad(), amp:
                 f = dino_features(self._dino[0], img, nz['aug_dr'] if a.aug else None, x_real.shape[-1], D.grids[-1])
@@ -703,8 +650,7 @@ class DStep(nn.Module):
         return loss, stats
 
 class GStep(nn.Module):
-    """L_G = L_adv + lambda_cons * L_cons (Eq. 3) on one (micro-)batch; D is frozen and held outside the tree. The
-    fakes come from the D step's z (GAT's training loop passes the same z to both steps), newly augmented."""
+    """L_G = L_adv + lambda_cons * L_cons (Eq. 3), D frozen, outside the tree; the D step's z (as GAT), new augment."""
     def __init__(self, G, D, args, va=None):
         super().__init__()
         self.G, self._D, self._va, self.a = G, [D], [va], args
@@ -732,9 +678,7 @@ def ema_update(ema, G, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(G.parameters()), 1 - decay)
     for be, b in zip(ema.buffers(), G.buffers()):
         be.copy_(b)
-
-# build()'s result: nets, optimizers, DStep / GStep (DDP-wrapped when world > 1), world size, per-process micro-batch
-Models = collections.namedtuple('Models', 'G D ema opt_g opt_d d_step g_step world micro')
+Models = collections.namedtuple('Models', 'G D ema opt_g opt_d d_step g_step world micro')    # build()'s result
 
 def train_step(m, x, c, img, nz, args):
     """One iteration (App. A.2): D step, G step (D frozen), w_avg and EMA; micro-batches accumulate; no host sync."""
@@ -765,7 +709,6 @@ def train_step(m, x, c, img, nz, args):
 
 def adamw(net, args, fused):
     return torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0, fused=fused)
-
 def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained=True):
     """G, D, EMA, AdamW (0, 0.99) optimizers and the (DDP-wrapped) step modules; state from checkpoint ck if given."""
     torch.manual_seed(args.seed)
@@ -829,19 +772,15 @@ def model_configs(args, info):
         d_cfg['patch'] = dp if len(set(dp)) > 1 else dp[0]
     if args.lambda_va > 0:
         if info['kind'] == 'latent':
-            raise SystemExit("error: --lambda-va needs pixel data (App. A.3): the ConvNeXt-V2 sees images, and latents "
-                             "would first need the VAE decoder; train with --lambda-va 0.")
+            raise SystemExit("error: --lambda-va needs pixel data (App. A.3), not latents: train with --lambda-va 0.")
         import timm
         with torch.device('meta'):                      # the backbone's feature width, without its weights
             d_cfg['va_dim'] = timm.create_model(args.va_model, pretrained=False, num_classes=0).num_features
     return g_cfg, d_cfg
 
-# ==== Evaluation ==== rank 0, every --eval-every steps: EMA sample grids, Eq. 1, and for pixel data judge_metrics in
-# the features of the data set's own judge (a small CNN trained on it). fid.py and sample.py build on these.
+# ==== Evaluation ==== rank 0, every --eval-every: EMA grids, Eq. 1, judge_metrics; fid.py and sample.py reuse these.
 def to_uint8(x):
-    """[-1, 1] images [N, C, H, W] -> uint8 RGB [N, H, W, 3] (one channel: grey, written as RGB)."""
     return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu()
-
 def decode(x, info, vae=None):
     """-> uint8 [N, H, W, 3]: pixel data as is, latents via the VAE (x / scale), else channels 0..2 in false colour."""
     if info['kind'] != 'latent':
@@ -850,7 +789,6 @@ def decode(x, info, vae=None):
         x = x[:, :3] / x[:, :3].flatten(1).abs().amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
         return to_uint8(F.interpolate(x, scale_factor=8, mode='nearest'))
     return to_uint8(torch.cat([vae.decode(b.float() / info['scale']).sample for b in x.split(32)]))
-
 def save_grid(images, nrow, path, size=64):
     """uint8 [N, H, W, 3] -> PNG, nrow per row, white 1-px gaps, enlarged (nearest) to >= size px to judge samples."""
     from PIL import Image
@@ -862,18 +800,14 @@ def save_grid(images, nrow, path, size=64):
         y, x = i // nrow * (H + 1) + 1, i % nrow * (W + 1) + 1
         grid[y:y + H, x:x + W] = images[i]
     Image.fromarray(grid.numpy()).save(path)
-
 @torch.no_grad()
 def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
     """Samples in batches: the final h_K [N, C, R, R], or every stage [h_0..h_K] stacked [K+1, N, C, R, R]."""
     outs = (G(zb, cb, psi) for zb, cb in zip(z.split(batch), c.split(batch)))
     return torch.cat([torch.stack(hs) if all_stages else hs[-1] for hs in outs], dim=1 if all_stages else 0)
-
 def feature_stats(features):
-    """features [N, D] -> mean [D], covariance [D, D] (unbiased, as np.cov; zero for one sample), float64."""
     f = np.asarray(features, dtype=np.float64)
     return f.mean(axis=0), np.cov(f, rowvar=False) if len(f) > 1 else np.zeros((f.shape[1],) * 2)
-
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64, with ADM's safeguards."""
     import scipy.linalg
@@ -895,10 +829,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     else:                                   # round-off makes tiny imaginary parts; large ones mean a real problem
         tr = np.trace(covmean).real
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr)
-
 def precision_recall(real_feats, fake_feats, k=3, batch=5000, device='cpu'):
-    """Improved precision and recall (Kynkaanniemi et al. 2019; ADM's ManifoldEstimator): shares of fakes in the real
-    manifold, of reals in the fake one (balls to each point's k-th nearest other point); fp32, no TF32 (ADM: fp16)."""
+    """Improved precision and recall (Kynkaanniemi et al. 2019; ADM's ManifoldEstimator); fp32, no TF32 (ADM: fp16)."""
     rows = lambda x: range(0, len(x), batch)
     radii = lambda x: torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(min(k, len(x) - 1) + 1, dim=1).values
                                  for i in rows(x)])          # fewer than k + 1 points: the farthest other one
@@ -906,7 +838,6 @@ def precision_recall(real_feats, fake_feats, k=3, batch=5000, device='cpu'):
     real, fake = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (real_feats, fake_feats))
     with full_fp32():
         return covered(fake, real, radii(real)).item(), covered(real, fake, radii(fake)).item()
-
 JUDGE_STEPS, JUDGE_MIN_ACC = 300, 0.95     # the judges' training steps; the toy's judges must reach this accuracy
 
 class Judge(nn.Module):
@@ -940,18 +871,15 @@ def train_judge(x, y, num_classes, steps=300, batch=128, seed=0):
         opt.zero_grad(set_to_none=True)
         sched.step()
     return judge.eval()
-
 @torch.no_grad()
 def class_accuracy(judge, x, y, num_classes):
     """Share of x classified as y, overall and per class (nan for a class absent from y)."""
     hit = torch.cat([judge(b).argmax(1) for b in x.split(1000)]) == y
     return hit.float().mean().item(), [hit[y == k].float().mean().item() for k in range(num_classes)]
-
 @torch.no_grad()
 def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shape_judge=None, failed=None):
-    """n fakes of A's classes c vs reals A = real[:n], B = real[n:2n]: fd, precision, recall (floors: B vs A); diversity
-    per class, fakes' mean pairwise distance over A's (1: as varied as data). Labels: class_acc (overall, per class,
-    worst), class_acc_flip (high if G draws mirror images); shape_acc (toy: hue-blind). Failures named in `failed`."""
+    """n fakes of A's classes c vs reals A = real[:n], B = real[n:2n]: fd, precision, recall (floors: B vs A), diversity
+    (per class, fakes' pairwise distance / A's), class_acc (per class, worst, _flip: mirrored), shape_acc (toy)."""
     n, out, failed = len(fake), {}, {} if failed is None else failed
     def metric(name, fn):
         try:
@@ -992,7 +920,6 @@ class PooledPixels(nn.Module):
     """Label-free features for variety: the image pooled 2 x 2 by area (16 px: 8 x 8 x C values)."""
     def features(self, x):
         return F.avg_pool2d(x.float(), 2).flatten(1)
-
 def pixels(ds, idx):
     """Images idx (in that order) of a pixel-space LatentDataset as float [n, C, r, r] in [-1, 1], and their labels."""
     idx = np.asarray(idx, dtype=np.int64)
@@ -1000,18 +927,15 @@ def pixels(ds, idx):
     return x.float() / 127.5 - 1, torch.from_numpy(ds.labels[idx].astype(np.int64))
 
 class Evaluation:
-    """On fixed EMA samples: Eq. 1 and its floor, a grid (pixels: a row per class). Pixel data: judge_metrics in the
-    judge's features (one class: an untrained CNN's, Naeem et al. 2020's 'T4') and, *_px, in pixels pooled 2 x 2 (the
-    variety a classifier ignores: position, size, stroke, colour; not 1-px texture). Failures: named. FID: fid.py."""
+    """On fixed EMA samples: Eq. 1, a grid; pixel data: judge_metrics in the judge's features (one class: an untrained
+    CNN's, Naeem et al. 2020's 'T4') and, *_px, in pixels pooled 2 x 2 (what a classifier ignores: position, size)."""
     def __init__(self, args, info, ds, device, run_dir, log):
         self.a, self.info, self.device, self.run_dir = args, info, device, run_dir
-        self.scales = hierarchy(args, info)[0]
+        self.scales, nc = hierarchy(args, info)[0], info['num_classes']
         self.vae = self.judge = self.shape_judge = None
-        nc = info['num_classes']
         self.z = torch.randn(args.eval_n, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345))
         self.c = torch.arange(args.eval_n) % nc
-        # grids: one row of 10 seeds per class (at most 16 classes; one class: 10 rows); latents: 32 samples
-        self.grid_c = torch.arange(min(nc, 16) if nc > 1 else 10).repeat_interleave(10) % nc
+        self.grid_c = torch.arange(min(nc, 16) if nc > 1 else 10).repeat_interleave(10) % nc    # a row of 10 per class
         if info['kind'] == 'latent':
             self.grid_c = self.c[:32]
             self.vae = load_vae(args.vae or info['vae'], device, required=False)
@@ -1020,15 +944,13 @@ class Evaluation:
         else:
             self.setup_judge(ds, log)
         self.z_grid = torch.randn(len(self.grid_c), Z_DIM, generator=torch.Generator().manual_seed(args.seed + 54321))
-
     def setup_judge(self, ds, log):
         """Real sets A and B (n images each) and the judges, cached in the run directory (judge.pt)."""
         a, info, nc = self.a, self.info, self.info['num_classes']
         if info['kind'] == 'toy':
             n = a.eval_n
             toy = lambda n, s, hue=False: make_toy(n, seed=a.seed + s, res=info['res'], random_hue=hue)
-            self.real, self.c_real = toy(2 * n, 777)
-            train, val = toy(38400, 1000), toy(2000, 2000)
+            (self.real, self.c_real), train, val = toy(2 * n, 777), toy(38400, 1000), toy(2000, 2000)
         else:                   # a seeded permutation: the judge trains on all but the first fifth (at most 2000)
             n = max(1, min(a.eval_n, info['N'] // 2))                   # a set of one image: A = B = that image
             perm = torch.randperm(info['N'], generator=torch.Generator().manual_seed(a.seed + 777)).numpy()
@@ -1056,7 +978,6 @@ class Evaluation:
         rows = [self.real[self.c_real == k][:10] for k in range(min(nc, 16))] if nc > 1 else [self.real[:100]]
         rows = [torch.cat([r, -torch.ones(-len(r) % 10, *r.shape[1:])]) for r in rows]     # short rows: black
         save_grid(to_uint8(torch.cat(rows)), 10, os.path.join(self.run_dir, 'reals.png'))
-
     def trained(self, state, name, train, val, seed, log):
         """Judge `name` from the cache, or trained on `train`; its accuracy on the held-out reals `val` is logged."""
         nc = self.info['num_classes']
@@ -1072,7 +993,6 @@ class Evaluation:
         if self.info['kind'] == 'toy' and acc < JUDGE_MIN_ACC:
             raise RuntimeError(f'{name}: accuracy {acc:.3f} < {JUDGE_MIN_ACC} on held-out toy images')
         return judge
-
     @torch.no_grad()
     def __call__(self, ema, step):
         """-> (metrics, {name of a failed metric: why}): a failure costs that metric, not the run."""
@@ -1099,9 +1019,7 @@ class Evaluation:
 
 # ==== Training loop ==== Table 6: DDP through torchrun, run directory and resume, checkpoints, logging, evaluation.
 CKPT_VERSION = 2            # 2: GAT's form of the equalized-lr weights (version-1 weights would load but mean else)
-
 def setup_ddp():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python cat.py` is a world of one."""
     if 'RANK' not in os.environ:
         return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     cuda, local = torch.cuda.is_available(), int(os.environ['LOCAL_RANK'])
@@ -1109,12 +1027,10 @@ def setup_ddp():
         torch.cuda.set_device(local)
     dist.init_process_group('nccl' if cuda else 'gloo')
     return dist.get_rank(), dist.get_world_size(), torch.device('cuda', local) if cuda else torch.device('cpu')
-
 def save_checkpoint(path, state):
     """Atomic: a crash mid-write leaves the previous file intact."""
     torch.save(state, path + '.tmp')
     os.replace(path + '.tmp', path)
-
 def load_checkpoint(path, map_location='cpu'):
     """A CAT checkpoint dict (weights-only: runs no code; .safetensors: 'ema' and config only), else one clear line."""
     if not os.path.isfile(path):
@@ -1138,13 +1054,10 @@ def load_checkpoint(path, map_location='cpu'):
     if ck.get('version', 1) < CKPT_VERSION:
         raise SystemExit(f"error: '{path}' is from an older cat.py (another equalized-lr form): retrain with this one.")
     return ck
-
 def checkpoints_in(run_dir):
-    """Checkpoint files of a run, newest first (latest.pt, then by step)."""
     steps = sorted(glob.glob(os.path.join(run_dir, 'ckpt-*.pt')), reverse=True)
     latest = os.path.join(run_dir, 'latest.pt')
     return ([latest] if os.path.exists(latest) else []) + steps
-
 def find_resume(path):
     """--resume FILE, or a run directory: its newest checkpoint that loads (a damaged latest.pt falls back)."""
     if os.path.isfile(path):
@@ -1156,7 +1069,6 @@ def find_resume(path):
         except SystemExit as e:
             print(f"warning: skipping {p}: {e}")
     raise SystemExit(f"error: --resume {path}: no readable checkpoint there.")
-
 def resolve_run(args, info, g_cfg, d_cfg, rank, world):
     """-> (run dir, checkpoint or None): --resume FILE | DIR (none there yet: a new run there), --out, or runs/NNN."""
     ck = None
@@ -1188,15 +1100,12 @@ def resolve_run(args, info, g_cfg, d_cfg, rank, world):
         dist.broadcast_object_list(obj := [run_dir], src=0)
         run_dir = obj[0]
     return run_dir, ck
-
 def new_run_dir(root, name):
     os.makedirs(root, exist_ok=True)
     ids = [int(m.group(1)) for d in os.listdir(root) if (m := re.match(r'(\d+)-', d))]
     return os.path.join(root, f'{max(ids, default=-1) + 1:03d}-{name}')
-
 def write_checkpoint(run_dir, state, args):
-    """latest.pt; at multiples of --ckpt-every and the last step ckpt-STEP.pt, latest.pt a hard link to it (one write).
-    Kept: the --keep newest periodic ones and multiples of --milestone-every; older ones are deleted only afterwards."""
+    """latest.pt; at --ckpt-every and the end ckpt-STEP.pt, linked as latest.pt; then pruned (--keep, milestones)."""
     step, latest = state['step'], os.path.join(run_dir, 'latest.pt')
     if step % args.ckpt_every and step != args.steps:
         save_checkpoint(latest, state)
@@ -1228,8 +1137,7 @@ def make_logger(run_dir, rank):
     return log
 
 class Preemption:
-    """SIGTERM / SIGINT / SIGUSR1 (SLURM's warning) set a flag; all ranks stop after the same iteration: the flags are
-    summed over a CPU (gloo) group without blocking (a signal in step s stops every rank after s + 1; no GPU sync)."""
+    """SIGTERM / SIGINT / SIGUSR1 (SLURM) set a flag, summed async on gloo: a signal in step s stops all after s + 1."""
     def __init__(self, world):
         self.flag, self.world, self.work = torch.zeros(1), world, None
         self.old = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
@@ -1343,7 +1251,6 @@ def train(args, hooks=()):
 
 # ==== Cost ==== Table 2, App. A.2: --summary (params, multiply-adds; meta device, no GPU), --bench (synthetic latents).
 PEAK_BF16_TFLOPS = {'H100': 989.4, 'H200': 989.4, 'A100': 312.0, 'L40S': 362.0}   # dense, from vendor spec sheets
-
 def count_macs(fn):
     """Multiply-adds (FLOPs / 2) of fn(); attention through the math path, so that it is counted on any device."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -1351,16 +1258,13 @@ def count_macs(fn):
     with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
         fn()
     return fc.get_total_flops() / 2
-
 def synthetic(args):
     """(info, G and D configs) of --summary / --bench: ImageNet-256 latents, or RGB pixels at the finest --scales."""
     res = args.scales[-1] if args.scales else 32
     info = dict(kind='latent' if res == 32 else 'pixel', channels=4 if res == 32 else 3, res=res, num_classes=1000)
     return (info, *model_configs(args, info))
-
 def cost(args, g_cfg, d_cfg):
-    """On the meta device: G, D, the vision-aided backbone (or None) and App. A.2's multiply-adds per sample: F_G, F_D
-    (a forward pass), the training total 4F_G + 10.5F_D + 5F_va (backbone: D step real, fake; G step those + grad)."""
+    """Meta-device G, D, va backbone (or None) and App. A.2 multiply-adds: F_G, F_D, train = 4F_G + 10.5F_D + 5F_va."""
     import timm
     with torch.device('meta'):
         G, D, c = Generator(**g_cfg), Discriminator(**d_cfg), torch.zeros(1, dtype=torch.long)
@@ -1368,7 +1272,7 @@ def cost(args, g_cfg, d_cfg):
         F_D = count_macs(lambda: D(multiscale(torch.randn(1, D.channels, D.res, D.res), D.scales), c))
         va = timm.create_model(args.va_model, pretrained=False, num_classes=0) if args.lambda_va > 0 else None
         F_va = count_macs(lambda: va(torch.randn(1, 3, 224, 224))) if va else 0
-    return G, D, va, dict(F_G=F_G, F_D=F_D, F_va=F_va, train=4 * F_G + 10.5 * F_D + 5 * F_va)
+    return G, D, va, dict(F_G=F_G, F_D=F_D, F_va=F_va, train=4 * F_G + 10.5 * F_D + 5 * F_va)    # F_va: 4 passes + grad
 
 def summary(args, out=print, memory=True):
     info, g_cfg, d_cfg = synthetic(args)
@@ -1408,7 +1312,6 @@ def summary(args, out=print, memory=True):
             f"CPU, CUDA's flash attention and fused rms_norm modelled; check on a GPU: torch.cuda.max_memory_allocated "
             "(--bench prints it)")
     return dict(G_params=n_g, D_params=n_d, proj_params=n_proj, memory=r, **f)
-
 def names(args, D):
     """'G-B/2 + D-B/2' (patch sizes after the slash; App. A.3: 'G-B/16 + D-B/8,16')."""
     return (f"G-{args.model}/{args.patch or 2} + D-{args.model_d or D_FOR_G[args.model]}/"
@@ -1431,8 +1334,7 @@ class CudaRMSNorm(torch.autograd.Function):
         return CudaRMSNorm.apply(fp32(x), fp32(w), len(shape))
 
 def memory_estimate(args):
-    """Per-GPU bytes of a training iteration at --batch-size per GPU, on a CPU: train_step on fake CPU tensors (shapes,
-    no memory) with CUDA's rms_norm, its 2nd iteration (AdamW state exists) under MemTracker; ddp: DDP's buckets."""
+    """Per-GPU bytes of an iteration on a CPU: train_step on fake tensors, CUDA's rms_norm, 2nd step (AdamW state)."""
     from unittest import mock
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -1491,8 +1393,7 @@ def bench(args, out=print):
         f"{m.micro}), {args.precision}, REPA {'on' if img is not None else 'off'}, vision-aided "
         f"{('off', 'on')[args.lambda_va > 0]}, compile={args.compile}, grad_ckpt={args.grad_ckpt}, d_attn={args.d_attn}"
         + ("" if device.type == 'cuda' else " (no CUDA: fp32 and no DINOv2 unless --precision / --lambda-repa)"))
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    times = []
+    sync, times = (torch.cuda.synchronize if device.type == 'cuda' else lambda: None), []
     for step in range(args.bench_warmup + args.bench_steps):
         sync()
         t = time.perf_counter()
@@ -1527,8 +1428,7 @@ def get_args(argv=None):
     p.add_argument('--lambda-cons', type=float, default=0.1, help='L_cons weight (Eq. 3); 0: plain scale-wise loss')
     p.add_argument('--cons-detach', action='store_true', help='stop-gradient on the anchor h_K of Eq. 2')
     p.add_argument('--lambda-repa', type=float, default=None, help='REPA weight (1.0); 0 disables REPA and DINOv2')
-    p.add_argument('--lambda-va', type=float, default=0.0,
-                   help='vision-aided loss weight, pixel data (App. A.3: README pixel recipe); 0: off')
+    p.add_argument('--lambda-va', type=float, default=0.0, help='vision-aided loss weight (App. A.3), pixels; 0: off')
     p.add_argument('--va-model', default=VA_NAME, help='timm name of the frozen ConvNeXt-V2 of the vision-aided loss')
     p.add_argument('--gamma', type=float, default=None, help='R1 and R2 weight, gamma/2 each (1; small data 0.1)')
     p.add_argument('--gp-sigma', type=float, default=0.01, help='perturbation scale of the approximated R1/R2')
@@ -1569,13 +1469,11 @@ def get_args(argv=None):
     small = toy or is_small_data(args.data)
     args.model = args.model or ('S' if small else 'B')     # small data: a small config, minutes on a CPU
     if args.model not in G_CONFIGS or (args.model_d or 'B') not in D_CONFIGS:
-        p.error(f"unknown --model {args.model} / --model-d {args.model_d}: choose G from {list(G_CONFIGS)}, "
-                f"D from {list(D_CONFIGS)}")
+        p.error(f"unknown --model {args.model} / --model-d {args.model_d}: G: {list(G_CONFIGS)}, D: {list(D_CONFIGS)}")
     args.repa_given = args.lambda_repa is not None
-    # Small data (toy, pixels up to 64 px) departs from Table 6 for minutes on a CPU (docs/small-data.md): batch 16
-    # (per wall-clock minute, 16 beat 64, 32, 8 and 4), lr 2e-3 (GAT: lr x 768 / width = 2.4e-3 at 64), EMA 0.99
-    # (0.995, 0.998 lag behind at these lengths), no DiffAugment, gamma 0.1 (else a 64-wide D can't tell real from fake
-    # at 16 px), no REPA. No CUDA: fp32 (bf16 autocast is slow on CPUs), no data workers, --bench: no DINOv2.
+    # Small data (toy, pixels <= 64 px), minutes on a CPU (docs/small-data.md): batch 16 (beat 64, 32, 8, 4 per minute),
+    # lr 2e-3 (GAT: lr x 768 / width = 2.4e-3 at 64), EMA 0.99 (0.995, 0.998 lag), no DiffAugment, gamma 0.1 (else a
+    # 64-wide D can't tell real from fake at 16 px), no REPA. No CUDA: fp32 (bf16 autocast is slow on CPUs), no workers.
     defaults = dict(steps=TOY_STEPS if toy else SMALL_STEPS if small else 50_000,
                     batch_size=64 if args.bench or args.summary else 16 if small else 512,
                     lambda_repa=0.0 if small or (args.bench and not cuda) else 1.0, lr=2e-3 if small else 2e-4,
@@ -1590,10 +1488,8 @@ def get_args(argv=None):
     if toy and args.lambda_repa > 0:
         p.error('--lambda-repa needs ImageNet images: the toy set has no DINOv2 targets; use --lambda-repa 0')
     return args
-
 def main(argv=None):
     args = get_args(argv)
     (summary if args.summary else bench if args.bench else train)(args)
-
 if __name__ == '__main__':
     main()

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from cat import load_vae, DATA_FORMAT_VERSION, DEFAULT_DATA, DEFAULT_VAE
 
 JPEG_QUALITY = 95
-JPEG_FROM = 128     # pixel data of this side or more is stored as JPEG by default (ImageNet-256: 45 GB, not 252 GB)
+JPEG_FROM = 128     # pixel data of this side or more is stored as JPEG by default (ImageNet-256: ~47 GB, not 252 GB)
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm'}
 OUTPUTS = ('meta.json', 'latents.npy', 'pixels.npy', 'labels.npy', 'images.bin', 'images_index.npy', 'skipped.txt')
 

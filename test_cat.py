@@ -1,5 +1,5 @@
 """CAT test suite: CPU only, tiny configs, a few minutes on 2 cores.  Run: pytest test_cat.py"""
-import argparse, io, json, math, os, re, shutil, socket, subprocess, sys, tempfile, warnings
+import argparse, glob, io, json, math, os, re, shutil, socket, subprocess, sys, tempfile, warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -1939,3 +1939,30 @@ def test_d_step_with_repa_trains_the_projector():
     loss, st = step(torch.randn(4, 4, 32, 32), torch.tensor([0, 1, 2, 3]), img, nz)
     loss.backward()
     assert 0 < st['repa'] < 4 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in D.proj.parameters())
+
+
+def github_anchor(heading):
+    """GitHub's id of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+
+
+def test_readme_and_docs_links_resolve():
+    """Every relative link and image in README.md and docs/*.md names a file that exists, and every #anchor a heading
+    of its page: what a reader clicks on GitHub works."""
+    pages = [os.path.join(HERE, 'README.md')] + sorted(glob.glob(os.path.join(HERE, 'docs', '*.md')))
+    anchors = {p: {github_anchor(h) for h in re.findall(r'^#+ (.+)$', open(p).read(), re.M)} for p in pages}
+    bad, n = [], 0
+    for page in pages:
+        text = re.sub(r'```.*?```', '', open(page).read(), flags=re.S)         # code blocks hold no links
+        for target in re.findall(r'!?\[[^\]]*\]\(([^)\s]+)\)', text) + re.findall(r'src="([^"]+)"', text):
+            if re.match(r'[a-z]+:', target):
+                continue                                                        # http(s), mailto
+            n += 1
+            path, _, anchor = target.partition('#')
+            file = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            if not os.path.exists(file):
+                bad.append(f'{os.path.relpath(page, HERE)}: {target} (no such file)')
+            elif anchor and file.endswith('.md') and anchor not in anchors.get(file, set()):
+                bad.append(f'{os.path.relpath(page, HERE)}: {target} (no such heading)')
+    assert len(pages) >= 6 and n >= 20, (len(pages), n)
+    assert not bad, bad

@@ -33,7 +33,7 @@ DINO_NAME = 'vit_base_patch14_dinov2.lvd142m'
 VA_NAME = 'convnextv2_base.fcmae_ft_in22k_in1k'     # App. A.3's vision-aided loss: pMF's ConvNeXt-V2-B (README)
 Z_DIM = 64                  # z ~ N(0, I) and the class embedding of G's mapping network (App. A.1)
 TOY_STEPS = 2000            # the embedded default: about 8 minutes on 2 CPU cores (docs/small-data.md)
-SMALL_STEPS = 4000          # other small data (pixels up to 64 px): about 15 minutes at 16 px
+SMALL_STEPS = 4000          # other small data (pixels up to 64 px): about 17 minutes at 16 px
 NetConfig = collections.namedtuple('NetConfig', 'depth width heads cmap', defaults=[2048])    # cmap: D's head (GAT)
 # G: output layers are uniformly spaced, depth/4 * (1, 2, 3, 4) (Table 6: 3,6,9,12 / 6,12,18,24 / 8,16,24,32).
 G_CONFIGS = {'T': NetConfig(4, 32, 2), 'S': NetConfig(4, 64, 2),     # T: tests only; S: the toy run and CPU experiments

@@ -917,9 +917,10 @@ def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shap
     return out
 
 class PooledPixels(nn.Module):
-    """Label-free features for variety: the image pooled 2 x 2 by area (16 px: 8 x 8 x C values)."""
+    """Label-free features for variety: the image pooled by area to 8 x 8 x C (16 px: 2 x 2; 64 px: 8 x 8, else the
+    Frechet distance's sqrtm of a 32 x 32 x C matrix costs ~30 s per call on a CPU)."""
     def features(self, x):
-        return F.avg_pool2d(x.float(), 2).flatten(1)
+        return F.adaptive_avg_pool2d(x.float(), 8).flatten(1)
 def pixels(ds, idx):
     """Images idx (in that order) of a pixel-space LatentDataset as float [n, C, r, r] in [-1, 1], and their labels."""
     idx = np.asarray(idx, dtype=np.int64)
@@ -928,7 +929,7 @@ def pixels(ds, idx):
 
 class Evaluation:
     """On fixed EMA samples: Eq. 1, a grid; pixel data: judge_metrics in the judge's features (one class: an untrained
-    CNN's, Naeem et al. 2020's 'T4') and, *_px, in pixels pooled 2 x 2 (what a classifier ignores: position, size)."""
+    CNN's, Naeem et al. 2020's 'T4') and, *_px, in pixels pooled to 8 x 8 (what a classifier ignores: position, size)."""
     def __init__(self, args, info, ds, device, run_dir, log):
         self.a, self.info, self.device, self.run_dir = args, info, device, run_dir
         self.scales, nc = hierarchy(args, info)[0], info['num_classes']
@@ -968,7 +969,7 @@ class Evaluation:
                 torch.manual_seed(0)
                 self.judge = Judge(info['res'], nc, info['channels']).eval()
             self.features = 'random CNN (untrained judge, seed 0: the data set has one class)'
-        self.features += '; *_px: pixels pooled 2 x 2'
+        self.features += '; *_px: pixels pooled to 8 x 8'
         if info['kind'] == 'toy':
             self.shape_judge = self.trained(state, 'shape_judge', toy(38400, 1001, True), toy(2000, 2001, True),
                                             a.seed + 1, log)

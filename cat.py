@@ -929,7 +929,7 @@ def pixels(ds, idx):
 
 class Evaluation:
     """On fixed EMA samples: Eq. 1, a grid; pixel data: judge_metrics in the judge's features (one class: an untrained
-    CNN's, Naeem et al. 2020's 'T4') and, *_px, in pixels pooled to 8 x 8 (what a classifier ignores: position, size)."""
+    CNN's, Naeem et al. 2020's 'T4') and, *_px, in pixels pooled to 8 x 8 (what a classifier ignores: where, size)."""
     def __init__(self, args, info, ds, device, run_dir, log):
         self.a, self.info, self.device, self.run_dir = args, info, device, run_dir
         self.scales, nc = hierarchy(args, info)[0], info['num_classes']

@@ -1768,7 +1768,7 @@ def test_small_data_defaults_follow_the_data(tmp_path):
     assert (a.aug, a.gamma, a.model, a.lr) == (True, 1.0, 'T', 2e-4)
     assert cat.get_args(['--data', str(tmp_path / 'latent'), '--no-aug']).aug is False
     assert [cat.get_args(['--data', d]).steps for d in ('toy', str(tmp_path / 'pixel'), str(tmp_path / 'latent'))] == [
-        cat.TOY_STEPS, cat.SMALL_STEPS, 50_000]
+        cat.TOY_STEPS, 4000, 50_000]
     for bad in ('{not json', '[1, 2]'):         # left to check_data_dir's one line, not a traceback in get_args
         (tmp_path / 'pixel' / 'meta.json').write_text(bad)
         assert cat.get_args(['--data', str(tmp_path / 'pixel')]).model == 'B'

@@ -35,6 +35,7 @@ from cat import check_data_dir, feature_stats, frechet_distance, full_fp32, prec
 DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
 DETECTOR_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'cat', 'inception-2015-12-05.pt')
 
+
 def load_detector(path=None, device='cpu'):
     """The TorchScript Inception-v3 of FID (StyleGAN3 / EDM / GAT): `path`, else DETECTOR_CACHE, downloaded once."""
     if path is not None and not os.path.isfile(path):
@@ -45,13 +46,18 @@ def load_detector(path=None, device='cpu'):
             torch.hub.download_url_to_file(DETECTOR_URL, DETECTOR_CACHE)
         except Exception as e:
             raise SystemExit(f'error: could not download the Inception detector ({type(e).__name__}): put '
-                             f'{DETECTOR_URL} at {DETECTOR_CACHE} or pass its path (--detector / --fid-detector)')
-    with warnings.catch_warnings():         # TorchScript is deprecated, but it is the format the detector ships in
+                             f'{DETECTOR_URL} at {DETECTOR_CACHE} or pass its path '
+                             '(--detector / --fid-detector)')
+    # TorchScript is deprecated, but it is the format the detector ships in
+    with warnings.catch_warnings():
         warnings.simplefilter('ignore', FutureWarning)
         return torch.jit.load(path or DETECTOR_CACHE, map_location=device).eval()
 
-IS_SPLIT = 5000             # ADM computes IS over consecutive chunks of 5000 samples (and the remainder)
-MAX_REF_FEATURES = 50000    # --save-ref keeps a random subset of this many features (float16) for precision/recall
+
+# ADM computes IS over consecutive chunks of 5000 samples (and the remainder)
+IS_SPLIT = 5000
+# --save-ref keeps a random subset of this many features (float16) for precision/recall
+MAX_REF_FEATURES = 50000
 
 # ----------------------------------------------------------------------------------------------
 # Metrics: pure functions of features and class probabilities
@@ -65,7 +71,8 @@ def inception_score(probs, split_size=IS_SPLIT):
     scores = []
     for part in (p[i:i + split_size] for i in range(0, len(p), split_size)):
         py = part.mean(axis=0, keepdims=True)
-        kl = (scipy.special.xlogy(part, part) - scipy.special.xlogy(part, py)).sum(axis=1).mean()    # 0 log 0 = 0
+        # 0 log 0 = 0
+        kl = (scipy.special.xlogy(part, part) - scipy.special.xlogy(part, py)).sum(axis=1).mean()
         scores.append(np.exp(kl))
     return float(np.mean(scores))
 
@@ -82,11 +89,14 @@ def detector_outputs(detector, images, batch=100, device='cpu'):
     pass: softmax(features @ W^T) without the bias, as ADM and StyleGAN3 compute IS. Other detectors: detector(x).
     TF32 is off inside (as StyleGAN3's calc_metrics.py), whatever the caller (cat.py's training loop) set."""
     W = getattr(getattr(detector, 'output', None), 'weight', None)
-    it, feats, probs = iter(images), [], []
+    it = iter(images)
+    feats = []
+    probs = []
     total = len(images) if hasattr(images, '__len__') else None
     with full_fp32(), tqdm(total=total, unit='img', leave=False, disable=None) as bar:
         while chunk := list(itertools.islice(it, batch)):
-            x = torch.from_numpy(np.stack(chunk)).to(device).permute(0, 3, 1, 2)      # uint8 NCHW, resized inside
+            # uint8 NCHW, resized inside
+            x = torch.from_numpy(np.stack(chunk)).to(device).permute(0, 3, 1, 2)
             f = detector(x, return_features=True).float()
             p = F.softmax(f @ W.T.float(), dim=1) if W is not None else detector(x)
             feats.append(f.double().cpu().numpy())
@@ -105,12 +115,16 @@ class Images:
     """uint8 [H, W, 3] images of a folder of png/jpg (recursive, sorted), of a CAT dataset directory (its training
     images: pixel data, or the JPEG crops of latent data), or of an .npz's arr_0, read lazily: the .npz is streamed,
     as ADM's sample files (50k images of 256^2, about 10 GB) need not fit in memory."""
+
     def __init__(self, path):
-        self.path, self.files, self.data = path, None, None
+        self.path = path
+        self.files = None
+        self.data = None
         if os.path.exists(os.path.join(path, 'meta.json')):
             meta = check_data_dir(path)
             if meta['store'] == 'latents' and not meta['images']:
-                raise SystemExit(f'fid.py: dataset {path} holds latents without images (prepared with --no-images)')
+                raise SystemExit(f'fid.py: dataset {path} holds latents without images '
+                                 '(prepared with --no-images)')
             self.data, self.shape = LatentDataset(path, meta, images=True), (meta['N'],)
             return
         if os.path.isdir(path):
@@ -124,7 +138,8 @@ class Images:
             with z.open('arr_0.npy') as f:
                 self.shape, fortran, dtype = _npy_header(f)
         if fortran or dtype != np.uint8 or len(self.shape) != 4 or self.shape[-1] != 3:
-            raise SystemExit(f'fid.py: {path}: arr_0 must be uint8 [N, H, W, 3], got {dtype} {list(self.shape)}')
+            raise SystemExit(f'fid.py: {path}: arr_0 must be uint8 [N, H, W, 3], '
+                             f'got {dtype} {list(self.shape)}')
 
     def __len__(self):
         return self.shape[0]
@@ -132,7 +147,8 @@ class Images:
     def __iter__(self):
         if self.data is not None:
             for i in range(len(self)):
-                x, _, img = self.data[i]           # latents: the JPEG crop; pixel data: x itself (uint8, 1 or 3 ch)
+                # latents: the JPEG crop; pixel data: x itself (uint8, 1 or 3 ch)
+                x, _, img = self.data[i]
                 yield (img if img.numel() else x).expand(3, -1, -1).permute(1, 2, 0).numpy()
             return
         if self.files is not None:
@@ -192,24 +208,34 @@ def fid_from_images(images, ref_path, detector, device='cpu', batch=100):
 # FID during training: a hook that cat.train calls on rank 0 after every step (`fid.py train CAT_OPTIONS ...`)
 # ----------------------------------------------------------------------------------------------
 
+
 class TrainingFID:
     """FID of --fid-n EMA samples (random classes, fixed seed, all metric maths with TF32 off) against the mu / sigma
     of --fid-ref every --fid-every steps and at the last one; logged as `fid STEP: fid5k=...` and to metrics.jsonl."""
+
     def __init__(self, args, f):
-        self.a, self.f, self.detector, self.vae, self.ready = args, f, None, None, False
+        self.a = args
+        self.f = f
+        self.detector = None
+        self.vae = None
+        self.ready = False
 
     @torch.no_grad()
     def __call__(self, step, ema, info, log):
-        a, f, dev = self.a, self.f, next(ema.parameters()).device
+        a = self.a
+        f = self.f
+        dev = next(ema.parameters()).device
         if step % f.fid_every and step != a.steps:
             return
-        if not self.ready:                      # first use: the detector (a missing one turns FID off) and the VAE
+        # first use: the detector (a missing one turns FID off) and the VAE
+        if not self.ready:
             self.ready = True
             try:
                 self.detector = load_detector(f.fid_detector, dev)
             except SystemExit as e:
                 log(f"warning: {e}. FID during training is off.")
-            self.vae = cat.load_vae(a.vae or info['vae'], dev, required=False) if info['kind'] == 'latent' else None
+            self.vae = (cat.load_vae(a.vae or info['vae'], dev, required=False) if info['kind'] == 'latent'
+                        else None)
         if self.detector is None or (info['kind'] == 'latent' and self.vae is None):
             if self.detector is not None:
                 log("warning: no VAE to decode samples: FID skipped.")
@@ -231,16 +257,19 @@ class TrainingFID:
 
 def train(argv):
     """fid.py train [cat.py options] --fid-every N --fid-ref REF.npz [--fid-n 5000] [--fid-detector PATH]."""
-    p = argparse.ArgumentParser(prog='fid.py train', description="cat.py's training, plus FID of the EMA generator "
-                                "every --fid-every steps; every other option is cat.py's")
+    p = argparse.ArgumentParser(prog='fid.py train',
+                                description="cat.py's training, plus FID of the EMA generator every "
+                                            "--fid-every steps; every other option is cat.py's")
     p.add_argument('--fid-every', type=int, required=True, help='FID every N steps (and at the last step)')
     p.add_argument('--fid-ref', required=True, help="reference statistics .npz (mu, sigma), e.g. ADM's "
                    "VIRTUAL_imagenet256_labeled.npz")
     p.add_argument('--fid-n', type=int, default=5000, help='samples per FID (5000)')
-    p.add_argument('--fid-detector', default=None, help='inception-2015-12-05.pt path (default: download once, cache)')
+    p.add_argument('--fid-detector', default=None,
+                   help='inception-2015-12-05.pt path (default: download once, cache)')
     f, rest = p.parse_known_args(argv)
     if f.fid_every <= 0 or not os.path.isfile(f.fid_ref):
-        p.error(f'--fid-every must be positive and --fid-ref an existing .npz (got {f.fid_every}, {f.fid_ref})')
+        p.error('--fid-every must be positive and --fid-ref an existing .npz '
+                f'(got {f.fid_every}, {f.fid_ref})')
     args = cat.get_args(rest)
     return cat.train(args, hooks=[TrainingFID(args, f)])
 
@@ -252,13 +281,16 @@ def train(argv):
 def main():
     if sys.argv[1:2] == ['train']:
         return train(sys.argv[2:])
-    p = argparse.ArgumentParser(description='FID, Inception Score, precision and recall of ADM-format samples.')
+    p = argparse.ArgumentParser(description='FID, Inception Score, precision and recall of '
+                                            'ADM-format samples.')
     p.add_argument('samples', help='ADM .npz (arr_0 uint8 [N, H, W, 3]) or a folder of images')
     p.add_argument('--ref', required=True,
-                   help='.npz with mu/sigma (+ features or images arr_0), .npz of images arr_0, or a folder of images')
+                   help='.npz with mu/sigma (+ features or images arr_0), .npz of images arr_0, '
+                        'or a folder of images')
     p.add_argument('--detector', help=f'TorchScript Inception (default {DETECTOR_CACHE}, downloaded once)')
     p.add_argument('--json', help='also write the metrics to this file')
-    p.add_argument('--save-ref', help='write the reference mu, sigma and features to this .npz, for reuse as --ref')
+    p.add_argument('--save-ref',
+                   help='write the reference mu, sigma and features to this .npz, for reuse as --ref')
     p.add_argument('--overwrite', action='store_true', help='replace existing --json / --save-ref files')
     p.add_argument('--batch', type=int, default=100)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -278,7 +310,8 @@ def main():
         m['precision'], m['recall'] = precision_recall(ref['features'], feats, device=args.device)
     print(f'{len(feats)} samples from {args.samples} vs {args.ref}')
     for k, v in m.items():
-        print(f'{k:16s}{v:.4f}' if v is not None else f'{k:16s}skipped: the reference has no features or images')
+        print(f'{k:16s}{v:.4f}' if v is not None
+              else f'{k:16s}skipped: the reference has no features or images')
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(m, num_samples=len(feats), samples=args.samples, ref=args.ref), f, indent=2)

@@ -41,13 +41,16 @@ from tqdm import tqdm
 from cat import load_vae, DATA_FORMAT_VERSION, DEFAULT_DATA, DEFAULT_VAE
 
 JPEG_QUALITY = 95
-JPEG_FROM = 128     # pixel data of this side or more is stored as JPEG by default (ImageNet-256: ~47 GB, not 252 GB)
+# pixel data of this side or more is stored as JPEG by default (ImageNet-256: ~47 GB, not 252 GB)
+JPEG_FROM = 128
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm'}
-OUTPUTS = ('meta.json', 'latents.npy', 'pixels.npy', 'labels.npy', 'images.bin', 'images_index.npy', 'skipped.txt')
+OUTPUTS = ('meta.json', 'latents.npy', 'pixels.npy', 'labels.npy', 'images.bin', 'images_index.npy',
+           'skipped.txt')
 
 # ----------------------------------------------------------------------------------------------
 # Reading images
 # ----------------------------------------------------------------------------------------------
+
 
 def center_crop_arr(img, size=256):
     """ADM's center crop: halve with BOX while the short side is >= 2*size, BICUBIC to short side = size
@@ -71,16 +74,20 @@ def to_rgb(img):
 def list_images(root, one_class=False):
     """-> (classes, files, labels, note). Class folders (sorted names) with their image files (sorted relative paths,
     recursive); or one unlabelled class, every image under root, when root holds images itself or one_class is set."""
+
     def images(d):
-        return sorted(os.path.relpath(os.path.join(dirpath, f), root) for dirpath, _, fs in os.walk(d) for f in fs
+        return sorted(os.path.relpath(os.path.join(dirpath, f), root)
+                      for dirpath, _, fs in os.walk(d) for f in fs
                       if os.path.splitext(f)[1].lower() in IMAGE_EXTS and not f.startswith('.'))
-    top = [f for f in os.listdir(root) if os.path.splitext(f)[1].lower() in IMAGE_EXTS and not f.startswith('.')]
+
+    top = [f for f in os.listdir(root)
+           if os.path.splitext(f)[1].lower() in IMAGE_EXTS and not f.startswith('.')]
     if top or one_class:
         files = images(root)
         why = '--one-class' if one_class else f'{plural(len(top), "image")} directly in it'
-        return [os.path.basename(os.path.abspath(root))], files, [0] * len(files), \
-            f'{root}: one unlabelled class of {plural(len(files), "image")} ({why}; class folders are read only ' \
-            f'when the folder holds no images itself)'
+        return ([os.path.basename(os.path.abspath(root))], files, [0] * len(files),
+                f'{root}: one unlabelled class of {plural(len(files), "image")} ({why}; class folders are '
+                'read only when the folder holds no images itself)')
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith('.'))
     found = [images(os.path.join(root, name)) for name in classes]
     return classes, sum(found, []), [c for c, f in enumerate(found) for _ in f], None
@@ -97,8 +104,12 @@ def resize_arr(img, size):
 
 class ImageFiles(Dataset):
     """Item i -> (i, crop uint8 [R, R, 3] or None, JPEG bytes, reason for a skip or '', grey: R = G = B everywhere)."""
+
     def __init__(self, root, files, jpeg, resolution, crop):
-        self.root, self.files, self.jpeg, self.resolution = root, files, jpeg, resolution
+        self.root = root
+        self.files = files
+        self.jpeg = jpeg
+        self.resolution = resolution
         self.crop = center_crop_arr if crop == 'center' else resize_arr
 
     def __len__(self):
@@ -123,6 +134,7 @@ def collate(items):
 # ----------------------------------------------------------------------------------------------
 # Helper functions
 # ----------------------------------------------------------------------------------------------
+
 
 def fail(msg):
     raise SystemExit(f'error: {msg}')
@@ -151,26 +163,31 @@ def check_latents(lat, labels, num_classes, where, pixels=False):
 def plan_run(args):
     """Rank 0: check the input and output, list the files (saved in parts/files.json so a re-run uses the
     same list), or refuse. Returns the saved plan."""
-    out, parts, src = args.out, os.path.join(args.out, 'parts'), args.source
+    out = args.out
+    parts = os.path.join(args.out, 'parts')
+    src = args.source
     if not os.path.isdir(src):
         fail(f'{src} is not a directory')
     classes, files, labels, note = list_images(src, args.one_class)
     if not files:
-        fail(f'{src} holds no image files ({", ".join(sorted(IMAGE_EXTS))}), neither itself nor in sub-folders')
+        fail(f'{src} holds no image files ({", ".join(sorted(IMAGE_EXTS))}), neither itself nor in '
+             'sub-folders')
     print(note or f'{src}: {plural(len(files), "image")} in {plural(len(classes), "class folder")}')
     pixels = args.vae.lower() == 'none'
     if args.store and not pixels:
         fail(f'--store {args.store} is for pixel data (--vae none); latents are stored as float16 posteriors')
     vae = None if pixels else os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae
-    r = args.resolution // (1 if pixels else 8)                   # training resolution: the image, or the latent
+    # training resolution: the image, or the latent
+    r = args.resolution // (1 if pixels else 8)
     if r < 16 or r % 16:
-        fail(f'--resolution {args.resolution} gives {r} x {r} {"images" if pixels else "latents"}, but CAT\'s four '
-             f'scales (1/8 ... 1) with patch 2 need a multiple of 16: use --resolution '
+        fail(f'--resolution {args.resolution} gives {r} x {r} {"images" if pixels else "latents"}, but '
+             f'CAT\'s four scales (1/8 ... 1) with patch 2 need a multiple of 16: use --resolution '
              f'{"16, 32, 64" if pixels else "128, 256, 512"}, ...')
     store = 'latents' if not pixels else args.store or ('jpeg' if args.resolution >= JPEG_FROM else 'uint8')
     plan = dict(source=os.path.abspath(src), vae=vae, resolution=args.resolution, crop=args.crop,
                 precision=args.precision, chunk=args.chunk, store=store,
-                images=store == 'jpeg' or not (args.no_images or pixels), classes=classes, files=files, labels=labels)
+                images=store == 'jpeg' or not (args.no_images or pixels),
+                classes=classes, files=files, labels=labels)
     saved_path = os.path.join(parts, 'files.json')
     saved = json.load(open(saved_path)) if os.path.exists(saved_path) else None
     complete = os.path.exists(os.path.join(out, 'meta.json'))
@@ -179,7 +196,8 @@ def plan_run(args):
     finished = saved is not None and any(f.endswith('.npz') for f in os.listdir(parts))
     if saved not in (None, plan) and finished and not args.overwrite:  # else nothing is lost by starting over
         key = next(k for k in plan if saved.get(k) != plan[k])
-        what = (f'{len(saved.get(key) or [])} saved, {len(plan[key])} now' if key in ('files', 'labels', 'classes')
+        what = (f'{len(saved.get(key) or [])} saved, {len(plan[key])} now'
+                if key in ('files', 'labels', 'classes')
                 else f'saved {saved.get(key)!r}, now {plan[key]!r}')
         fail(f'{parts} holds an unfinished run with a different {key} ({what}); '
              f'rerun with the same arguments to continue, or pass --overwrite to start over')
@@ -214,7 +232,8 @@ def load(path, key):
 
 def write_part(path, latents, labels, jpegs, greys, skipped, num_classes, shape, pixels):
     dtype = np.uint8 if pixels else np.float16
-    latents = np.concatenate(latents) if latents else np.zeros((0, *shape), dtype)  # all files skipped (or JPEG store)
+    # all files skipped (or JPEG store)
+    latents = np.concatenate(latents) if latents else np.zeros((0, *shape), dtype)
     labels = np.array(labels, dtype=np.int64)
     check_latents(latents, labels, num_classes, os.path.basename(path), pixels)
     save_atomic(path, lambda f: np.savez(f, latents=latents, labels=labels, grey=np.array(greys, bool),
@@ -226,8 +245,13 @@ def write_part(path, latents, labels, jpegs, greys, skipped, num_classes, shape,
 def assemble(out, plan, part_paths, scaling_factor):
     """Rank 0, once every chunk exists: parts -> final files (temp names), validate, rename, meta.json last. Pixel
     data whose every image is grey (R = G = B) is stored with one channel."""
-    tmp = lambda name: os.path.join(out, name + '.tmp')
-    num_classes, skipped, store = len(plan['classes']), [], plan['store']
+
+    def tmp(name):
+        return os.path.join(out, name + '.tmp')
+
+    num_classes = len(plan['classes'])
+    skipped = []
+    store = plan['store']
     counts = [len(load(p, 'labels')) for p in part_paths]
     N, shape = sum(counts), load(part_paths[0], 'latents').shape[1:]
     if N == 0:
@@ -236,7 +260,8 @@ def assemble(out, plan, part_paths, scaling_factor):
     name = {'latents': 'latents.npy', 'uint8': 'pixels.npy', 'jpeg': None}[store]
     shape = shape if store == 'latents' else (C, *shape[1:])
     if name:
-        data = np.lib.format.open_memmap(tmp(name), 'w+', np.float16 if store == 'latents' else np.uint8, (N, *shape))
+        data = np.lib.format.open_memmap(tmp(name), 'w+', np.float16 if store == 'latents' else np.uint8,
+                                         (N, *shape))
     labels, index = np.empty(N, np.int64), np.zeros(N + 1, np.int64)
     with open(tmp('images.bin') if plan['images'] else os.devnull, 'wb') as images:
         n = 0
@@ -273,12 +298,13 @@ def assemble(out, plan, part_paths, scaling_factor):
     empty = [plan['classes'][c] for c in sorted(set(range(num_classes)) - set(plan['labels']))]
     report = [f'{os.path.join(plan["source"], f)}\t{reason}' for f, reason in skipped]
     report += [f'{os.path.join(plan["source"], c)}\tempty class folder' for c in empty]
-    save_atomic(os.path.join(out, 'skipped.txt'), lambda f: f.write(''.join(r + '\n' for r in report).encode()))
+    save_atomic(os.path.join(out, 'skipped.txt'),
+                lambda f: f.write(''.join(r + '\n' for r in report).encode()))
     shape = {'latent_shape' if store == 'latents' else 'shape': list(shape)}
     meta = dict(format_version=DATA_FORMAT_VERSION, vae=plan['vae'], scaling_factor=float(scaling_factor),
-                resolution=plan['resolution'], crop=plan['crop'], store=store, **shape, num_classes=num_classes,
-                class_names=plan['classes'], N=N, images=plan['images'], skipped=len(skipped),
-                empty_classes=empty, precision=plan['precision'], source=plan['source'],
+                resolution=plan['resolution'], crop=plan['crop'], store=store, **shape,
+                num_classes=num_classes, class_names=plan['classes'], N=N, images=plan['images'],
+                skipped=len(skipped), empty_classes=empty, precision=plan['precision'], source=plan['source'],
                 jpeg=dict(quality=JPEG_QUALITY, subsampling='4:4:4') if plan['images'] else None)
     save_atomic(os.path.join(out, 'meta.json'), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     shutil.rmtree(os.path.join(out, 'parts'))
@@ -290,10 +316,12 @@ def assemble(out, plan, part_paths, scaling_factor):
 # Main
 # ----------------------------------------------------------------------------------------------
 
+
 def main(args):
     ddp = 'RANK' in os.environ  # launched by torchrun
     if ddp:
-        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo', timeout=datetime.timedelta(hours=6))
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo',
+                                timeout=datetime.timedelta(hours=6))
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = torch.device(f'cuda:{os.environ.get("LOCAL_RANK", 0)}' if torch.cuda.is_available() else 'cpu')
     if device.type == 'cuda':
@@ -312,7 +340,9 @@ def main(args):
         raise SystemExit(status[0] if rank == 0 else 1)
     parts = os.path.join(args.out, 'parts')
     plan = json.load(open(os.path.join(parts, 'files.json')))
-    N_files, chunk, num_classes = len(plan['files']), plan['chunk'], len(plan['classes'])
+    N_files = len(plan['files'])
+    chunk = plan['chunk']
+    num_classes = len(plan['classes'])
     part_paths = [os.path.join(parts, f'{c:06d}.npz') for c in range(-(-N_files // chunk))]
     todo = [c for c, p in enumerate(part_paths) if not os.path.exists(p)]
     if ddp:
@@ -323,16 +353,22 @@ def main(args):
     # Encode this rank's share of the unfinished chunks; batches never straddle a chunk.
     mine = todo[rank::world]
     spans = [(c * chunk, min((c + 1) * chunk, N_files)) for c in mine]
-    batches = [list(range(s, min(s + args.batch, end))) for start, end in spans for s in range(start, end, args.batch)]
-    loader = DataLoader(ImageFiles(plan['source'], plan['files'], plan['images'], plan['resolution'], plan['crop']),
-                        batch_sampler=batches, num_workers=args.workers, collate_fn=collate)
+    batches = [list(range(s, min(s + args.batch, end)))
+               for start, end in spans for s in range(start, end, args.batch)]
+    dataset = ImageFiles(plan['source'], plan['files'], plan['images'], plan['resolution'], plan['crop'])
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.workers, collate_fn=collate)
     pixels = plan['vae'] is None
     vae = None if pixels else load_vae(plan['vae'], device)
     r = plan['resolution'] // (1 if pixels else 2 ** (len(vae.config.block_out_channels) - 1))
     shape = (3, r, r) if pixels else (2 * vae.config.latent_channels, r, r)
     bar = tqdm(total=sum(e - s for s, e in spans), unit='img', disable=rank != 0, dynamic_ncols=True,
                desc=f'encoding ({world} rank{"s" if world > 1 else ""}, rank 0 shown)')
-    latents, labels, jpegs, greys, skipped, written = [], [], [], [], [], 0
+    latents = []
+    labels = []
+    jpegs = []
+    greys = []
+    skipped = []
+    written = 0
     with torch.inference_mode():
         for idx, crops, jpeg, reasons, grey in loader:
             ok = [k for k, reason in enumerate(reasons) if not reason]
@@ -349,7 +385,12 @@ def main(args):
             c = idx[0] // chunk
             if idx[-1] == min((c + 1) * chunk, N_files) - 1:  # chunk complete
                 write_part(part_paths[c], latents, labels, jpegs, greys, skipped, num_classes, shape, pixels)
-                latents, labels, jpegs, greys, skipped, written = [], [], [], [], [], written + 1
+                latents = []
+                labels = []
+                jpegs = []
+                greys = []
+                skipped = []
+                written += 1
                 if written == args.stop_after_chunks:  # tests only: die like a killed process
                     print(f'stopping after {written} chunks', flush=True)
                     os._exit(3)
@@ -368,26 +409,34 @@ def main(args):
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument('--imagenet', dest='source', help='ILSVRC2012 train folder: the ImageNet recipe (256, SD-VAE)')
-    src.add_argument('--images', dest='source', help='a folder with one sub-folder of images per class, or a folder of '
-                     'images (one unlabelled class: every image under it)')
+    src.add_argument('--imagenet', dest='source',
+                     help='ILSVRC2012 train folder: the ImageNet recipe (256, SD-VAE)')
+    src.add_argument('--images', dest='source',
+                     help='a folder with one sub-folder of images per class, or a folder of '
+                          'images (one unlabelled class: every image under it)')
     parser.add_argument('--one-class', action='store_true',
-                        help='one unlabelled class from every image under --images, even if it holds only sub-folders')
-    parser.add_argument('--out', default=DEFAULT_DATA, help=f'dataset directory to write (default {DEFAULT_DATA})')
-    parser.add_argument('--resolution', type=int, default=256, help='image side R after cropping (default 256)')
+                        help='one unlabelled class from every image under --images, even if it holds only '
+                             'sub-folders')
+    parser.add_argument('--out', default=DEFAULT_DATA,
+                        help=f'dataset directory to write (default {DEFAULT_DATA})')
+    parser.add_argument('--resolution', type=int, default=256,
+                        help='image side R after cropping (default 256)')
     parser.add_argument('--crop', choices=['center', 'resize'], default='center',
-                        help="'center': ADM's center crop; 'resize': plain resize to R x R (images already about R)")
+                        help="'center': ADM's center crop; 'resize': plain resize to R x R "
+                             "(images already about R)")
     parser.add_argument('--vae', default=DEFAULT_VAE,
-                        help="diffusers name (sd-vae-ft-ema / -ft-mse), a save_pretrained dir, or 'none' (pixels)")
+                        help="diffusers name (sd-vae-ft-ema / -ft-mse), a save_pretrained dir, "
+                             "or 'none' (pixels)")
     parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='encoder precision')
     parser.add_argument('--batch', type=int, default=64, help='encoder batch per rank')
     parser.add_argument('--workers', type=int, default=min(8, len(os.sched_getaffinity(0))),
-                        help='image-decoding DataLoader workers per rank (default: the cores available, at most 8)')
+                        help='image-decoding DataLoader workers per rank '
+                             '(default: the cores available, at most 8)')
     parser.add_argument('--chunk', type=int, default=10000, help='images per resumable chunk')
     parser.add_argument('--no-images', action='store_true', help='store no JPEG crops (no REPA)')
     parser.add_argument('--store', choices=['uint8', 'jpeg'], default=None,
-                        help=f'pixel data (--vae none): uint8 array, or JPEG q{JPEG_QUALITY} 4:4:4 decoded while '
-                             f'training (default: JPEG from {JPEG_FROM} px, where it is ~5x smaller; '
+                        help=f'pixel data (--vae none): uint8 array, or JPEG q{JPEG_QUALITY} 4:4:4 decoded '
+                             f'while training (default: JPEG from {JPEG_FROM} px, where it is ~5x smaller; '
                              f'README: pixel data)')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace a complete output or an unfinished one with other settings')

@@ -68,7 +68,8 @@ def write_npz(path, parts, labels):
 def stages(G, args, info, vae, device, path):
     z, c = sample_inputs(range(8), args, G.z_dim, G.num_classes)
     with cat.autocast(args.precision, device):
-        hs = cat.generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)  # [K+1, 8, C, R, R]
+        # [K+1, 8, C, R, R]
+        hs = cat.generate(G, z.to(device), c.to(device), args.psi, args.batch, all_stages=True)
     cat.save_grid(cat.decode(hs.transpose(0, 1).flatten(0, 1).float(), info, vae), hs.shape[0], path)
     print(f'wrote {path} (rows: samples 0-7, columns: h_0..h_{G.stages - 1})')
 
@@ -87,7 +88,8 @@ def analyze(G, args, device, scales):
                 print(f"{key.replace('_floor', ' floor'):14}" + ''.join(f'{v:9.4f}' for v in m[key]))
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, psi=args.psi, n=n, **m), f, indent=1)
+            json.dump(dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, psi=args.psi, n=n, **m),
+                      f, indent=1)
         print(f'wrote {args.json}')
 
 
@@ -102,6 +104,7 @@ def interp(G, args, info, vae, device, path, steps=8):
     cat.save_grid(cat.decode(h.float(), info, vae), steps, path)
     print(f'wrote {path} (rows: samples 0>1, 2>3, 4>5, 6>7 in {steps} steps)')
 
+
 def curves(runs, path):
     """Fig. 4's layout from training logs: delta_k, R_k, A_k (and delta_h_k, not in the paper) of every evaluation in
     each run's metrics.jsonl against the iteration; one colour per stage k, one line style per run (solid, dashed,
@@ -113,21 +116,26 @@ def curves(runs, path):
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("error: --curves draws with matplotlib, which is not installed: pip install matplotlib (the "
-                         "numbers themselves are in each run's metrics.jsonl).")
+        raise SystemExit("error: --curves draws with matplotlib, which is not installed: "
+                         "pip install matplotlib (the numbers themselves are in each run's metrics.jsonl).")
     data = []
     for run in runs:
         run_dir, _, label = run.partition('=')
         metrics = os.path.join(run_dir, 'metrics.jsonl')
         if not os.path.exists(metrics):
             raise SystemExit(f"error: {metrics} not found: --curves takes run directories written by cat.py.")
-        data.append((label or os.path.basename(run_dir), [r for r in map(json.loads, open(metrics)) if 'delta_0' in r]))
-    K = sum(f'delta_{k}' in data[0][1][0] for k in range(64)) if data[0][1] else cat.K     # K of the first run
+        data.append((label or os.path.basename(run_dir),
+                     [r for r in map(json.loads, open(metrics)) if 'delta_0' in r]))
+    # K of the first run
+    K = sum(f'delta_{k}' in data[0][1][0] for k in range(64)) if data[0][1] else cat.K
     panels = [('delta', K, 'distance to the final stage $\\delta_k$'), ('R', K - 1, 'rewrite $R_k$'),
-              ('A', K - 1, 'rewrite alignment $A_k$'), ('delta_h', K, '$\\delta^h_k$ on raw $h_k$ (not in the paper)')]
-    # second row when every run logged Eq. 1's floor (h_k = h_K): how far each stage is above what pooling leaves
+              ('A', K - 1, 'rewrite alignment $A_k$'),
+              ('delta_h', K, '$\\delta^h_k$ on raw $h_k$ (not in the paper)')]
+    # second row when every run logged Eq. 1's floor (h_k = h_K):
+    # how far each stage is above what pooling leaves
     floors = all(rows and 'delta_floor_0' in rows[0] for _, rows in data)
-    fig, axes = plt.subplots(1 + floors, len(panels), figsize=(4.2 * len(panels), 3.4 * (1 + floors)), squeeze=False)
+    fig, axes = plt.subplots(1 + floors, len(panels), figsize=(4.2 * len(panels), 3.4 * (1 + floors)),
+                             squeeze=False)
     for (label, rows), style in zip(data, ['-', '--', ':', '-.']):
         steps = [r['step'] for r in rows]
         for ax, (name, n, title) in zip(axes[0], panels):
@@ -137,10 +145,12 @@ def curves(runs, path):
         for ax, (name, n, _) in zip(axes[1] if floors else [], panels[:3]):
             sign = -1 if name == 'A' else 1                     # A: how far below its floor
             for k in range(n):
-                ax.plot(steps, [sign * (r[f'{name}_{k}'] - r[f'{name}_floor_{k}']) for r in rows], style, color=f'C{k}')
+                ax.plot(steps, [sign * (r[f'{name}_{k}'] - r[f'{name}_floor_{k}']) for r in rows], style,
+                        color=f'C{k}')
             ax.axhline(0, color='gray', lw=0.5)
             sym = {'delta': '$\\delta_k$', 'R': '$R_k$', 'A': '$A_k$'}[name]
-            ax.set_title(f"{sym} {'below' if sign < 0 else 'above'} its floor (all stages = $h_K$)", fontsize=10)
+            ax.set_title(f"{sym} {'below' if sign < 0 else 'above'} its floor (all stages = $h_K$)",
+                         fontsize=10)
         axes[0, -1].plot([], [], style, color='gray', label=label)
     if floors:
         axes[1, -1].axis('off')
@@ -148,10 +158,12 @@ def curves(runs, path):
         ax.set_xlabel('iteration')
     for k in range(K):
         axes[0, -1].plot([], [], color=f'C{k}', label=f'stage k = {k}')
-    fig.legend(*axes[0, -1].get_legend_handles_labels(), loc='lower center', ncol=8, fontsize=9, frameon=False)
+    fig.legend(*axes[0, -1].get_legend_handles_labels(), loc='lower center', ncol=8, fontsize=9,
+               frameon=False)
     fig.tight_layout(rect=(0, 0.07 / (1 + floors), 1, 1))
     fig.savefig(path, dpi=110)
     print(f'wrote {path}')
+
 
 def exact_gp(D, xs, c):
     """What the approximated R1/R2 estimates: per sample, the mean over scales k of ||grad_x d_k||^2 (x = all scales;
@@ -173,26 +185,34 @@ def gp_check(ckpt, n=64, seed=0, draws=8, out=print):
     cfg, a = ck['config'], argparse.Namespace(**ck['config']['args'])
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     G, D = cat.Generator(**cfg['G']).to(device), cat.Discriminator(**cfg['D']).to(device)
-    G.load_state_dict(ck['G']), D.load_state_dict(ck['D'])
-    G.requires_grad_(False), D.requires_grad_(False)
+    G.load_state_dict(ck['G'])
+    D.load_state_dict(ck['D'])
+    G.requires_grad_(False)
+    D.requires_grad_(False)
     g = torch.Generator(device).manual_seed(seed)
     info, ds, _ = cat.open_data(argparse.Namespace(**{**vars(a), 'lambda_repa': 0.0}))
     if info['kind'] == 'toy':
         x, c = ds[0][:n].to(device), ds[1][:n].to(device)
     else:
         items = [ds[i] for i in range(n)]
-        m, c = torch.stack([t[0] for t in items]).to(device), torch.tensor([t[1] for t in items], device=device)
-        x = cat.real_x(m, dict(eps=torch.randn(n, G.channels, G.res, G.res, generator=g, device=device)), info)
+        m = torch.stack([t[0] for t in items]).to(device)
+        c = torch.tensor([t[1] for t in items], device=device)
+        eps = torch.randn(n, G.channels, G.res, G.res, generator=g, device=device)
+        x = cat.real_x(m, dict(eps=eps), info)
     with torch.no_grad():
         fake = torch.cat(G(torch.randn(n, G.z_dim, generator=g, device=device), c))
     if a.aug:
         x, fake = (cat.augment(t, cat.draw_aug(n, G.res, g, device)) for t in (x, fake))
     params = [p for name, p in D.named_parameters() if not name.startswith('proj.')]
     D.requires_grad_(True)
-    flat = lambda loss: torch.cat([t.flatten() for t in torch.autograd.grad(loss, params, allow_unused=True,
-                                                                             materialize_grads=True)])
+
+    def flat(loss):
+        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        return torch.cat([t.flatten() for t in grads])
+
     res = {}
-    for name, xs in (('R1', cat.multiscale(x, D.scales)), ('R2', cat.multiscale(fake.chunk(G.stages), D.scales))):
+    for name, xs in (('R1', cat.multiscale(x, D.scales)),
+                     ('R2', cat.multiscale(fake.chunk(G.stages), D.scales))):
         exact = exact_gp(D, xs, c).mean()
         g_exact = flat(exact)
         res[name] = dict(exact=exact.item())
@@ -202,13 +222,14 @@ def gp_check(ckpt, n=64, seed=0, draws=8, out=print):
                 eps = [torch.randn(x.shape, generator=g, device=device) for x in xs]
                 e = cat.approx_gp_pass(D, xs, eps, c, a.gp_sigma, prec).mean() / draws
                 est, g_est = est + e.item(), g_est + flat(e)
-            res[name][prec] = dict(ratio=est / exact.item(), cos=F.cosine_similarity(g_est, g_exact, dim=0).item())
+            res[name][prec] = dict(ratio=est / exact.item(),
+                                   cos=F.cosine_similarity(g_est, g_exact, dim=0).item())
     out(f"gp-check {ckpt} (step {ck['step']}): {n} real / {n} fake samples, sigma {a.gp_sigma}, "
         f"{draws} perturbations, {'augmented' if a.aug else 'no augmentation'}")
     for name, r in res.items():
-        out(f"  {name}: exact {r['exact']:.4g} | bf16 path: {r['bf16']['ratio']:.3g} x exact, gradient cosine "
-            f"{r['bf16']['cos']:.3f} | fp32 path: {r['fp32']['ratio']:.3g} x exact, gradient cosine "
-            f"{r['fp32']['cos']:.3f}")
+        out(f"  {name}: exact {r['exact']:.4g} | bf16 path: {r['bf16']['ratio']:.3g} x exact, "
+            f"gradient cosine {r['bf16']['cos']:.3f} | fp32 path: {r['fp32']['ratio']:.3g} x exact, "
+            f"gradient cosine {r['fp32']['cos']:.3f}")
     return res
 
 # ----------------------------------------------------------------------------------------------
@@ -218,9 +239,14 @@ def gp_check(ckpt, n=64, seed=0, draws=8, out=print):
 
 def sample_npz(G, args, info, vae, device, rank, world, out):
     nb = -(-args.num // args.batch)
-    runs = np.array_split(np.arange(nb), world)          # rank 0 gets the longest run, so it always has images
-    part = lambda r: f'{out}.part{r}.npy'
-    mine, pbar = [], tqdm(total=args.num, unit='img', disable=rank != 0, desc=f'sampling ({world} process(es))')
+    # rank 0 gets the longest run, so it always has images
+    runs = np.array_split(np.arange(nb), world)
+
+    def part(r):
+        return f'{out}.part{r}.npy'
+
+    mine = []
+    pbar = tqdm(total=args.num, unit='img', disable=rank != 0, desc=f'sampling ({world} process(es))')
     for j in runs[rank]:
         idx = range(j * args.batch, min((j + 1) * args.batch, args.num))
         z, c = sample_inputs(idx, args, G.z_dim, G.num_classes)
@@ -250,7 +276,8 @@ def export(ck, path, dtype, overwrite):
     sampling needs, with no optimizer state and no pickle (nothing in it can run code when it is opened)."""
     from safetensors.torch import save_file
     if os.path.exists(path) and not overwrite:
-        raise SystemExit(f"error: '{path}' exists: pass --overwrite to replace it, or choose another --export.")
+        raise SystemExit(f"error: '{path}' exists: pass --overwrite to replace it, or choose another "
+                         "--export.")
     cast = torch.bfloat16 if dtype == 'bf16' else torch.float32
     ema = {k: (v.to(cast) if v.is_floating_point() else v).contiguous() for k, v in ck['ema'].items()}
     meta = dict(format='cat', version=ck.get('version'), step=ck['step'], config=ck['config'], dtype=dtype)
@@ -265,32 +292,44 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description='One-step samples from a CAT checkpoint: ADM .npz + grid PNG.')
     p.add_argument('--ckpt', help='checkpoint written by cat.py (latest.pt, ckpt-*.pt)')
     p.add_argument('--gp-check', type=int, nargs='?', const=64, metavar='N',
-                   help="exact vs approximated R1/R2 of the checkpoint's D on N real and N fake samples (64), and exit")
+                   help="exact vs approximated R1/R2 of the checkpoint's D on N real and N fake "
+                        "samples (64), and exit")
     p.add_argument('--curves', nargs='+', metavar='RUN[=LABEL]',
-                   help='plot Eq. 1 over training from run directories (Fig. 4 layout) to --out PNG, and exit')
+                   help='plot Eq. 1 over training from run directories (Fig. 4 layout) to --out PNG, '
+                        'and exit')
     p.add_argument('--export', metavar='FILE.safetensors',
-                   help="write the EMA generator and its config to a safetensors file (for sharing), and exit")
+                   help="write the EMA generator and its config to a safetensors file (for sharing), "
+                        "and exit")
     p.add_argument('--export-dtype', choices=['fp32', 'bf16'], default='fp32',
-                   help='fp32: samples identical to the checkpoint\'s; bf16: half the size, samples differ slightly')
+                   help='fp32: samples identical to the checkpoint\'s; bf16: half the size, samples differ '
+                        'slightly')
     p.add_argument('--weights', choices=['ema', 'raw'], default='ema', help="EMA generator, or the raw 'G'")
     p.add_argument('--num-samples', '--num', dest='num', type=int, default=50_000,
-                   help='number of samples (0: no .npz, research views only); --num is an alias (not under torchrun)')
+                   help='number of samples (0: no .npz, research views only); --num is an alias '
+                        '(not under torchrun)')
     p.add_argument('--batch', type=int, default=256, help='samples per forward pass, per process')
-    p.add_argument('--psi', type=float, default=1.0, help='truncation, StyleGAN convention: 1 none, 0 w_avg[c]')
-    p.add_argument('--seed', type=int, default=0, help='sample i draws z (and its class) from seed * 1_000_003 + i')
+    p.add_argument('--psi', type=float, default=1.0,
+                   help='truncation, StyleGAN convention: 1 none, 0 w_avg[c]')
+    p.add_argument('--seed', type=int, default=0,
+                   help='sample i draws z (and its class) from seed * 1_000_003 + i')
     cls = p.add_mutually_exclusive_group()
     cls.add_argument('--classes', type=lambda s: [int(c) for c in s.split(',')],
-                     help='comma-separated class ids; sample i gets the (i %% len)-th (default: random per sample)')
+                     help='comma-separated class ids; sample i gets the (i %% len)-th '
+                          '(default: random per sample)')
     cls.add_argument('--class-balanced', action='store_true',
                      help='sample i gets class i %% num_classes (class counts differ by at most one)')
-    p.add_argument('--out', help='.npz path (default: samples-STEP-WEIGHTS-psiPSI-seedSEED-NUM.npz by the checkpoint)')
+    p.add_argument('--out',
+                   help='.npz path (default: samples-STEP-WEIGHTS-psiPSI-seedSEED-NUM.npz by the checkpoint)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing .npz')
-    p.add_argument('--precision', choices=['bf16', 'fp32'], help='autocast dtype (default: bf16 on CUDA, fp32 on CPU)')
-    p.add_argument('--vae', help="VAE for latent checkpoints, hub name or local directory (default: the dataset's)")
-    p.add_argument('--stages', action='store_true', help='PNG of h_0..h_K (columns) of the first 8 samples (rows)')
+    p.add_argument('--precision', choices=['bf16', 'fp32'],
+                   help='autocast dtype (default: bf16 on CUDA, fp32 on CPU)')
+    p.add_argument('--vae',
+                   help="VAE for latent checkpoints, hub name or local directory (default: the dataset's)")
+    p.add_argument('--stages', action='store_true',
+                   help='PNG of h_0..h_K (columns) of the first 8 samples (rows)')
     p.add_argument('--analyze', action='store_true',
-                   help='print delta_k, R_k, A_k (Eq. 1) over the first min(--num-samples, 1000) samples (1000 if 0) '
-                        'and their floor (every stage replaced by the final output)')
+                   help='print delta_k, R_k, A_k (Eq. 1) over the first min(--num-samples, 1000) samples '
+                        '(1000 if 0) and their floor (every stage replaced by the final output)')
     p.add_argument('--json', help='with --analyze: also write the metrics to this JSON file')
     p.add_argument('--interp', action='store_true', help='PNG of 4 rows x 8 steps interpolating w (Fig. 10)')
     args = p.parse_args(argv)
@@ -311,8 +350,8 @@ def main(argv=None):
         return curves(args.curves, args.out or 'curves.png')
     ck = cat.load_checkpoint(args.ckpt)
     if 'G' not in ck and (args.weights == 'raw' or args.gp_check):
-        raise SystemExit(f"error: {args.ckpt} holds only the EMA generator: --weights raw and --gp-check need the "
-                         f"training checkpoint (latest.pt, ckpt-*.pt).")
+        raise SystemExit(f"error: {args.ckpt} holds only the EMA generator: --weights raw and --gp-check "
+                         f"need the training checkpoint (latest.pt, ckpt-*.pt).")
     if args.gp_check:
         return gp_check(args.ckpt, args.gp_check, args.seed)
     if args.export:

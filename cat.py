@@ -1,9 +1,8 @@
 """
-CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449), in one file.
-
-A one-step, class-conditional transformer GAN on SD-VAE latents. GAT's generator emits accumulated outputs h_0..h_K;
-one scale-wise discriminator judges x_k = r_k(h_k) through block-diagonal attention, so that its logit d_k sees x_k
-alone; a consistency loss (Eq. 2) keeps h_0..h_{K-1} on the path of h_K.
+CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449), in one file. A one-step, class-conditional transformer
+GAN on SD-VAE latents: GAT's generator emits accumulated outputs h_0..h_K; one scale-wise discriminator judges
+x_k = r_k(h_k) through block-diagonal attention, so that d_k sees x_k alone; a consistency loss (Eq. 2) keeps
+h_0..h_{K-1} on the path of h_K.
 
     python cat.py --data toy                           # the embedded default: a 16-px toy set, minutes on a CPU
     python cat.py --model H --summary                  # parameters, GFLOPs (Table 6), GPU memory; needs no GPU
@@ -11,12 +10,12 @@ alone; a consistency loss (Eq. 2) keeps h_0..h_{K-1} on the path of h_K.
     torchrun --nproc_per_node=8 cat.py --model H --resume runs/000-H                           # continue a run
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 cat.py --model H   # two nodes
 
-The file follows the paper: notation and configs (Table 6), building blocks, the generator (Sec. 3.1, App. A.1), the
-scale-wise discriminator (Fig. 3), augmentation, the objectives (Sec. 3.2), Eq. 1, data, one training iteration
-(App. A.2) and the training loop. A reader of the method may stop after train(); what follows it is support: the toy
-set, data checks, evaluation, cost (--summary, --bench) and the command line.
+In the paper's order: configs (Table 6), blocks, generator (Sec. 3.1, App. A.1), scale-wise discriminator (Fig. 3),
+augmentation, objectives (Sec. 3.2), Eq. 1, data, one iteration (App. A.2), the training loop. After train() and its
+helpers comes what a reader of the method may skip: the toy set, data checks, evaluation, cost, the command line.
 """
 import argparse
+import collections
 import contextlib
 import copy
 import glob
@@ -42,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 # Notation and configs (Table 6)
 # ------------------------------------------------------------------------------------------------------------
 
-# Stages k = 0..K, coarse to fine; Table 6 has K = 3. Any other hierarchy: --scales (K = number of scales - 1).
+# Stages k = 0..K, coarse to fine; Table 6 has K = 3 (another hierarchy: --scales, K = number of scales - 1).
 K = 3
 
 
@@ -64,7 +63,7 @@ class NetConfig(typing.NamedTuple):
     cmap: int = 2048        # D only: width of the class projection in its head (GAT's)
 
 
-# G's output layers are spaced uniformly: depth/4 x (1, 2, 3, 4), i.e. 3,6,9,12 / 6,12,18,24 / 8,16,24,32 (Table 6).
+# G's output layers: depth/4 x (1, 2, 3, 4), i.e. 3,6,9,12 / 6,12,18,24 / 8,16,24,32 (Table 6).
 G_CONFIGS = {
     'T': NetConfig(4, 32, 2),           # tests only
     'S': NetConfig(4, 64, 2),           # small data: the toy run and CPU experiments
@@ -81,15 +80,15 @@ D_CONFIGS = {
 D_FOR_G = {'T': 'T', 'S': 'S', 'B': 'B', 'M': 'B', 'H': 'B'}     # the paper: one Base D for every G size
 PAPER_STEPS = {'B': 50_000, 'M': 100_000, 'H': 150_000}          # 20 / 40 / 60 epochs at batch 512 (Sec. 4)
 
-# Training defaults: (Table 6, small data). Small data is the toy set and pixel data up to 64 px, trained on a CPU in
-# minutes; each small-data value is what docs/small-data.md measured. An explicit option always wins.
+# Training defaults, (Table 6, small data). Small data (the toy set, pixel data up to 64 px) trains in
+# minutes on a CPU; its values are what docs/small-data.md measured. An explicit option always wins.
 DEFAULTS = {
-    'steps': (50_000, 4000),            # CAT-B/2's 20 epochs | about 17 minutes at 16 px (the toy set: TOY_STEPS)
-    'batch_size': (512, 16),            # global batch | 16 learned fastest per minute of 64, 32, 16, 8 and 4
-    'lr': (2e-4, 2e-3),                 # G and D | GAT's lr x 768 / width gives 2.4e-3 at width 64
+    'steps': (50_000, 4000),            # CAT-B/2's 20 epochs | ~17 min at 16 px (the toy set: TOY_STEPS)
+    'batch_size': (512, 16),            # global batch | 16 learned fastest per minute of 64, 32, 16, 8, 4
+    'lr': (2e-4, 2e-3),                 # G and D | GAT's lr x 768 / width: 2.4e-3 at width 64 (rounded)
     'ema_decay': (0.999, 0.99),         # EMA of G | 0.995 and 0.998 lag behind at these lengths
-    'aug': (True, False),               # DiffAugment, GAT's | with it a 64-wide D can't tell real from fake at 16 px
-    'gamma': (1.0, 0.1),                # R1 and R2 weight | the same reason: less regularization for a small D
+    'aug': (True, False),               # DiffAugment | with it a 64-wide D can't tell real from fake at 16 px
+    'gamma': (1.0, 0.1),                # R1 and R2 weight | likewise: a small D needs less regularization
     'lambda_repa': (1.0, 0.0),          # D-side REPA | no DINOv2 targets for small images
 }
 TOY_STEPS = 2000                # the toy set: about 8 minutes on 2 CPU cores
@@ -97,7 +96,7 @@ Z_DIM = 64                      # z ~ N(0, I) and the class embedding of G's map
 DEFAULT_DATA = 'data/imagenet256'                   # prepare_latents.py's default output
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'
 DINO_NAME = 'vit_base_patch14_dinov2.lvd142m'       # REPA's target network
-VA_NAME = 'convnextv2_base.fcmae_ft_in22k_in1k'     # App. A.3's vision-aided loss: pMF's ConvNeXt-V2-B (README)
+VA_NAME = 'convnextv2_base.fcmae_ft_in22k_in1k'     # App. A.3's vision-aided loss: pMF's ConvNeXt-V2-B
 
 # ------------------------------------------------------------------------------------------------------------
 # Building blocks (App. A.1) and the precision helpers of autocast and TF32
@@ -105,7 +104,8 @@ VA_NAME = 'convnextv2_base.fcmae_ft_in22k_in1k'     # App. A.3's vision-aided lo
 
 
 def sincos_2d(dim, n):
-    """Fixed 2D sin-cos embedding [n*n, dim] of an n x n grid, rows first (MAE, DiT and GAT: columns, a permutation)."""
+    """Fixed 2D sin-cos embedding [n*n, dim] of an n x n grid: the row's half first (MAE, DiT, GAT: the column's)."""
+
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
         out = pos.reshape(-1, 1).double() * omega
@@ -135,7 +135,7 @@ def rms_norm(x, norm):
 
 
 def autocast(precision, device):
-    """bf16 autocast, or ('fp32') autocast off, also inside an outer autocast region; a no-op on meta (--summary)."""
+    """A region in bf16 autocast, or for 'fp32' without autocast (also inside a bf16 region); nothing on 'meta'."""
     if device.type == 'meta':
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
@@ -181,17 +181,15 @@ def normalize_2nd_moment(x, eps=1e-8):
 
 
 class Attention(nn.Module):
-    """Self-attention with qkv bias, qk-norm and 2D RoPE.
-
-    segments: None attends over all tokens; a list of (start, end) is block-diagonal attention, one fused call per
-    segment; a bool tensor [L, L] is an explicit mask."""
+    """Self-attention with qkv bias, qk-norm and 2D RoPE; segments: None (all tokens), a list of (start, end) (block-
+    diagonal, one fused call per segment) or a bool tensor [L, L] (an explicit mask)."""
 
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)    # qk-norm
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
 
     def forward(self, x, rope, segments=None):
@@ -236,7 +234,7 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 # ------------------------------------------------------------------------------------------------------------
-# Generator (GAT's; Sec. 3.1, App. A.1): sin-cos input tokens, AdaLN on w = mapping(z, c), output skip accumulation
+# Generator (GAT's; Sec. 3.1, App. A.1): sin-cos tokens, AdaLN on w = mapping(z, c), output skip accumulation
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -250,7 +248,8 @@ class GBlock(nn.Module):
         self.ada = nn.Linear(width, 6 * width)      # w -> shift, scale, gate of the attention and of the MLP
 
     def forward(self, x, w, rope):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.ada(F.silu(w)).unsqueeze(1).chunk(6, -1)
+        modulation = self.ada(F.silu(w)).unsqueeze(1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -263,8 +262,7 @@ class OutputHead(nn.Module):
         self.norm = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)
         self.ada = nn.Linear(width, 2 * width)
         self.linear = nn.Linear(width, patch * patch * channels)
-        self.patch = patch
-        self.channels = channels
+        self.patch, self.channels = patch, channels
 
     def forward(self, x, w):
         shift, scale = self.ada(F.silu(w)).unsqueeze(1).chunk(2, dim=-1)
@@ -275,13 +273,8 @@ class Generator(nn.Module):
     def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, z_dim=Z_DIM,
                  w_avg_beta=0.995, stages=K + 1):
         super().__init__()
-        self.depth = depth
-        self.width = width
-        self.channels = channels
-        self.res = res
-        self.patch = patch
-        self.num_classes = num_classes
-        self.z_dim = z_dim
+        self.channels, self.res = channels, res
+        self.num_classes, self.z_dim = num_classes, z_dim
         self.w_avg_beta = w_avg_beta
         self.stages = stages
         self.grad_ckpt = False      # --grad-ckpt: recompute each block's activations in the backward pass
@@ -296,6 +289,7 @@ class Generator(nn.Module):
         self.mapping = nn.Sequential(EqualLinear(2 * z_dim, width), nn.SiLU(), EqualLinear(width, width))
         self.register_buffer('w_avg', torch.zeros(num_classes, width))     # per-class running mean of w
         self.blocks = nn.ModuleList([GBlock(width, heads) for _ in range(depth)])
+        # the output heads o_k, not attention heads (the name stays: it is in every checkpoint's keys)
         self.heads = nn.ModuleList([OutputHead(width, patch, channels) for _ in range(stages)])
         self.initialize_weights()
 
@@ -308,7 +302,8 @@ class Generator(nn.Module):
         nn.init.normal_(self.class_embed.weight, std=0.02)
 
     def style(self, z, c):
-        return self.mapping(torch.cat([normalize_2nd_moment(z), normalize_2nd_moment(self.class_embed(c))], dim=1))
+        z_and_class = [normalize_2nd_moment(z), normalize_2nd_moment(self.class_embed(c))]
+        return self.mapping(torch.cat(z_and_class, dim=1))
 
     def truncate(self, w, c, psi):
         """StyleGAN's convention: psi = 1 is no truncation, psi = 0 gives w_avg[c]."""
@@ -349,7 +344,7 @@ class Generator(nn.Module):
         self.w_avg.copy_(torch.where(counts[:, None] > 0, updated, self.w_avg))
 
 # ------------------------------------------------------------------------------------------------------------
-# Scale-wise discriminator (Sec. 3.1, Fig. 3, App. A.1): one transformer, block-diagonal, so d_k sees x_k alone
+# Scale-wise discriminator (Sec. 3.1, Fig. 3, App. A.1): block-diagonal attention, so d_k sees x_k alone
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -379,21 +374,16 @@ class DBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """The sequence holds one segment per scale, [cls_k, tokens of x_k]; attention is block-diagonal over them.
-
-    attn_impl: 'split' (one fused attention call per scale) or 'mask' (one call with an explicit mask); mask=False
-    attends across scales (the scale-aggregated D of Fig. 9); patch: one size, or one per scale (App. A.3)."""
+    """One segment per scale, [cls_k, tokens of x_k], block-diagonal attention over them: attn_impl 'split' (a fused
+    call per scale) or 'mask'; mask=False attends across scales (Fig. 9); patch: one size, or one per scale (A.3)."""
 
     def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, cmap_dim=2048,
                  repa_dim=768, mask=True, attn_impl='split', scales=None, va_dim=0):
         super().__init__()
         self.scales = scales or table6_scales(res)
         self.patches = patch if isinstance(patch, list) else [patch] * len(self.scales)
-        self.width = width
-        self.channels = channels
-        self.res = res
-        self.mask = mask
-        self.attn_impl = attn_impl
+        self.channels, self.res = channels, res
+        self.mask, self.attn_impl = mask, attn_impl
         self.grad_ckpt = False
         self.grids = [s // p for s, p in zip(self.scales, self.patches)]        # 2, 4, 8, 16 tokens per side
         bounds = np.cumsum([0] + [1 + n * n for n in self.grids]).tolist()
@@ -415,7 +405,8 @@ class Discriminator(nn.Module):
         self.norm = nn.RMSNorm(width, eps=1e-6)
         self.head = nn.Linear(width, cmap_dim)
         self.class_embed = nn.Embedding(num_classes, cmap_dim)
-        self.class_map = nn.Sequential(EqualLinear(cmap_dim, cmap_dim), nn.SiLU(), EqualLinear(cmap_dim, cmap_dim))
+        self.class_map = nn.Sequential(EqualLinear(cmap_dim, cmap_dim), nn.SiLU(),
+                                       EqualLinear(cmap_dim, cmap_dim))
         # REPA (training only): the finest scale's tokens -> DINOv2's features
         self.proj = None
         if repa_dim:
@@ -450,10 +441,10 @@ class Discriminator(nn.Module):
         """xs = [x_0..x_K] -> d [B, K+1]; return_tokens: also the finest scale's tokens (cls_K first), for REPA."""
         B = xs[0].shape[0]
         t = self.embed(xs) + self.pos.to(xs[0].dtype)
-        segments = []
+        sequence = []
         for k, t_k in enumerate(t.split([n * n for n in self.grids], dim=1)):
-            segments += [self.cls[k].expand(B, 1, -1), t_k]
-        x = torch.cat(segments, dim=1)
+            sequence += [self.cls[k].expand(B, 1, -1), t_k]
+        x = torch.cat(sequence, dim=1)
         x = x + torch.cat([self.scale_embed[k].expand(1 + n * n, -1) for k, n in enumerate(self.grids)])
         if not self.mask:
             attn_segments = None
@@ -469,7 +460,7 @@ class Discriminator(nn.Module):
                 x = block(x, rope, attn_segments)
         # the logit in fp32: R1 and R2 take differences of it at sigma = 0.01
         with autocast('fp32', x.device):
-            cls = self.norm(x[:, [s for s, _ in self.segments]].to(self.head.weight.dtype))    # [B, K+1, width]
+            cls = self.norm(x[:, [s for s, _ in self.segments]].to(self.head.weight.dtype))     # [B, K+1, C]
             e = self.class_map(self.class_embed(c))        # [B, cmap_dim]; the raw embedding, as GAT
             d = (self.head(cls) * e[:, None]).sum(-1)
         if return_tokens:
@@ -478,7 +469,7 @@ class Discriminator(nn.Module):
 
 
 class VisionAidedHead(nn.Module):
-    """App. A.3, part of D: d_va = <MLP(f), e(c)> on a frozen backbone's features, paired like d_k (README)."""
+    """App. A.3, part of D: d_va = <MLP(f), e(c)> on a frozen backbone's features, in RpGAN's (real, fake) pairs."""
 
     def __init__(self, feat_dim, num_classes, dim=512):
         super().__init__()
@@ -494,20 +485,22 @@ class VisionAidedHead(nn.Module):
 
 
 def draw_aug(n, res, g, device):
-    """Per-sample parameters from generator g, as GAT's, but flip p = 0.4, not 0.5: at 0.5 D can't tell a mirror
-    image from the real one."""
+    """Per-sample parameters from generator g, as GAT's, but flip p = 0.4, not 0.5: at 0.5 the flip leaks (D sees a
+    mirror image as often as the image, so it cannot object to G drawing mirror images)."""
     u = torch.rand(n, 5, generator=g, device=device)
     t = int(res * 0.125 + 0.5)          # the largest translation, in pixels
     s = int(res * 0.5 + 0.5)            # the cutout's side
     shift = torch.randint(-t, t + 1, (n, 2), generator=g, device=device)
-    cut = torch.randint(0, res + 1 - s % 2, (n, 2), generator=g, device=device) - s // 2    # top-left corner
+    # the cutout's top-left corner, its centre uniform over the image (DiffAugment's offsets)
+    cut = torch.randint(0, res + 1 - s % 2, (n, 2), generator=g, device=device) - s // 2
     return dict(color=u[:, 0] < 0.5, bright=u[:, 1] - 0.5, sat=u[:, 2] * 2, contrast=u[:, 3] + 0.5,
                 flip=u[:, 4] < 0.4, shift=shift, cut=cut)
 
 
 def augment(x, aug, color=True, cutout=True, scale=1):
-    """x [B or n*B, C, H, W] with aug's parameters for B samples (shared by the n stages); colour by each image's own
-    means (GAT: h_K's); scale: pixels of x per data pixel (DINOv2 at 224 px for 32-px data: 7)."""
+    """x [B or n*B, C, H, W] with aug's parameters for B samples, shared by the n stages. Colour uses each image's
+    own means (GAT: h_K's, but d_k must depend on h_k alone); scale: pixels of x per data pixel (7 for DINOv2's 224
+    px on 32-px data)."""
     rep = x.shape[0] // aug['flip'].shape[0]
     aug = {k: v.repeat(rep, *[1] * (v.dim() - 1)) for k, v in aug.items()}
     B, C, H, W = x.shape
@@ -556,13 +549,13 @@ def rpgan_g_loss(d_fake, d_real):
 
 
 def approx_gp(d, d_perturbed, sigma):
-    """Approximated R1/R2 (Seaweed-APT): mean ((d(x) - d(x + sigma eps)) / sigma)^2, ~ ||grad_x d||^2 as sigma -> 0."""
+    """Approximated R1/R2 (Seaweed-APT, in GAT's losses/Rp_loss.py form): mean ((d(x) - d(x + sigma eps)) / sigma)^2,
+    which estimates ||grad_x d||^2 as sigma -> 0."""
     return ((d - d_perturbed) / sigma).square().mean()
 
 
 def approx_gp_pass(D, xs, eps, c, sigma, precision):
-    """approx_gp per sample, averaged over the scales, from one D pass on [x; x + sigma eps]; in fp32 a gap of ~1e-3
-    survives, in bf16 it drowns in rounding (README)."""
+    """approx_gp per sample over the scales, one D pass on [x; x + sigma eps] (fp32: a ~1e-3 gap drowns in bf16)."""
     n = xs[0].shape[0]
     with autocast(precision, xs[0].device), full_fp32(precision == 'fp32'):
         d = D([torch.cat([x, x + sigma * e]).float() for x, e in zip(xs, eps)], torch.cat([c, c]))
@@ -570,7 +563,8 @@ def approx_gp_pass(D, xs, eps, c, sigma, precision):
 
 
 def consistency_loss(hs, detach_anchor=False):
-    """Eq. 2: L_cons = 1/K sum_{k<K} w_k mean((h_k - h_K)^2), without a stop-gradient on h_K by default (as Eq. 2)."""
+    """Eq. 2: L_cons = 1/K sum_{k<K} w_k mean((h_k - h_K)^2), no stop-gradient on h_K by default (as Eq. 2). A mean
+    over the elements where Eq. 2 writes ||h_k - h_K||^2 (DESIGN.md; README: departures)."""
     anchor = hs[-1].detach() if detach_anchor else hs[-1]
     K = len(hs) - 1
     return sum(w_k * (h_k - anchor).float().square().mean() for w_k, h_k in zip(w_cons(K), hs[:-1])) / K
@@ -596,8 +590,7 @@ def load_frozen(name, device, pretrained=True, what='DINOv2', off='--lambda-repa
 
 
 def dino_features(dino, img, aug=None, res=32, grid=16):
-    """DINOv2 tokens [B, 1 + grid^2, 768] of the 224-px images, with the real's flip and its shift x 224/res (GAT
-    multiplies by res/224, a bug)."""
+    """DINOv2 tokens [B, 1 + grid^2, 768] at 224 px with the real's flip and shift x 224/res (GAT: x res/224, a bug)."""
     x = F.interpolate(img.float() / 255, size=(224, 224), mode='bicubic', align_corners=False)
     x = (x - dino.pixel_mean) / dino.pixel_std
     if aug is not None:
@@ -605,15 +598,15 @@ def dino_features(dino, img, aug=None, res=32, grid=16):
     f = dino.forward_features(x)
     if grid != 16:
         patches = f[:, 1:].transpose(1, 2).unflatten(2, (16, 16))
-        mode = 'area' if grid < 16 else 'bilinear'
-        patches = F.interpolate(patches, size=(grid, grid), mode=mode, align_corners=None)
+        patches = F.interpolate(patches, size=(grid, grid), mode='area' if grid < 16 else 'bilinear')
         f = torch.cat([f[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
     return f
 
 
 def va_features(net, x):
     """App. A.3: images in [-1, 1] -> the frozen ConvNeXt-V2's pooled, normalized features [B, F] at 224 px (pMF's)."""
-    x = F.interpolate((x.float().expand(-1, 3, -1, -1) + 1) / 2, size=(224, 224), mode='bicubic', antialias=True)
+    x = (x.float().expand(-1, 3, -1, -1) + 1) / 2
+    x = F.interpolate(x, size=(224, 224), mode='bicubic', antialias=True)
     return net.forward_head(net.forward_features((x - net.pixel_mean) / net.pixel_std), pre_logits=True)
 
 # ------------------------------------------------------------------------------------------------------------
@@ -624,8 +617,7 @@ def va_features(net, x):
 def cross_scale_metrics(hs, scales):
     """Eq. 1's delta_k, R_k, A_k (k < K, batch means); ours: delta_h_k of the raw h_k, and *_floor: Eq. 1 when every
     h_k = h_K (what pooling alone leaves)."""
-    full = scales[-1]
-    K = len(hs) - 1
+    full, K = scales[-1], len(hs) - 1
 
     def up(x):
         if x.shape[-1] == full:
@@ -634,8 +626,7 @@ def cross_scale_metrics(hs, scales):
 
     def eq1(hs):
         xs = [up(r_k(h.float(), s)).flatten(1) for h, s in zip(hs, scales)]
-        x_K = xs[-1]
-        norm_K = x_K.norm(dim=1)
+        x_K, norm_K = xs[-1], xs[-1].norm(dim=1)
         delta = [((x_K - xs[k]).norm(dim=1) / norm_K).mean().item() for k in range(K)]
         R = [((xs[k + 1] - xs[k]).norm(dim=1) / norm_K).mean().item() for k in range(K)]
         A = [F.cosine_similarity(xs[k + 1] - xs[k], x_K - xs[k], dim=1).mean().item() for k in range(K)]
@@ -644,21 +635,21 @@ def cross_scale_metrics(hs, scales):
     delta, R, A = eq1(hs)
     delta_floor, R_floor, A_floor = eq1([hs[-1]] * len(hs))
     h_K = hs[-1].float().flatten(1)
-    delta_h = [((h_K - hs[k].float().flatten(1)).norm(dim=1) / h_K.norm(dim=1)).mean().item() for k in range(K)]
-    return dict(delta=delta, R=R, A=A, delta_h=delta_h, delta_floor=delta_floor, R_floor=R_floor, A_floor=A_floor)
+    delta_h = [((h_K - h.float().flatten(1)).norm(dim=1) / h_K.norm(dim=1)).mean().item() for h in hs[:-1]]
+    return dict(delta=delta, R=R, A=A, delta_h=delta_h,
+                delta_floor=delta_floor, R_floor=R_floor, A_floor=A_floor)
 
 # ------------------------------------------------------------------------------------------------------------
 # Data (Sec. 4): prepare_latents.py's directories, SD-VAE posteriors sampled anew at each use, or pixels
 # ------------------------------------------------------------------------------------------------------------
 
-DATA_FORMAT_VERSION = 2     # 2: pixels as uint8 or JPEG ('store'); latent directories of version 1 read unchanged
+DATA_FORMAT_VERSION = 2     # 2: pixels as uint8 or JPEG ('store'); version 1's latent directories still read
 META_KEYS = ('format_version', 'N', 'num_classes', 'scaling_factor', 'vae', 'images')
 STORES = {'latents': 'latents.npy', 'uint8': 'pixels.npy', 'jpeg': 'images.bin'}     # where the training data lies
 
 
 def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
-    """The frozen SD-VAE from a hub name or a save_pretrained directory; unavailable: SystemExit (None if not
-    required)."""
+    """The frozen SD-VAE (hub name or save_pretrained directory); missing: SystemExit, or None if not required."""
     from diffusers.models import AutoencoderKL
     try:
         vae = AutoencoderKL.from_pretrained(name_or_path)
@@ -671,18 +662,14 @@ def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Item i -> (x, label, img): latent moments [2C, r, r] (mean | std) or uint8 pixels [C, r, r]; img is the
-    256-px crop for REPA (empty without it)."""
+    """Item i -> (x, label, img): latent moments [2C, r, r] (mean | std) or uint8 pixels [C, r, r]; img: the 256-px
+    crop for REPA (or empty)."""
 
     def __init__(self, path, meta, images):
-        self.path = path
-        self.meta = meta
+        self.path, self.meta = path, meta
         self.store = meta['store']
         self.images = images and self.store == 'latents'
-        # opened lazily, once per DataLoader worker
-        self.data = None
-        self.labels = None
-        self.blob = None
+        self.data = self.labels = self.blob = None      # opened lazily, once per DataLoader worker
 
     def __len__(self):
         return self.meta['N']
@@ -699,8 +686,8 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def jpeg(self, i, mode):
         from PIL import Image
-        image = Image.open(io.BytesIO(self.blob[self.index[i]:self.index[i + 1]].tobytes())).convert(mode)
-        a = np.asarray(image)
+        encoded = self.blob[self.index[i]:self.index[i + 1]].tobytes()
+        a = np.asarray(Image.open(io.BytesIO(encoded)).convert(mode))
         return torch.from_numpy(a.reshape(*a.shape[:2], -1).copy()).permute(2, 0, 1)
 
     def __getitem__(self, i):
@@ -714,15 +701,13 @@ class LatentDataset(torch.utils.data.Dataset):
 
 
 def open_data(args):
-    """-> (info, data, notes): info has kind (toy | pixel | latent), N, channels, res, ...; without images in a
-    latent directory REPA is turned off (a note says so)."""
+    """-> (info: kind toy | pixel | latent, N, channels, res, ..., the data, notes); no images for REPA: REPA off."""
     if args.data == 'toy':
         x, y = make_toy(args.toy_n, seed=args.seed, res=args.toy_res)
-        info = dict(kind='toy', N=len(y), channels=3, res=args.toy_res, num_classes=int(y.max()) + 1, scale=1.0,
-                    vae=None, meta=None)
+        info = dict(kind='toy', N=len(y), channels=3, res=args.toy_res, num_classes=int(y.max()) + 1,
+                    scale=1.0, vae=None, meta=None)
         return info, (x, y), []
-    meta = check_data_dir(args.data)
-    notes = []
+    meta, notes = check_data_dir(args.data), []
     if args.lambda_repa > 0 and not meta['images'] and meta['store'] == 'latents':
         if args.repa_given:
             raise SystemExit(f"error: '{args.data}' has no images for REPA (prepared with --no-images): re-run "
@@ -749,13 +734,10 @@ def posterior_sample(moments, eps, scale):
 
 
 def step_indices(n, global_batch, rank, world, seed, start, steps):
-    """This rank's data indices for each step, from (seed, step) alone: a resume replays the same data at any world
-    size."""
-    b = global_batch // world
-    epoch = None
+    """This rank's data indices per step, from (seed, step) alone: a resume replays the same data at any world size."""
+    b, epoch = global_batch // world, None
     for step in range(start, steps):
-        idx = []
-        pos = step * global_batch
+        idx, pos = [], step * global_batch
         while len(idx) < global_batch:
             e, offset = divmod(pos + len(idx), n)
             # the permutation of an epoch, kept while its batches are drawn
@@ -776,8 +758,8 @@ def real_batches(ds, info, sampler, device, workers):
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers,
                                          persistent_workers=workers > 0, pin_memory=device.type == 'cuda',
                                          prefetch_factor=4 if workers else None)
-    for m, c, img in loader:
-        yield m.to(device, non_blocking=True), c.to(device, non_blocking=True), img.to(device, non_blocking=True)
+    for batch in loader:
+        yield [t.to(device, non_blocking=True) for t in batch]
 
 # ------------------------------------------------------------------------------------------------------------
 # One training iteration (App. A.2): a D step, then a G step; each a module, so DDP wraps just what it trains
@@ -788,9 +770,8 @@ def step_noise(seed, step, n, G, scales, device):
     """All the noise of one step's global batch of n, from (seed, step) alone: exact resume at any world size."""
     g = torch.Generator(device).manual_seed(seed * 1_000_003 + step + 1)
     C, R = G.channels, G.res
-    nz = {}
-    nz['z'] = torch.randn(n, G.z_dim, generator=g, device=device)        # both steps' z, as GAT's loop (README)
-    nz['eps'] = torch.randn(n, C, R, R, generator=g, device=device)      # the real latent's posterior draw
+    nz = dict(z=torch.randn(n, G.z_dim, generator=g, device=device),        # both steps' z, as GAT (README)
+              eps=torch.randn(n, C, R, R, generator=g, device=device))      # the real latent's posterior draw
     for name in ('aug_dr', 'aug_df', 'aug_gr', 'aug_gf'):               # DiffAugment: D/G step, real/fake
         nz[name] = draw_aug(n, R, g, device)
     for name in ('gp_r', 'gp_f'):                                       # R1 / R2 perturbations, every scale
@@ -813,11 +794,9 @@ class DStep(nn.Module):
 
     def __init__(self, D, G, args, dino=None, va=None):
         super().__init__()
-        self.D = D
+        self.D, self.args = D, args
         self._G = [G]
-        self._dino = [dino]
-        self._va = [va]
-        self.args = args
+        self._dino, self._va = [dino], [va]
 
     def forward(self, x_real, c, img, nz):
         args, D = self.args, self.D
@@ -859,6 +838,7 @@ class DStep(nn.Module):
             r2 = penalty[n_q:].mean()
 
         adv = rpgan_d_loss(d_real, d_fake)
+        # gamma / 2 per penalty, as GAT's r1_gamma / 2: Table 6's "R1 weight 1.0" is gamma
         loss = adv + args.gamma / 2 * (r1 + r2)
         stats = dict(loss_d=adv.detach(), r1=r1.detach(), r2=r2.detach(), d_real=d_real.detach().mean(),
                      d_fake=d_fake.detach().mean())
@@ -886,13 +866,12 @@ class GStep(nn.Module):
 
     def __init__(self, G, D, args, va=None):
         super().__init__()
-        self.G = G
-        self._D = [D]
-        self._va = [va]
-        self.args = args
+        self.G, self.args = G, args
+        self._D, self._va = [D], [va]
 
     def forward(self, x_real, c, nz):
-        args, G, D, va = self.args, self.G, self._D[0], self._va[0]
+        args, G = self.args, self.G
+        D, va = self._D[0], self._va[0]
         with autocast(args.precision, x_real.device):
             w = G.style(nz['z'], c)
             hs = G.synthesis(w)
@@ -923,21 +902,13 @@ def ema_update(ema, G, decay):
         b_ema.copy_(b)
 
 
-class Models(typing.NamedTuple):
-    """What build() returns: the networks, their optimizers and the (DDP-wrapped) step modules."""
-    G: nn.Module
-    D: nn.Module
-    ema: nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    d_step: nn.Module
-    g_step: nn.Module
-    world: int
-    micro: int              # per-process micro-batch: gradients accumulate over batch / micro chunks
+# build()'s result: the networks, their optimizers, the (DDP-wrapped) step modules, the process's micro-batch.
+Models = collections.namedtuple('Models', ['G', 'D', 'ema', 'opt_g', 'opt_d', 'd_step', 'g_step', 'world', 'micro'])
 
 
 def adamw(net, args, fused):
-    return torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0, fused=fused)
+    return torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.0, 0.99), eps=1e-8, weight_decay=0.0,
+                             fused=fused)
 
 
 def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained=True):
@@ -1057,10 +1028,8 @@ def train(args, hooks=()):
             log(f"evaluation off: its set-up failed ({type(e).__name__}: {e}); training goes on")
     config = dict(G=g_cfg, D=d_cfg, args=vars(args), data={k: v for k, v in info.items() if k != 'meta'},
                   meta=info['meta'])
-    n_g = sum(p.numel() for p in m.G.parameters()) / 1e6
-    n_d = sum(p.numel() for p in m.D.parameters()) / 1e6
-    log(f"run {run_dir}: G {n_g:.2f}M, D {n_d:.2f}M params, {world} process(es) x batch {b} (micro {micro}), "
-        f"{args.precision}, device {device}, {args.workers} data workers")
+    log(f"run {run_dir}: G {n_params(m.G) / 1e6:.2f}M, D {n_params(m.D) / 1e6:.2f}M params, {world} process(es) x "
+        f"batch {b} (micro {micro}), {args.precision}, device {device}, {args.workers} data workers")
 
     from tqdm import tqdm
     stop = Preemption(world)
@@ -1068,14 +1037,16 @@ def train(args, hooks=()):
     t0 = time.time()
     last_eval = None
     done = start
-    for step in tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, dynamic_ncols=True):
+    for step in tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0,
+                     dynamic_ncols=True):
         # One iteration on this process's share of the global batch
-        moments, c, img = next(batches)
+        # x_data: a latent's posterior moments (mean | std) or pixels, sampled into x below
+        x_data, c, img = next(batches)
         nz = step_noise(args.seed, step, args.batch_size, m.G, m.D.scales, device)
         nz = take(nz, rank * b, (rank + 1) * b)
-        x = real_x(moments, nz, info)
+        x = real_x(x_data, nz, info)
         if info['kind'] == 'pixel' and args.lambda_repa > 0:
-            img = moments.expand(-1, 3, -1, -1)     # REPA of pixel data: DINOv2 sees x's own pixels
+            img = x_data.expand(-1, 3, -1, -1)      # REPA of pixel data: DINOv2 sees x's own pixels
         names, stats = train_step(m, x, c, img, nz, args)
         pending.append(stats)
         done = step + 1
@@ -1133,7 +1104,8 @@ def evaluate(evaluation, ema, done, log):
     for name, why in failed.items():
         log(f"eval {done}: {name} failed ({why}); training goes on")
     shown = {k: v for k, v in (metrics or {}).items() if k != 'features' and not re.search(r'_\d+$', k)}
-    log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in shown.items()), dict(step=done, **(metrics or {})))
+    log(f"eval {done}: " + ' '.join(f"{k}={v:.4f}" for k, v in shown.items()),
+        dict(step=done, **(metrics or {})))
     return metrics
 
 
@@ -1150,27 +1122,25 @@ def setup_ddp():
     """(rank, world size, device) from torchrun's environment; a plain `python` run is rank 0 of 1."""
     if 'RANK' not in os.environ:
         return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    cuda = torch.cuda.is_available()
-    local = int(os.environ['LOCAL_RANK'])
+    cuda, local = torch.cuda.is_available(), int(os.environ['LOCAL_RANK'])
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group('nccl' if cuda else 'gloo')
-    return dist.get_rank(), dist.get_world_size(), torch.device('cuda', local) if cuda else torch.device('cpu')
+    device = torch.device('cuda', local) if cuda else torch.device('cpu')
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def model_configs(args, info):
-    """G's and D's constructor arguments (--model, --model-d, the hierarchy, the data); keys that hold Table 6's
-    hierarchy and patch 2 are left out, so such configs are as they always were."""
-    g = G_CONFIGS[args.model]
-    d = D_CONFIGS[args.model_d or D_FOR_G[args.model]]
+    """G's and D's constructor arguments (--model, --model-d, the hierarchy, the data). Table 6's hierarchy and patch
+    2 are the constructors' defaults and left out, so the configs of older checkpoints still compare equal."""
+    g, d = G_CONFIGS[args.model], D_CONFIGS[args.model_d or D_FOR_G[args.model]]
     common = dict(channels=info['channels'], res=info['res'], num_classes=info['num_classes'])
     g_cfg = dict(depth=g.depth, width=g.width, heads=g.heads, **common)
     d_cfg = dict(depth=d.depth, width=d.width, heads=d.heads, cmap_dim=d.cmap,
                  repa_dim=768 if args.lambda_repa > 0 else 0, mask=not args.no_mask, **common)
     scales, patch, d_patch = hierarchy(args, info)
     if scales != table6_scales(info['res']):
-        g_cfg['stages'] = len(scales)
-        d_cfg['scales'] = scales
+        g_cfg['stages'], d_cfg['scales'] = len(scales), scales
     if patch != 2:
         g_cfg['patch'] = patch
     if d_patch != [2] * len(scales):
@@ -1186,23 +1156,19 @@ def model_configs(args, info):
 
 
 def hierarchy(args, info):
-    """(scales, G's patch, D's patch per scale) from --scales, --patch, --d-patch (default: Table 6's and 2), or an
-    error line."""
-    r = info['res']
-    kind = 'images' if info['kind'] != 'latent' else 'latents'
-    scales = args.scales or table6_scales(r)
-    patch = args.patch or 2
-    if args.d_patch and len(args.d_patch) == 1:
-        d_patch = args.d_patch * len(scales)
-    else:
-        d_patch = args.d_patch or [patch] * len(scales)
+    """(scales, G's patch, D's patch per scale) of --scales, --patch, --d-patch (Table 6's, 2), or an error line."""
+    r, kind = info['res'], 'images' if info['kind'] != 'latent' else 'latents'
+    scales, patch = args.scales or table6_scales(r), args.patch or 2
+    d_patch = args.d_patch or [patch]
+    d_patch = d_patch * len(scales) if len(d_patch) == 1 else d_patch
     unit = 8 * max(d_patch + [patch])
     if not args.scales and r % unit:
         # the data's size does not fit the default hierarchy
         if info['kind'] == 'toy':
             fix = f"use --toy-res {unit}"
         else:
-            fix = f"re-run prepare_latents.py for '{args.data}' with --resolution {unit if kind == 'images' else 8 * unit}"
+            resolution = unit if kind == 'images' else 8 * unit
+            fix = f"re-run prepare_latents.py for '{args.data}' with --resolution {resolution}"
         raise SystemExit(f"error: '{args.data}' holds {r} x {r} {kind}, but CAT's four scales (r/8, r/4, r/2, r) with "
                          f"patch {patch} need r to be a multiple of {unit}: {fix} (or a multiple of it).")
     d_patches = ','.join(map(str, d_patch))
@@ -1211,7 +1177,8 @@ def hierarchy(args, info):
         (any(b <= a for a, b in zip(scales, scales[1:])), 'the resolutions must increase'),
         (any(s < 1 or r % s for s in scales), f'each must divide the data resolution {r}'),
         (len(d_patch) != len(scales), f'--d-patch {d_patches} needs one patch size per scale'),
-        (any(q < 1 or s % q for s, q in zip(scales, d_patch)), f'each must be a whole number of D patches ({d_patches})'),
+        (any(q < 1 or s % q for s, q in zip(scales, d_patch)),
+         f'each must be a whole number of D patches ({d_patches})'),
         (r % patch, f"G's patch {patch} must divide {r}"),
         (G_CONFIGS[args.model].depth < len(scales), f'G-{args.model} has fewer blocks than stages'),
     ]
@@ -1222,7 +1189,7 @@ def hierarchy(args, info):
 
 # Run directory, checkpoints, logging, preemption
 
-CKPT_VERSION = 2            # 2: GAT's form of the equalized-lr weights (version-1 weights would load but mean else)
+CKPT_VERSION = 2            # 2: GAT's equalized-lr form (version-1 weights would load, but mean other things)
 
 
 def resolve_run(args, info, g_cfg, d_cfg, rank, world):
@@ -1367,7 +1334,8 @@ class Preemption:
         self.flag = torch.zeros(1)
         self.world = world
         self.work = None
-        self.old = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+        self.old = {sig: signal.signal(sig, self.handler) for sig in signals}
         self.group = dist.new_group(backend='gloo') if world > 1 else None
 
     def handler(self, signum, frame):
@@ -1392,47 +1360,38 @@ class Preemption:
 
 
 # ============================================================================================================
-# What follows supports the method and is not part of it: a reader of the method may stop here. The toy set, data
-# checks, evaluation and its judges, cost (--summary, --bench, the memory estimate) and the command line.
+# What follows supports the method and is not part of it: a reader of the method may stop here. The toy
+# set, data checks, evaluation and its judges, cost (--summary, --bench, memory) and the command line.
 # ============================================================================================================
 
 # ------------------------------------------------------------------------------------------------------------
-# The toy set (--data toy): 10 classes = (shape, base hue), visible after 4x pooling, to run it all on a CPU in minutes
+# The toy set (--data toy): 10 classes = (shape, base hue), visible after 4x pooling; minutes on a CPU
 # ------------------------------------------------------------------------------------------------------------
 
 TOY_HUES = (0, 216, 72, 288, 36, 252, 324, 144, 108, 180)      # degrees, per class
 # the toy run's last line
 TOY_SUMMARY = ['shape_acc', 'class_acc', 'min_class_acc', 'fd', 'fd_floor', 'precision', 'precision_floor', 'recall',
-               'recall_floor', 'diversity', 'recall_px', 'recall_px_floor', 'diversity_px', 'delta', 'R', 'A',
-               'delta_h']
+               'recall_floor', 'diversity', 'recall_px', 'recall_px_floor', 'diversity_px', 'memorization', 'delta',
+               'R', 'A', 'delta_h']
 
 
 def _plus(ax, ay, s):
     return torch.minimum(torch.maximum(ax - s, ay - 0.3 * s), torch.maximum(ay - s, ax - 0.3 * s))
 
 
-def _toy_sdf(c, x, y, s):
-    """Signed distance (pixels, < 0 inside) of shape c at offsets x, y (the image's y points down), half-size s."""
-    ax, ay = x.abs(), y.abs()
-    if c == 0:      # disk
-        return (x * x + y * y).sqrt() - s
-    if c == 1:      # square
-        return torch.maximum(ax, ay) - 0.8 * s
-    if c == 2:      # ring
-        return ((x * x + y * y).sqrt() - 0.72 * s).abs() - 0.28 * s
-    if c == 3:      # plus
-        return _plus(ax, ay, s)
-    if c == 4:      # horizontal bar
-        return torch.maximum(ax - 1.1 * s, ay - 0.38 * s)
-    if c == 5:      # vertical bar
-        return torch.maximum(ay - 1.1 * s, ax - 0.38 * s)
-    if c == 6:      # triangle, apex up, slope 2
-        return torch.maximum(y - 0.7 * s, (2 * ax - y - 1.05 * s) / 5 ** 0.5)
-    if c == 7:      # diamond
-        return (ax + ay - 1.15 * s) / 2 ** 0.5
-    if c == 8:      # X-cross: the plus rotated by 45 degrees
-        return _plus((x + y).abs() / 2 ** 0.5, (x - y).abs() / 2 ** 0.5, s)
-    return (torch.maximum(ax, ay) - 0.68 * s).abs() - 0.25 * s      # frame
+# Signed distance (pixels, < 0 inside) of each class's shape at offsets x, y (y points down), half-size s.
+TOY_SHAPES = [
+    lambda x, y, s: (x * x + y * y).sqrt() - s,                                         # disk
+    lambda x, y, s: torch.maximum(x.abs(), y.abs()) - 0.8 * s,                          # square
+    lambda x, y, s: ((x * x + y * y).sqrt() - 0.72 * s).abs() - 0.28 * s,               # ring
+    lambda x, y, s: _plus(x.abs(), y.abs(), s),                                         # plus
+    lambda x, y, s: torch.maximum(x.abs() - 1.1 * s, y.abs() - 0.38 * s),               # horizontal bar
+    lambda x, y, s: torch.maximum(y.abs() - 1.1 * s, x.abs() - 0.38 * s),               # vertical bar
+    lambda x, y, s: torch.maximum(y - 0.7 * s, (2 * x.abs() - y - 1.05 * s) / 5 ** 0.5),  # triangle, apex up
+    lambda x, y, s: (x.abs() + y.abs() - 1.15 * s) / 2 ** 0.5,                          # diamond
+    lambda x, y, s: _plus((x + y).abs() / 2 ** 0.5, (x - y).abs() / 2 ** 0.5, s),       # X-cross
+    lambda x, y, s: (torch.maximum(x.abs(), y.abs()) - 0.68 * s).abs() - 0.25 * s,      # frame
+]
 
 
 def make_toy(n, seed=0, res=16, random_hue=False):
@@ -1455,7 +1414,7 @@ def make_toy(n, seed=0, res=16, random_hue=False):
     d = torch.empty(n, res, res)
     for c in range(10):
         i = (y == c).nonzero().squeeze(1)
-        d[i] = _toy_sdf(c, xx[i], yy[i], s[i, None, None])
+        d[i] = TOY_SHAPES[c](xx[i], yy[i], s[i, None, None])
     mask = torch.sigmoid(-d / 0.35)                     # a soft, antialiased edge
     hue = (torch.tensor(TOY_HUES, dtype=torch.float32)[y] + (u(n) * 2 - 1) * 7) / 360 % 1
     if random_hue:
@@ -1464,7 +1423,7 @@ def make_toy(n, seed=0, res=16, random_hue=False):
     val = 0.8 + 0.2 * u(n)
     k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * hue[:, None]) % 6       # HSV -> RGB [n, 3]
     rgb = val[:, None] - (val * sat)[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
-    # fine texture: 1-px stripes (horizontal or vertical) or a checker, in a random phase, every other line 30 % darker
+    # fine texture: 1-px stripes (horizontal, vertical) or a checker, random phase, alternate lines darker
     ix, iy = torch.arange(res)[None, :], torch.arange(res)[:, None]
     patterns = torch.stack([(p + t) % 2 for t in (iy + 0 * ix, ix + 0 * iy, ix + iy) for p in (0, 1)])
     texture = 1 - 0.3 * patterns.float()[(u(n) * 6).long()]
@@ -1524,7 +1483,8 @@ def check_data_dir(path):
         ('N', count(meta['N']), 'a positive integer'),
         ('num_classes', count(meta['num_classes']), 'a positive integer'),
         ('store', store in STORES, ' or '.join(STORES)),
-        ('latent_shape' if latents else 'shape', square and (shape[0] % 2 == 0 if latents else shape[0] in (1, 3)),
+        ('latent_shape' if latents else 'shape',
+         square and (shape[0] % 2 == 0 if latents else shape[0] in (1, 3)),
          '[2C, r, r] (mean | std of C channels)' if latents else '[C, r, r], C = 1 or 3'),
         ('scaling_factor', type(sf) in (int, float) and sf > 0, 'a positive number'),
         ('vae', isinstance(meta['vae'], str) if latents else meta['vae'] is None,
@@ -1535,7 +1495,8 @@ def check_data_dir(path):
     for key, ok, want in checks:
         if not ok:
             raise SystemExit(f"error: '{path}/meta.json' has {key} = {meta.get(key)!r}, expected {want}: {redo}.")
-    for name in ['labels.npy', STORES[store]] + (['images.bin', 'images_index.npy'] if meta['images'] else []):
+    promised = ['labels.npy', STORES[store]] + (['images.bin', 'images_index.npy'] if meta['images'] else [])
+    for name in promised:
         if not os.path.exists(os.path.join(path, name)):
             raise SystemExit(f"error: '{path}' has no {name}, which its meta.json promises: {redo}.")
     name = STORES[store] if store != 'jpeg' else 'images_index.npy'
@@ -1559,12 +1520,13 @@ JUDGE_MIN_ACC = 0.95        # the toy's judges must reach this accuracy on held-
 
 
 def to_uint8(x):
-    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu()
+    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, 3] on the CPU (greyscale repeated)."""
+    x = (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu()
 
 
 def decode(x, info, vae=None):
-    """-> uint8 [N, H, W, 3]: pixel data as is, latents through the VAE (x / scale), else channels 0..2 in false
-    colour."""
+    """-> uint8 [N, H, W, 3]: pixels as they are, latents through the VAE, or without one channels 0..2 as colour."""
     if info['kind'] != 'latent':
         return to_uint8(x)
     if vae is None:
@@ -1581,8 +1543,7 @@ def save_grid(images, nrow, path, size=64):
     N, H, W, _ = images.shape
     grid = torch.full((-(-N // nrow) * (H + 1) + 1, nrow * (W + 1) + 1, 3), 255, dtype=torch.uint8)
     for i in range(N):
-        y = i // nrow * (H + 1) + 1
-        x = i % nrow * (W + 1) + 1
+        y, x = i // nrow * (H + 1) + 1, i % nrow * (W + 1) + 1
         grid[y:y + H, x:x + W] = images[i]
     Image.fromarray(grid.numpy()).save(path)
 
@@ -1593,7 +1554,7 @@ def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
     outs = (G(zb, cb, psi) for zb, cb in zip(z.split(batch), c.split(batch)))
     if all_stages:
         return torch.cat([torch.stack(hs) for hs in outs], dim=1)
-    return torch.cat([hs[-1] for hs in outs], dim=0)
+    return torch.cat([hs[-1] for hs in outs])
 
 
 def feature_stats(features):
@@ -1604,10 +1565,8 @@ def feature_stats(features):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64, with ADM's safeguards."""
     import scipy.linalg
-    mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
-    mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
-    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = (np.atleast_1d(np.asarray(mu, np.float64)) for mu in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(sigma, np.float64)) for sigma in (sigma1, sigma2))
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
         try:
@@ -1624,17 +1583,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     elif np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
         raise ValueError(f'sqrtm(sigma1 sigma2) has imaginary component {np.abs(covmean.imag).max():.3g}')
     else:
-        # round-off leaves tiny imaginary parts; large ones mean a real problem (above)
-        tr = np.trace(covmean).real
+        tr = np.trace(covmean).real         # round-off leaves tiny imaginary parts
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr)
 
 
 def precision_recall(real_feats, fake_feats, k=3, batch=5000, device='cpu'):
     """Improved precision and recall (Kynkaanniemi et al. 2019; ADM's ManifoldEstimator); fp32, no TF32 (ADM: fp16)."""
+
     def radii(x):
         # the k-th nearest other point; with fewer than k + 1 points, the farthest one
         kth = min(k, len(x) - 1) + 1
-        return torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(kth, dim=1).values for i in range(0, len(x), batch)])
+        return torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(kth, dim=1).values
+                          for i in range(0, len(x), batch)])
 
     def covered(x, y, r):
         hits = [(torch.cdist(x[i:i + batch], y) <= r).any(1) for i in range(0, len(x), batch)]
@@ -1653,7 +1613,8 @@ class Judge(nn.Module):
     def __init__(self, res=16, num_classes=10, channels=3, dim=128):
         super().__init__()
         self.convs = nn.Sequential(nn.Conv2d(channels, 32, 3, max(1, res // 16), 1), nn.SiLU(),
-                                   nn.Conv2d(32, 64, 3, 2, 1), nn.SiLU(), nn.Conv2d(64, 64, 3, 2, 1), nn.SiLU())
+                                   nn.Conv2d(32, 64, 3, 2, 1), nn.SiLU(),
+                                   nn.Conv2d(64, 64, 3, 2, 1), nn.SiLU())
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, dim), nn.SiLU())
         self.head = nn.Linear(dim, num_classes)
 
@@ -1665,8 +1626,7 @@ class Judge(nn.Module):
 
 
 def train_judge(x, y, num_classes, steps=300, batch=128, seed=0):
-    """A Judge trained on x in [-1, 1] with labels y: seeded shuffles, light noise, one-cycle Adam; the global RNG is
-    left untouched."""
+    """A Judge trained on x in [-1, 1] with labels y: seeded shuffles, light noise, one-cycle Adam; global RNG kept."""
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -1692,16 +1652,12 @@ def class_accuracy(judge, x, y, num_classes):
     return hit.float().mean().item(), [hit[y == k].float().mean().item() for k in range(num_classes)]
 
 
-def mean_pairwise_distance(f):
-    return torch.pdist(f).mean().item() if len(f) > 1 else float('nan')
-
-
 @torch.no_grad()
 def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shape_judge=None, failed=None):
     """n fakes of A's classes c against the reals A = real[:n] and B = real[n:2n], in the judge's features: fd,
     precision and recall (floors: B against A), diversity (per class, the fakes' mean pairwise distance over A's),
-    class_acc (per class, the worst, _flip of mirrored fakes) and the toy's shape_acc. A metric that fails is left
-    out and named in `failed`."""
+    class_acc (per class, the worst, _flip of mirrored fakes), the toy's shape_acc. A failed metric is named in
+    `failed`."""
     n = len(fake)
     out = {}
     failed = {} if failed is None else failed
@@ -1712,29 +1668,31 @@ def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shap
         except Exception as e:
             failed[name] = f'{type(e).__name__}: {e}'
 
-    def feats(x):
+    def features(x):
         return torch.cat([judge.features(b) for b in x.split(1000)])
 
-    ff, fa, fb = feats(fake), feats(real[:n]), feats(real[n:2 * n])
+    ff, fa, fb = (features(x) for x in (fake, real[:n], real[n:2 * n]))
     if not labelled:
         # an untrained CNN's features are tiny: measure them in units of the reals' spread
         spread = fa.std(0).mean().item() if n > 1 else 0
-        spread = spread if spread > 1e-5 * fa.abs().mean().item() else 1.0     # identical reals: no unit to take
-        ff, fa, fb = ff / spread, fa / spread, fb / spread
+        spread = spread if spread > 1e-5 * fa.abs().mean().item() else 1.0     # identical reals: no unit
+        ff, fa, fb = (f / spread for f in (ff, fa, fb))
     metric('fd', lambda: dict(fd=frechet_distance(*feature_stats(ff), *feature_stats(fa)),
                               fd_floor=frechet_distance(*feature_stats(fb), *feature_stats(fa))))
     metric('precision/recall', lambda: dict(zip(('precision', 'recall', 'precision_floor', 'recall_floor'),
                                                 precision_recall(fa, ff) + precision_recall(fa, fb))))
-    tol = 1e-5 * fa.norm(dim=1).mean().item()          # below: identical images up to float round-off
 
     def diversity():
+        tol = 1e-5 * fa.norm(dim=1).mean().item()          # below: identical images up to float round-off
         div = []
         for k in range(num_classes):
-            spread_real = mean_pairwise_distance(fa[c_real[:n] == k])
-            div.append(mean_pairwise_distance(ff[c == k]) / spread_real if spread_real > tol else float('nan'))
-        seen = [v for v in div if v == v]               # a nanmean without numpy's warning
-        mean = sum(seen) / len(seen) if seen else float('nan')
-        return dict(diversity=mean, **{f'diversity_{k}': v for k, v in enumerate(div)})
+            f_fake, f_real = ff[c == k], fa[c_real[:n] == k]
+            spread_real = torch.pdist(f_real).mean().item() if len(f_real) > 1 else float('nan')
+            spread_fake = torch.pdist(f_fake).mean().item() if len(f_fake) > 1 else float('nan')
+            div.append(spread_fake / spread_real if spread_real > tol else float('nan'))
+        seen = [v for v in div if v == v]                   # a nanmean without numpy's warning
+        return dict(diversity=sum(seen) / len(seen) if seen else float('nan'),
+                    **{f'diversity_{k}': v for k, v in enumerate(div)})
 
     def accuracy():
         acc, per = class_accuracy(judge, fake, c, num_classes)
@@ -1751,27 +1709,47 @@ def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shap
 
 
 class PooledPixels(nn.Module):
-    """Label-free features for variety: the image pooled by area to 8 x 8 x C (16 px: 2 x 2 pooling; at 64 px the
+    """Label-free features for variety: the image pooled by area to 8 x 8 x C (at 16 px 2 x 2 pooling; at 64 px the
     Frechet distance's sqrtm of 32 x 32 x C features would cost ~30 s per call on a CPU)."""
 
     def features(self, x):
         return F.adaptive_avg_pool2d(x.float(), 8).flatten(1)
 
 
+def nearest_distance(x, train, exclude=None, batch=1000):
+    """Each row of x: its distance to the nearest row of train, skipping row exclude[i] of train where given."""
+    out = []
+    for i in range(0, len(x), batch):
+        d = torch.cdist(x[i:i + batch], train)
+        if exclude is not None:
+            own = exclude[i:i + batch]
+            keep = own < len(train)
+            d[torch.arange(len(d))[keep], own[keep]] = float('inf')
+        out.append(d.min(1).values)
+    return torch.cat(out)
+
+
+def memorization(fake, held_out, train_px, held_out_index=None):
+    """The copy check, in pooled pixels: the median distance of the samples to their nearest training image over the
+    same for real images held out from that search (training images skip their own index). About 1: no copying; far
+    below 1: the generator reproduces training images; nan where the reals have nothing to compare with."""
+    d_fake = nearest_distance(PooledPixels().features(fake), train_px).median().item()
+    d_real = nearest_distance(PooledPixels().features(held_out), train_px, held_out_index).median().item()
+    tol = 1e-5 * train_px.norm(dim=1).mean().item()
+    return d_fake / d_real if math.isfinite(d_real) and d_real > tol else float('nan')
+
+
 def pixels(ds, idx):
     """Images idx (in that order) of a pixel-space LatentDataset as float [n, C, r, r] in [-1, 1], and their labels."""
     idx = np.asarray(idx, dtype=np.int64)
-    if ds.store == 'uint8':
-        x = torch.from_numpy(ds.open().data[idx])
-    else:
-        x = torch.stack([ds[i][0] for i in idx])
+    x = torch.from_numpy(ds.open().data[idx]) if ds.store == 'uint8' else torch.stack([ds[i][0] for i in idx])
     return x.float() / 127.5 - 1, torch.from_numpy(ds.labels[idx].astype(np.int64))
 
 
 class Evaluation:
     """On fixed EMA samples: Eq. 1 and a grid; on pixel data judge_metrics in the judge's features (one class: an
-    untrained CNN's, Naeem et al. 2020's 'T4') and, as *_px, in pixels pooled to 8 x 8, which keep what a classifier
-    forgets (where, how big)."""
+    untrained CNN's, Naeem et al. 2020's 'T4'), again as *_px in pixels pooled to 8 x 8, which keep what a classifier
+    forgets (where, how big), and the copy check."""
 
     def __init__(self, args, info, ds, device, run_dir, log):
         self.args = args
@@ -1779,14 +1757,11 @@ class Evaluation:
         self.device = device
         self.run_dir = run_dir
         self.scales = hierarchy(args, info)[0]
+        self.vae = self.judge = self.shape_judge = None
         nc = info['num_classes']
-        self.vae = None
-        self.judge = None
-        self.shape_judge = None
         self.z = torch.randn(args.eval_n, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345))
         self.c = torch.arange(args.eval_n) % nc
-        # the grid: a row of 10 per class
-        self.grid_c = torch.arange(min(nc, 16) if nc > 1 else 10).repeat_interleave(10) % nc
+        self.grid_c = torch.arange(min(nc, 16) if nc > 1 else 10).repeat_interleave(10) % nc    # 10 per class
         if info['kind'] == 'latent':
             self.grid_c = self.c[:32]
             self.vae = load_vae(args.vae or info['vae'], device, required=False)
@@ -1794,11 +1769,14 @@ class Evaluation:
                 log(f"warning: VAE '{args.vae or info['vae']}' unavailable: sample grids show latent channels 0-2.")
         else:
             self.setup_judge(ds, log)
-        self.z_grid = torch.randn(len(self.grid_c), Z_DIM, generator=torch.Generator().manual_seed(args.seed + 54321))
+        g = torch.Generator().manual_seed(args.seed + 54321)
+        self.z_grid = torch.randn(len(self.grid_c), Z_DIM, generator=g)
 
     def setup_judge(self, ds, log):
-        """The real sets A and B (n images each) and the judges, cached in the run directory (judge.pt)."""
-        args, info, nc = self.args, self.info, self.info['num_classes']
+        """The real sets A and B (n images each), the judges (cached in the run directory, judge.pt), and the training
+        images for the copy check."""
+        args, info = self.args, self.info
+        nc = info['num_classes']
 
         def toy(n, seed, hue=False):
             return make_toy(n, seed=args.seed + seed, res=info['res'], random_hue=hue)
@@ -1806,16 +1784,21 @@ class Evaluation:
         if info['kind'] == 'toy':
             n = args.eval_n
             self.real, self.c_real = toy(2 * n, 777)
-            train = toy(38400, 1000)
-            val = toy(2000, 2000)
+            train, val = toy(38400, 1000), toy(2000, 2000)
+            self.train_px = PooledPixels().features(ds[0])         # the GAN's training set; B is not in it
+            self.b_index = None
         else:
             # a seeded permutation: the judge trains on all but the first fifth (at most 2000 held out)
             n = max(1, min(args.eval_n, info['N'] // 2))           # a set of one image: A = B = that image
             perm = torch.randperm(info['N'], generator=torch.Generator().manual_seed(args.seed + 777)).numpy()
             hold = min(2000, info['N'] // 5)
             self.real, self.c_real = pixels(ds, perm[np.arange(2 * n) % info['N']])
-            train = pixels(ds, perm[hold:hold + 38400])
-            val = pixels(ds, perm[:hold])
+            train, val = pixels(ds, perm[hold:hold + 38400]), pixels(ds, perm[:hold])
+            # the copy check searches (up to 20,000 of) the training images in the permutation's order; B's
+            # images are among them, so each skips its own index (leave one out)
+            chunks = np.array_split(perm[:20_000], max(1, min(20_000, info['N']) // 1000))
+            self.train_px = torch.cat([PooledPixels().features(pixels(ds, idx)[0]) for idx in chunks])
+            self.b_index = torch.from_numpy((n + np.arange(n)) % info['N'])
         path = os.path.join(self.run_dir, 'judge.pt')
         state = torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else {}
         self.labelled = nc > 1
@@ -1829,19 +1812,14 @@ class Evaluation:
             self.features = 'random CNN (untrained judge, seed 0: the data set has one class)'
         self.features += '; *_px: pixels pooled to 8 x 8'
         if info['kind'] == 'toy':
-            self.shape_judge = self.trained(state, 'shape_judge', toy(38400, 1001, True), toy(2000, 2001, True),
-                                            args.seed + 1, log)
+            shape_train, shape_val = toy(38400, 1001, True), toy(2000, 2001, True)
+            self.shape_judge = self.trained(state, 'shape_judge', shape_train, shape_val, args.seed + 1, log)
         judges = {name: getattr(self, name) for name in ('judge', 'shape_judge') if getattr(self, name)}
         torch.save({name: judge.state_dict() for name, judge in judges.items()}, path)
         log(f"judge features: {self.features}; {n} EMA samples against two real sets of {n} per evaluation")
-        # the fakes follow set A's classes
-        self.z_judge = self.z[:n]
-        self.c_judge = self.c_real[:n]
-        # reals.png: a row of (up to) 10 per class, short rows filled with black
-        if nc > 1:
-            rows = [self.real[self.c_real == k][:10] for k in range(min(nc, 16))]
-        else:
-            rows = [self.real[:100]]
+        self.z_judge, self.c_judge = self.z[:n], self.c_real[:n]         # the fakes follow set A's classes
+        # reals.png: (up to) 10 per class, short rows filled with black
+        rows = [self.real[self.c_real == k][:10] for k in range(min(nc, 16))] if nc > 1 else [self.real[:100]]
         rows = [torch.cat([r, -torch.ones(-len(r) % 10, *r.shape[1:])]) for r in rows]
         save_grid(to_uint8(torch.cat(rows)), 10, os.path.join(self.run_dir, 'reals.png'))
 
@@ -1864,13 +1842,10 @@ class Evaluation:
     @torch.no_grad()
     def __call__(self, ema, step):
         """-> (metrics, {name of a failed metric: why}): a failure costs that metric, not the run."""
-        args, info, device = self.args, self.info, self.device
-        out = {}
-        failed = {}
-        if self.judge is None:
-            z, c = self.z, self.c
-        else:
-            z, c = self.z_judge, self.c_judge
+        args, info = self.args, self.info
+        device = self.device
+        out, failed = {}, {}
+        z, c = (self.z, self.c) if self.judge is None else (self.z_judge, self.c_judge)
         with autocast(args.precision, device):
             hs = list(generate(ema, z.to(device), c.to(device), all_stages=True).float().cpu())
             grid = generate(ema, self.z_grid.to(device), self.grid_c.to(device)).float().cpu()
@@ -1889,15 +1864,20 @@ class Evaluation:
             failed.update({f'{k} (pooled pixels)': v for k, v in failed_px.items()})
             # precision -> precision_px, recall_floor -> recall_px_floor, diversity_3 -> diversity_px_3
             out.update({f'{k}_px' if '_' not in k else k.replace('_', '_px_', 1): v for k, v in px.items()})
+            held_out = self.real[len(c):2 * len(c)]        # set B
+            try:
+                out['memorization'] = memorization(hs[-1], held_out, self.train_px, self.b_index)
+            except Exception as e:
+                failed['memorization'] = f'{type(e).__name__}: {e}'
         save_grid(decode(grid, info, self.vae), 10 if self.judge is not None else 8,
                   os.path.join(self.run_dir, f'samples-{step:07d}.png'))
         return out, failed
 
 # ------------------------------------------------------------------------------------------------------------
-# Cost (Table 2, App. A.2): --summary (parameters, multiply-adds, memory; meta device, no GPU), --bench (timed)
+# Cost (Table 2, App. A.2): --summary (parameters, multiply-adds, memory; no GPU), --bench (timed)
 # ------------------------------------------------------------------------------------------------------------
 
-PEAK_BF16_TFLOPS = {'H100': 989.4, 'H200': 989.4, 'A100': 312.0, 'L40S': 362.0}     # dense, vendor spec sheets
+PEAK_BF16_TFLOPS = {'H100': 989.4, 'H200': 989.4, 'A100': 312.0, 'L40S': 362.0}     # dense, spec sheets
 
 
 def count_macs(fn):
@@ -1910,16 +1890,16 @@ def count_macs(fn):
 
 
 def synthetic(args):
-    """(info, G config, D config) of --summary and --bench: ImageNet-256 latents, or RGB pixels at the finest
-    --scales."""
+    """(info, G config, D config) of --summary and --bench: ImageNet-256 latents, or RGB pixels at the finest scale."""
     res = args.scales[-1] if args.scales else 32
-    info = dict(kind='latent' if res == 32 else 'pixel', channels=4 if res == 32 else 3, res=res, num_classes=1000)
+    latent = res == 32
+    info = dict(kind='latent' if latent else 'pixel', channels=4 if latent else 3, res=res, num_classes=1000)
     return (info, *model_configs(args, info))
 
 
 def cost(args, g_cfg, d_cfg):
     """Meta-device G, D and vision-aided backbone (or None), and App. A.2's multiply-adds per sample: F_G, F_D, F_va
-    and an iteration's 4 F_G + 10.5 F_D + 5 F_va (4 passes of the backbone and one backward)."""
+    and an iteration's 4 F_G + 10.5 F_D + 5 F_va (four passes of the backbone and one backward)."""
     import timm
     with torch.device('meta'):
         G = Generator(**g_cfg)
@@ -1939,16 +1919,14 @@ def n_params(net):
 def summary(args, out=print, memory=True):
     info, g_cfg, d_cfg = synthetic(args)
     G, D, va, f = cost(args, g_cfg, dict(d_cfg, repa_dim=768))
-    n_g = n_params(G)
-    n_proj = n_params(D.proj)
-    n_va = n_params(D.va)
+    n_proj, n_va = n_params(D.proj), n_params(D.va)
     n_d = n_params(D) - n_proj - n_va
     data = 'latents' if info['kind'] == 'latent' else 'RGB pixels'
     out(f"config: {names(args, D)} (G depth {g_cfg['depth']}, width {g_cfg['width']}, heads {g_cfg['heads']}; D depth "
         f"{d_cfg['depth']}, width {d_cfg['width']}, heads {d_cfg['heads']}); {info['res']}x{info['res']} {data}, "
         f"scales {','.join(map(str, D.scales))}, D patches {','.join(map(str, D.patches))}, token grids "
         f"{','.join(map(str, D.grids))}")
-    out(f"G params: {n_g / 1e6:.1f}M")
+    out(f"G params: {n_params(G) / 1e6:.1f}M")
     out(f"D params: {n_d / 1e6:.1f}M (+ REPA projector {n_proj / 1e6:.1f}M, training only)")
     out(f"G GFLOPs: {f['F_G'] / 1e9:.1f} (multiply-adds per sample, one-step inference)")
     out(f"D GFLOPs: {f['F_D'] / 1e9:.1f} (all {len(D.scales)} scales, {D.segments[-1][1]} tokens)")
@@ -1964,13 +1942,10 @@ def summary(args, out=print, memory=True):
         out(f"paper schedule: {steps} iterations x batch 512 = {flop / 1e18:.0f} EFLOP; at 40% MFU on 8 H100 "
             f"(989 TFLOP/s bf16 dense) {hours:.1f} h (model FLOPs only: data loading, DINOv2 and EMA excluded)")
     r = None
-    if memory:
-        # one line, never a traceback
-        try:
-            r = memory_estimate(args)
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [''])[0]
-            out(f"memory per GPU: the estimate failed ({type(e).__name__}: {first})")
+    try:
+        r = memory_estimate(args) if memory else None
+    except Exception as e:                          # one line, never a traceback
+        out(f"memory per GPU: the estimate failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})")
     if r:
         gib = {k: f'{v / 2**30:.2f}' for k, v in dict(r, world=r['peak'] + r['ddp']).items()}
         micro = f' (micro {args.micro_batch})' if args.micro_batch else ''
@@ -1978,10 +1953,10 @@ def summary(args, out=print, memory=True):
             f"{('off', 'on')[args.grad_ckpt]}: peak {gib['peak']} GiB; world > 1: {gib['world']} GiB\n"
             f"  = G, D params+buffers {gib['params']} + EMA {gib['ema']} + frozen DINOv2/ConvNeXt {gib['frozen']} + "
             f"AdamW {gib['opt']} + gradients at the peak {gib['grads']} + activations and temporaries {gib['act']} "
-            f"GiB (world > 1: + DDP buckets {gib['ddp']})\n"
-            f"  an estimate: train_step on fake tensors on the CPU, CUDA's flash attention and fused rms_norm "
-            f"modelled; check on a GPU: torch.cuda.max_memory_allocated (--bench prints it)")
-    return dict(G_params=n_g, D_params=n_d, proj_params=n_proj, memory=r, **f)
+            f"GiB (world > 1: + DDP buckets {gib['ddp']})\n  an estimate: train_step on fake tensors on the CPU, "
+            f"CUDA's flash attention and fused rms_norm modelled; check on a GPU: torch.cuda.max_memory_allocated "
+            f"(--bench prints it)")
+    return dict(G_params=n_params(G), D_params=n_d, proj_params=n_proj, memory=r, **f)
 
 
 def names(args, D):
@@ -1991,14 +1966,13 @@ def names(args, D):
 
 
 class CudaRMSNorm(torch.autograd.Function):
-    """rms_norm's memory on CUDA, for memory_estimate (its values are never read): fused, in fp32 under autocast (the
-    CPU's runs in bf16), saving its input and an fp32 rstd. Attention needs no stand-in: the CPU's flash kernel saves
-    what CUDA's do."""
+    """rms_norm's memory on CUDA, for memory_estimate (values never read): fused, in fp32 under autocast (the CPU's
+    runs in bf16), saving its input and an fp32 rstd. Attention needs none: the CPU's flash kernel saves what CUDA's
+    do."""
 
     @staticmethod
     def forward(ctx, x, w, n):
-        rstd = x.new_empty((*x.shape[:x.dim() - n], *[1] * n), dtype=torch.float32)
-        ctx.save_for_backward(x, rstd, w)
+        ctx.save_for_backward(x, x.new_empty((*x.shape[:x.dim() - n], *[1] * n), dtype=torch.float32), w)
         return x.new_empty(x.shape)
 
     @staticmethod
@@ -2008,16 +1982,15 @@ class CudaRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def rms_norm(x, shape, w=None, eps=None):
-        """In F.rms_norm's place."""
+        """F.rms_norm's stand-in."""
         if torch.is_autocast_enabled('cpu'):
-            x = x.float()
-            w = w.float() if w is not None else None
+            x, w = x.float(), w.float() if w is not None else None
         return CudaRMSNorm.apply(x, w, len(shape))
 
 
 def memory_estimate(args):
-    """Per-GPU bytes of one training iteration, on a CPU: train_step on fake tensors with CUDA's rms_norm, the peak
-    of the second iteration (AdamW's state exists then)."""
+    """Per-GPU bytes of a training iteration, on a CPU: train_step on fake tensors with CUDA's rms_norm; the peak of
+    the second iteration (AdamW's state exists then)."""
     from unittest import mock
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -2027,8 +2000,7 @@ def memory_estimate(args):
             # the global peak only (the per-module peaks cost 10x the time)
             for dev, snap in self._curr_mem_snap.items():
                 if self._peak_mem.get(dev, 0) < snap['Total']:
-                    self._peak_mem[dev] = snap['Total']
-                    self._peak_mem_snap[dev] = dict(snap)
+                    self._peak_mem[dev], self._peak_mem_snap[dev] = snap['Total'], dict(snap)
 
         def _track_module_params_and_buffers(self, mod, install_grad_hooks=True):
             # no gradient hooks on frozen modules: they fail there
@@ -2036,25 +2008,23 @@ def memory_estimate(args):
             return super()._track_module_params_and_buffers(mod, install_grad_hooks and trainable)
 
         def _pre_fw_hook(self, mod, inputs):
-            # a step module again in the forward pass: the next micro-batch, not a new iteration
+            # a step module again in a forward pass: the next micro-batch, not a new iteration
             if mod in (m.d_step, m.g_step) and not self._mod_tracker.is_bw:
                 self.memory_tracking.pop(mod, None)
             super()._pre_fw_hook(mod, inputs)
 
     info, g_cfg, d_cfg = synthetic(args)
-    b = args.batch_size
+    b, latent = args.batch_size, info['kind'] == 'latent'
     args = argparse.Namespace(**{**vars(args), 'compile': 0})
     with torch.device('meta'):
         m = build(args, g_cfg, d_cfg, torch.device('meta'), 1, pretrained=False)
     nets = [net for net in (m.G, m.D, m.ema, *m.d_step._dino, *m.d_step._va) if net is not None]
     with FakeTensorMode(), mock.patch.object(F, 'rms_norm', CudaRMSNorm.rms_norm):
-        # meta -> fake CPU tensors; fused AdamW as on CUDA
-        for net in nets:
+        for net in nets:                            # meta -> fake CPU tensors; fused AdamW as on CUDA
             net._apply(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype))
         m = m._replace(opt_g=adamw(m.G, args, True), opt_d=adamw(m.D, args, True))
         tracker = Tracker()
         C, R = info['channels'], info['res']
-        latent = info['kind'] == 'latent'
         c = torch.zeros(b, dtype=torch.long)
         # bench()'s batch: posterior moments, or uint8 pixels
         x = torch.empty(b, 2 * C, R, R) if latent else torch.empty(b, C, R, R, dtype=torch.uint8)
@@ -2081,32 +2051,29 @@ def memory_estimate(args):
 
 
 def bench(args, out=print):
-    """The median time of --bench-steps iterations after --bench-warmup, each logged; REPA against a random-init
-    DINOv2-B."""
+    """The median time of --bench-steps iterations after --bench-warmup, each logged; REPA with a random DINOv2-B."""
     rank, world, device = setup_ddp()
-    if rank != 0:
-        out = print_nothing            # one report, from rank 0
+    out = out if rank == 0 else (lambda line: None)        # one report, from rank 0
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     info, g_cfg, d_cfg = synthetic(args)
     m = build(args, g_cfg, d_cfg, device, world, pretrained=False)
     b = args.batch_size // world
-    g = torch.Generator(device).manual_seed(0)
     C, R = info['channels'], info['res']
+    cuda = device.type == 'cuda'
+    g = torch.Generator(device).manual_seed(0)
     if info['kind'] == 'latent':
-        mean = torch.randn(b, C, R, R, generator=g, device=device)
-        batch = torch.cat([mean, torch.rand(b, C, R, R, generator=g, device=device)], 1)
+        batch = torch.cat([torch.randn(b, C, R, R, generator=g, device=device),
+                           torch.rand(b, C, R, R, generator=g, device=device)], 1)
     else:
         batch = torch.randint(0, 256, (b, C, R, R), generator=g, device=device, dtype=torch.uint8)
     c = torch.randint(0, 1000, (b,), generator=g, device=device)
     img = None
-    if args.lambda_repa > 0 and info['kind'] == 'latent':
-        img = torch.randint(0, 256, (b, 3, 256, 256), generator=g, device=device, dtype=torch.uint8)
-    elif args.lambda_repa > 0:
-        img = batch
-    cuda = device.type == 'cuda'
+    if args.lambda_repa > 0:
+        img = batch if info['kind'] != 'latent' else torch.randint(0, 256, (b, 3, 256, 256), generator=g,
+                                                                   device=device, dtype=torch.uint8)
     name = torch.cuda.get_device_name(device) if cuda else f'CPU ({torch.get_num_threads()} threads)'
-    out(f"bench {name}: {names(args, m.D)}, {info['res']}x{info['res']}x{C} {info['kind']}, batch {b}/device (micro "
-        f"{m.micro}), {args.precision}, REPA {'on' if img is not None else 'off'}, vision-aided "
+    out(f"bench {name}: {names(args, m.D)}, {R}x{R}x{C} {info['kind']}, batch {b}/device (micro {m.micro}), "
+        f"{args.precision}, REPA {'on' if img is not None else 'off'}, vision-aided "
         f"{('off', 'on')[args.lambda_va > 0]}, compile={args.compile}, grad_ckpt={args.grad_ckpt}, d_attn={args.d_attn}"
         + ("" if cuda else " (no CUDA: fp32 and no DINOv2 unless --precision / --lambda-repa)"))
     times = []
@@ -2126,15 +2093,10 @@ def bench(args, out=print):
     tflops = 2 * cost(args, g_cfg, d_cfg)[-1]['train'] * b / t / 1e12
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else 'n/a (CPU)'
-    mfu = f'{100 * tflops / peak:.1f}%' if peak else 'n/a'
     out(f"  {t * 1e3:.1f} ms/it (median of {args.bench_steps}), {b / t:.1f} img/s/device, {tflops:.3g} TFLOP/s "
-        f"(App. A.2 model FLOPs), MFU {mfu}, peak memory {mem}")
+        f"(App. A.2 model FLOPs), MFU {f'{100 * tflops / peak:.1f}%' if peak else 'n/a'}, peak memory {mem}")
     return dict(device=name, batch_per_device=b, ms_per_it=t * 1e3, img_per_s_per_device=b / t, tflops=tflops,
                 mfu=tflops / peak if peak else None, peak_mem=mem)
-
-
-def print_nothing(*args, **kwargs):
-    pass
 
 # ------------------------------------------------------------------------------------------------------------
 # The command line
@@ -2234,8 +2196,8 @@ def fill_defaults(args, p):
         args.precision = 'bf16' if cuda or args.summary else 'fp32'
     if args.workers is None:
         args.workers = 8 if cuda else 0
-    # cadence: the toy's; else by the run's length (10 evaluations, 5 checkpoints), capped at Table 6's, so that
-    # short runs show progress
+    # cadence: the toy's; else by the run's length (10 evaluations, 5 checkpoints), capped at Table 6's, so
+    # that short runs show progress
     def share(div, most):
         return min(most, max(1, args.steps // div))
 

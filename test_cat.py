@@ -18,6 +18,18 @@ from cat import make_toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
+# Stand-ins replace every downloaded weight, so the hub is offline for the tests and the processes they start: a
+# missing download then fails at once, not after huggingface_hub's retries (~30 s each). huggingface_hub reads this
+# when it is first imported, which none of the imports above does.
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+
+@pytest.fixture(autouse=True)
+def quick_judges(monkeypatch):
+    """Judges trained for 40 steps (the runs: 300), without the toy's accuracy floor: the tests check that evaluation
+    runs and what it reports; the tests that need a well-trained judge train their own or raise the steps."""
+    monkeypatch.setattr(cat, 'JUDGE_STEPS', 40)
+    monkeypatch.setattr(cat, 'JUDGE_MIN_ACC', 0.0)
 
 
 def tiny_D(mask=True, attn_impl='split', res=16, channels=3, num_classes=10, repa_dim=0, depth=2, width=32):
@@ -945,6 +957,23 @@ class FlatJudge(nn.Module):
 
     def forward(self, x):
         return torch.stack([-x.flatten(1)[:, 0], x.flatten(1)[:, 0]], 1)
+
+
+def test_memorization_reads_copies_near_zero_and_fresh_images_near_one():
+    """The copy check: samples that copy training images read ~0, fresh images of the same distribution ~1; held-out
+    images that are themselves training images skip their own index (leave one out: ~1; without it they would find
+    themselves); a set of identical images gives nan, not an error."""
+    train, _ = make_toy(2000, seed=5)
+    held_out, _ = make_toy(200, seed=6)
+    train_px = cat.PooledPixels().features(train)
+    copies = train[:200] + 0.001 * torch.randn(200, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert cat.memorization(copies, held_out, train_px) < 0.1
+    fresh = make_toy(200, seed=7)[0]
+    assert 0.8 < cat.memorization(fresh, held_out, train_px) < 1.25
+    assert 0.8 < cat.memorization(fresh, train[:200], train_px, torch.arange(200)) < 1.25
+    assert math.isnan(cat.memorization(fresh, train[:200], train_px))    # not left out: each finds itself at 0
+    same = torch.zeros(10, 3, 16, 16)
+    assert math.isnan(cat.memorization(same, same, cat.PooledPixels().features(same), torch.arange(10)))
 
 
 def test_judge_metrics_by_hand():

@@ -42,7 +42,7 @@ def classifier():
 
 
 def count(images, n=10_000):
-    """images: uint8 [N, H, W, 3] -> (modes covered, KL to uniform, per-channel class histogram)."""
+    """images: uint8 [N, H, W, 3] -> (modes covered, KL to uniform, images read)."""
     judge = classifier()
     x = torch.from_numpy(np.asarray(images[:n])).float().permute(0, 3, 1, 2) / 127.5 - 1
     if x.shape[-1] != 16:
@@ -56,15 +56,30 @@ def count(images, n=10_000):
     return int((hist > 0).sum()), kl, len(x)
 
 
-if __name__ == '__main__':
-    if sys.argv[1] == 'make':
-        make(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 10_000)
+def load_images(src):
+    """A sample.py .npz (arr_0: uint8 [N, H, W, 3]) or a folder of PNGs -> uint8 [N, H, W, 3]."""
+    if src.endswith('.npz'):
+        images = np.load(src)['arr_0']
     else:
-        src = sys.argv[2]
-        if src.endswith('.npz'):
-            images = np.load(src)['arr_0']
-        else:
-            files = sorted(f for f in os.listdir(src) if f.endswith('.png'))
-            images = np.stack([np.asarray(Image.open(os.path.join(src, f)).convert('RGB')) for f in files])
-        covered, kl, n = count(images)
+        files = sorted(f for f in os.listdir(src) if f.endswith('.png'))
+        if not files:
+            raise SystemExit(f'error: no .png files in {src}.')
+        images = np.stack([np.asarray(Image.open(os.path.join(src, f)).convert('RGB')) for f in files])
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise SystemExit(f'error: {src} holds images of shape {images.shape[1:]}; stacked digits need 3 channels.')
+    return images
+
+
+if __name__ == '__main__':
+    if len(sys.argv) < 3 or sys.argv[1] not in ('make', 'count'):
+        raise SystemExit('usage: stacked.py make OUT_DIR [N]  |  stacked.py count SAMPLES.npz|DIR')
+    src = sys.argv[2]
+    if sys.argv[1] == 'make':
+        if os.path.isdir(src) and os.listdir(src):
+            raise SystemExit(f'error: {src} is not empty; pick a new folder (nothing was written).')
+        make(src, int(sys.argv[3]) if len(sys.argv) > 3 else 10_000)
+    elif not os.path.exists(src):
+        raise SystemExit(f'error: no such file or folder: {src}.')
+    else:
+        covered, kl, n = count(load_images(src))
         print(f'{src}: {covered} of 1000 modes covered, KL {kl:.3f} (first {n} images)')

@@ -27,6 +27,8 @@ p.add_argument('--json', default='')
 p.add_argument('--seed', type=int, default=1)
 p.add_argument('--weights', default='ema')
 a = p.parse_args()
+if a.json and os.path.exists(a.json):
+    raise SystemExit(f'error: {a.json} exists; pick another --json (nothing was written).')
 ck = cat.load_checkpoint(os.path.join(a.run, a.ckpt))
 cfg = ck['config']
 args = argparse.Namespace(**cfg['args'])
@@ -35,6 +37,12 @@ G.load_state_dict(ck[a.weights])
 G.eval()
 info, ds, _ = cat.open_data(argparse.Namespace(**{**vars(args), 'lambda_repa': 0.0}))
 nc = info['num_classes']
+show = [int(v) for v in a.classes.split(',') if v]
+if any(not 0 <= k < nc for k in show):
+    raise SystemExit(f'error: --classes {a.classes}: this data set has classes 0..{nc - 1}.')
+taken = [f'{a.png}-class{k}.png' for k in show if a.png and os.path.exists(f'{a.png}-class{k}.png')]
+if taken:
+    raise SystemExit(f'error: {taken[0]} exists; pick another --png prefix (nothing was written).')
 if info['kind'] == 'toy':
     real_x, real_y = cat.make_toy(20000, seed=args.seed + 4242, res=info['res'])
 else:
@@ -104,7 +112,7 @@ print('mean  ' + ' '.join(f'{mean[key]:9.2f}' for key in ks))
 if a.json:
     json.dump(dict(rows={k: v for k, v in rows.items()}, mean=mean), open(a.json, 'w'), indent=1)
 if a.png:
-    for k in [int(v) for v in a.classes.split(',') if v]:
+    for k in show:
         real = real_x[real_y == k]
         real = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:10]]
         grid = torch.cat([fake_all[k][:10], real])

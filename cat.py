@@ -5,14 +5,15 @@ x_k = r_k(h_k) through block-diagonal attention, so that d_k sees x_k alone; a c
 h_0..h_{K-1} on the path of h_K.
 
     python cat.py --data toy                           # the embedded default: a 16-px toy set, minutes on a CPU
-    python cat.py --model H --summary                  # parameters, GFLOPs (Table 6), GPU memory; needs no GPU
     torchrun --nproc_per_node=8 cat.py --model H       # CAT-H/2 on ImageNet latents (prepare_latents.py first)
     torchrun --nproc_per_node=8 cat.py --model H --resume runs/000-H                           # continue a run
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 cat.py --model H   # two nodes
 
 In the paper's order: configs (Table 6), blocks, generator (Sec. 3.1, App. A.1), scale-wise discriminator (Fig. 3),
-augmentation, objectives (Sec. 3.2), Eq. 1, data, one iteration (App. A.2), the training loop. After train() and its
-helpers comes what a reader of the method may skip: the toy set, data checks, evaluation, cost, the command line.
+augmentation, objectives (Sec. 3.2), Eq. 1 and the sample grids, data, one iteration (App. A.2), the training loop.
+After train() and its helpers comes what a reader of the method may skip: the toy set, data checks, the command line.
+Measures of samples (FID, the small-data judges, the copy check) are fid.py's, cost and memory bench.py's; both import
+this file, which imports neither.
 """
 import argparse
 import collections
@@ -28,7 +29,6 @@ import re
 import signal
 import time
 import typing
-import warnings
 
 import numpy as np
 import torch
@@ -41,13 +41,12 @@ from torch.utils.checkpoint import checkpoint
 # Notation and configs (Table 6)
 # ------------------------------------------------------------------------------------------------------------
 
-# Stages k = 0..K, coarse to fine; Table 6 has K = 3 (another hierarchy: --scales, K = number of scales - 1).
-K = 3
+# Stages k = 0..K, coarse to fine: K + 1 = len(scales), the resolutions of x_0..x_K. Table 6 has K = 3.
 
 
 def table6_scales(res):
-    """Resolutions of x_0..x_K in Table 6: R/8, R/4, R/2, R (4, 8, 16, 32 for ImageNet latents)."""
-    return [res >> (K - k) for k in range(K + 1)]
+    """Resolutions of x_0..x_3 in Table 6: R/8, R/4, R/2, R (4, 8, 16, 32 for ImageNet latents)."""
+    return [res // 8, res // 4, res // 2, res]
 
 
 def w_cons(K):
@@ -92,7 +91,7 @@ DEFAULTS = {
     'lambda_repa': (1.0, 0.0),          # D-side REPA | no DINOv2 targets for small images
 }
 TOY_STEPS = 2000                # the toy set: about 8 minutes on 2 CPU cores
-Z_DIM = 64                      # z ~ N(0, I) and the class embedding of G's mapping network (App. A.1)
+Z_DIM = 64                      # z ~ N(0, I) and G's class embedding: GAT's code (the paper gives no size)
 DEFAULT_DATA = 'data/imagenet256'                   # prepare_latents.py's default output
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'
 DINO_NAME = 'vit_base_patch14_dinov2.lvd142m'       # REPA's target network
@@ -135,10 +134,15 @@ def rms_norm(x, norm):
 
 
 def autocast(precision, device):
-    """A region in bf16 autocast, or for 'fp32' without autocast (also inside a bf16 region); nothing on 'meta'."""
+    """The run's --precision: bf16 autocast for 'bf16', none for 'fp32'; nothing on 'meta'."""
     if device.type == 'meta':
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+
+
+def no_autocast(device):
+    """An fp32 region inside a bf16 one (D's logit, the fp32 penalty pass)."""
+    return autocast('fp32', device)
 
 
 @contextlib.contextmanager
@@ -269,9 +273,15 @@ class OutputHead(nn.Module):
         return unpatchify(self.linear(modulate(self.norm(x), shift, scale)), self.patch, self.channels)
 
 
+def rename_output_heads(state_dict, prefix, *args):
+    """A checkpoint written before the rename loads: its G's heads.* are out_heads.*."""
+    for key in [k for k in state_dict if k.startswith(prefix + 'heads.')]:
+        state_dict[prefix + 'out_' + key[len(prefix):]] = state_dict.pop(key)
+
+
 class Generator(nn.Module):
     def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, z_dim=Z_DIM,
-                 w_avg_beta=0.995, stages=K + 1):
+                 w_avg_beta=0.995, stages=4):
         super().__init__()
         self.channels, self.res = channels, res
         self.num_classes, self.z_dim = num_classes, z_dim
@@ -289,14 +299,15 @@ class Generator(nn.Module):
         self.mapping = nn.Sequential(EqualLinear(2 * z_dim, width), nn.SiLU(), EqualLinear(width, width))
         self.register_buffer('w_avg', torch.zeros(num_classes, width))     # per-class running mean of w
         self.blocks = nn.ModuleList([GBlock(width, heads) for _ in range(depth)])
-        # the output heads o_k, not attention heads (the name stays: it is in every checkpoint's keys)
-        self.heads = nn.ModuleList([OutputHead(width, patch, channels) for _ in range(stages)])
+        # the output heads of o_k (`heads` counts attention heads); older checkpoints call them heads.*
+        self.out_heads = nn.ModuleList([OutputHead(width, patch, channels) for _ in range(stages)])
+        self._register_load_state_dict_pre_hook(rename_output_heads)
         self.initialize_weights()
 
     def initialize_weights(self):
         init_linears(self)
         # small modulation at initialization, as GAT
-        for m in list(self.blocks) + list(self.heads):
+        for m in list(self.blocks) + list(self.out_heads):
             nn.init.xavier_uniform_(m.ada.weight, gain=0.1)
         # as GAT: a small class embedding, whose direction Adam turns quickly
         nn.init.normal_(self.class_embed.weight, std=0.02)
@@ -321,7 +332,7 @@ class Generator(nn.Module):
                 x = block(x, w, rope)
             # output skip accumulation: h_k = h_{k-1} + o_k
             if i + 1 == self.out_layers[len(hs)]:
-                o_k = self.heads[len(hs)](x, w)
+                o_k = self.out_heads[len(hs)](x, w)
                 hs.append(hs[-1] + o_k if hs else o_k)
         return hs
 
@@ -459,7 +470,7 @@ class Discriminator(nn.Module):
             else:
                 x = block(x, rope, attn_segments)
         # the logit in fp32: R1 and R2 take differences of it at sigma = 0.01
-        with autocast('fp32', x.device):
+        with no_autocast(x.device):
             cls = self.norm(x[:, [s for s, _ in self.segments]].to(self.head.weight.dtype))     # [B, K+1, C]
             e = self.class_map(self.class_embed(c))        # [B, cmap_dim]; the raw embedding, as GAT
             d = (self.head(cls) * e[:, None]).sum(-1)
@@ -480,13 +491,14 @@ class VisionAidedHead(nn.Module):
         return (self.mlp(f.float()) * self.embed(c)).sum(-1, keepdim=True)
 
 # ------------------------------------------------------------------------------------------------------------
-# Augmentation: GAT's DiffAugment (losses/diffaug.py) on every D input, p = 1, at full resolution, then r_k
+# Augmentation: GAT's DiffAugment (losses/diffaug.py) on every D input, at full resolution, then r_k
 # ------------------------------------------------------------------------------------------------------------
 
 
 def draw_aug(n, res, g, device):
-    """Per-sample parameters from generator g, as GAT's, but flip p = 0.4, not 0.5: at 0.5 the flip leaks (D sees a
-    mirror image as often as the image, so it cannot object to G drawing mirror images)."""
+    """Per-sample parameters from generator g, at GAT's rates: translation and cutout on every sample, colour on half
+    of them, flip on 0.4 (GAT's rand_flip; at 0.5 a flip would leak: D would see a mirror image as often as the
+    image, so it could not object to G drawing mirror images)."""
     u = torch.rand(n, 5, generator=g, device=device)
     t = int(res * 0.125 + 0.5)          # the largest translation, in pixels
     s = int(res * 0.5 + 0.5)            # the cutout's side
@@ -564,7 +576,8 @@ def approx_gp_pass(D, xs, eps, c, sigma, precision):
 
 def consistency_loss(hs, detach_anchor=False):
     """Eq. 2: L_cons = 1/K sum_{k<K} w_k mean((h_k - h_K)^2), no stop-gradient on h_K by default (as Eq. 2). A mean
-    over the elements where Eq. 2 writes ||h_k - h_K||^2 (DESIGN.md; README: departures)."""
+    over the elements where Eq. 2 writes ||h_k - h_K||^2: the same gradient direction at any resolution, and with
+    lambda_cons = 0.1 a term of the adversarial loss's order (a sum over 32 x 32 x 4 would be 4096x larger)."""
     anchor = hs[-1].detach() if detach_anchor else hs[-1]
     K = len(hs) - 1
     return sum(w_k * (h_k - anchor).float().square().mean() for w_k, h_k in zip(w_cons(K), hs[:-1])) / K
@@ -610,7 +623,7 @@ def va_features(net, x):
     return net.forward_head(net.forward_features((x - net.pixel_mean) / net.pixel_std), pre_logits=True)
 
 # ------------------------------------------------------------------------------------------------------------
-# Cross-scale metrics (Eq. 1): how coherently the stages accumulate toward the final output
+# Evaluation: Eq. 1's cross-scale metrics (how coherently the stages accumulate) and sample grids
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -638,6 +651,117 @@ def cross_scale_metrics(hs, scales):
     delta_h = [((h_K - h.float().flatten(1)).norm(dim=1) / h_K.norm(dim=1)).mean().item() for h in hs[:-1]]
     return dict(delta=delta, R=R, A=A, delta_h=delta_h,
                 delta_floor=delta_floor, R_floor=R_floor, A_floor=A_floor)
+
+
+EQ1_SUMMARY = ['delta', 'R', 'A', 'delta_h']        # Eq. 1's means in the log
+
+
+def to_uint8(x):
+    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, 3] on the CPU (greyscale repeated)."""
+    x = (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu()
+
+
+def decode(x, info, vae=None):
+    """-> uint8 [N, H, W, 3]: pixels as they are, latents through the VAE, or without one channels 0..2 as colour."""
+    if info['kind'] != 'latent':
+        return to_uint8(x)
+    if vae is None:
+        x = x[:, :3] / x[:, :3].flatten(1).abs().amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
+        return to_uint8(F.interpolate(x, scale_factor=8, mode='nearest'))
+    return to_uint8(torch.cat([vae.decode(b.float() / info['scale']).sample for b in x.split(32)]))
+
+
+def save_grid(images, nrow, path, size=64):
+    """uint8 [N, H, W, 3] -> PNG, nrow per row, white 1-px gaps, enlarged (nearest) to >= size px to judge samples."""
+    from PIL import Image
+    f = max(1, size // images.shape[1])
+    images = images.repeat_interleave(f, 1).repeat_interleave(f, 2)
+    N, H, W, _ = images.shape
+    grid = torch.full((-(-N // nrow) * (H + 1) + 1, nrow * (W + 1) + 1, 3), 255, dtype=torch.uint8)
+    for i in range(N):
+        y, x = i // nrow * (H + 1) + 1, i % nrow * (W + 1) + 1
+        grid[y:y + H, x:x + W] = images[i]
+    Image.fromarray(grid.numpy()).save(path)
+
+
+@torch.no_grad()
+def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
+    """Samples in batches: the final h_K [N, C, R, R], or every stage [h_0..h_K] stacked, [K+1, N, C, R, R]."""
+    outs = (G(zb, cb, psi) for zb, cb in zip(z.split(batch), c.split(batch)))
+    if all_stages:
+        return torch.cat([torch.stack(hs) for hs in outs], dim=1)
+    return torch.cat([hs[-1] for hs in outs])
+
+
+def eq1_summary(eq1):
+    """The log's means over the stages: delta and delta_h over k < K; R and A over k < K - 1, since at k = K - 1,
+    x_{k+1} = x_K makes A = 1 and R = delta by construction (the per-stage values keep every k)."""
+    out = {}
+    for name, values in eq1.items():
+        if name in ('R', 'A'):
+            values = values[:-1]
+        if name in EQ1_SUMMARY:
+            out[name] = sum(values) / len(values) if values else float('nan')
+    return out
+
+
+class Evaluation:
+    """Rank 0, every --eval-every, on fixed z: the EMA samples' grid (samples-STEP.png) and Eq. 1, then each measure.
+    A measure is made once, make(evaluation) (None: not for this data), and called measure(samples, classes, failed)
+    -> metrics, naming what failed in `failed`; its `classes` choose the samples' classes (fid.py: its real set's)."""
+
+    def __init__(self, args, info, ds, device, run_dir, log, measures=()):
+        self.args = args
+        self.info = info
+        self.ds = ds
+        self.device = device
+        self.run_dir = run_dir
+        self.log = log
+        self.scales = hierarchy(args, info)[0]
+        self.vae = None
+        nc = info['num_classes']
+        self.z = torch.randn(args.eval_n, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345))
+        self.c = torch.arange(args.eval_n) % nc
+        if info['kind'] == 'latent':
+            self.grid_c = self.c[:32]
+            self.vae = load_vae(args.vae or info['vae'], device, required=False)
+            if self.vae is None:
+                log(f"warning: VAE '{args.vae or info['vae']}' unavailable: sample grids show latent channels 0-2.")
+        else:
+            # 10 samples per class, a row each
+            self.grid_c = torch.arange(min(nc, 16) if nc > 1 else 10).repeat_interleave(10) % nc
+        g = torch.Generator().manual_seed(args.seed + 54321)
+        self.z_grid = torch.randn(len(self.grid_c), Z_DIM, generator=g)
+        self.grid_name = 'samples'
+        self.measures = [m for m in (make(self) for make in measures) if m is not None]
+        for measure in self.measures:
+            if getattr(measure, 'classes', None) is not None:
+                self.z, self.c = self.z[:len(measure.classes)], measure.classes
+
+    @torch.no_grad()
+    def __call__(self, ema, step):
+        """-> (metrics, {name of a failed metric: why}): a failure costs that metric, not the run."""
+        args, device = self.args, self.device
+        out, failed = {}, {}
+        with autocast(args.precision, device):
+            hs = list(generate(ema, self.z.to(device), self.c.to(device), all_stages=True).float().cpu())
+            grid = generate(ema, self.z_grid.to(device), self.grid_c.to(device)).float().cpu()
+        try:
+            eq1 = cross_scale_metrics(hs, self.scales)
+            out = {f'{name}_{k}': v for name, values in eq1.items() for k, v in enumerate(values)}
+            out.update(eq1_summary(eq1))
+        except Exception as e:
+            failed['Eq. 1 (delta, R, A)'] = f'{type(e).__name__}: {e}'
+        for measure in self.measures:
+            try:
+                out.update(measure(hs[-1], self.c, failed))
+            except Exception as e:
+                failed[type(measure).__name__] = f'{type(e).__name__}: {e}'
+        nrow = 8 if self.info['kind'] == 'latent' else 10
+        path = os.path.join(self.run_dir, f'{self.grid_name}-{step:07d}.png')
+        save_grid(decode(grid, self.info, self.vae), nrow, path)
+        return out, failed
 
 # ------------------------------------------------------------------------------------------------------------
 # Data (Sec. 4): prepare_latents.py's directories, SD-VAE posteriors sampled anew at each use, or pixels
@@ -701,29 +825,26 @@ class LatentDataset(torch.utils.data.Dataset):
 
 
 def open_data(args):
-    """-> (info: kind toy | pixel | latent, N, channels, res, ..., the data, notes); no images for REPA: REPA off."""
+    """-> (info: kind toy | pixel | latent, N, channels, res, ...; the data set; notes for the log)."""
     if args.data == 'toy':
         x, y = make_toy(args.toy_n, seed=args.seed, res=args.toy_res)
         info = dict(kind='toy', N=len(y), channels=3, res=args.toy_res, num_classes=int(y.max()) + 1,
                     scale=1.0, vae=None, meta=None)
         return info, (x, y), []
-    meta, notes = check_data_dir(args.data), []
+    meta = check_data_dir(args.data)
     if args.lambda_repa > 0 and not meta['images'] and meta['store'] == 'latents':
-        if args.repa_given:
-            raise SystemExit(f"error: '{args.data}' has no images for REPA (prepared with --no-images): re-run "
-                             f"prepare_latents.py without --no-images, or train with --lambda-repa 0.")
-        args.lambda_repa = 0.0
-        notes.append(f"REPA off: '{args.data}' has no images for DINOv2 (pass --lambda-repa to insist)")
+        raise SystemExit(f"error: '{args.data}' has no images for REPA's DINOv2 (prepared with --no-images): re-run "
+                         f"prepare_latents.py without --no-images, or train with --lambda-repa 0.")
     info = dict(kind='pixel' if meta['vae'] is None else 'latent', N=meta['N'], channels=meta['shape'][0],
                 res=meta['shape'][1], num_classes=meta['num_classes'], scale=meta['scaling_factor'],
                 vae=meta['vae'], meta=meta)
-    return info, LatentDataset(args.data, meta, images=args.lambda_repa > 0), notes
+    return info, LatentDataset(args.data, meta, images=args.lambda_repa > 0), []
 
 
-def real_x(batch, nz, info):
-    """A batch of the data set as G's output space: a posterior draw of latents, pixels in [-1, 1]."""
+def data_x(batch, posterior_eps, info):
+    """A batch of the data set in G's output space: latents drawn from their posterior, pixels in [-1, 1]."""
     if info['kind'] == 'latent':
-        return posterior_sample(batch, nz['eps'], info['scale'])
+        return posterior_sample(batch, posterior_eps, info['scale'])
     return batch if batch.is_floating_point() else batch.float() / 127.5 - 1
 
 
@@ -749,7 +870,8 @@ def step_indices(n, global_batch, rank, world, seed, start, steps):
 
 
 def real_batches(ds, info, sampler, device, workers):
-    """Yields this rank's (x, c, img) per step; x: the posterior moments (mean | std) of latents, or pixels."""
+    """Yields this rank's (x, c, img) per step: the posterior moments (mean | std) of latents or pixels, the labels,
+    and for REPA the 256-px ImageNet crops (else empty)."""
     if info['kind'] == 'toy':
         x, y = ds[0].to(device), ds[1].to(device)
         for idx in sampler:
@@ -767,30 +889,59 @@ def real_batches(ds, info, sampler, device, workers):
 
 
 def step_noise(seed, step, n, G, scales, device):
-    """All the noise of one step's global batch of n, from (seed, step) alone: exact resume at any world size."""
+    """(noise, aug) of one step's global batch of n, from (seed, step) alone: exact resume at any world size. noise:
+    z (both steps', as GAT: README), the real latents' posterior draw, R1's and R2's perturbations at every scale;
+    aug: DiffAugment's parameters for the reals and fakes of the D step and of the G step."""
     g = torch.Generator(device).manual_seed(seed * 1_000_003 + step + 1)
     C, R = G.channels, G.res
-    nz = dict(z=torch.randn(n, G.z_dim, generator=g, device=device),        # both steps' z, as GAT (README)
-              eps=torch.randn(n, C, R, R, generator=g, device=device))      # the real latent's posterior draw
-    for name in ('aug_dr', 'aug_df', 'aug_gr', 'aug_gf'):               # DiffAugment: D/G step, real/fake
-        nz[name] = draw_aug(n, R, g, device)
-    for name in ('gp_r', 'gp_f'):                                       # R1 / R2 perturbations, every scale
-        nz[name] = [torch.randn(n, C, s, s, generator=g, device=device) for s in scales]
-    return nz
+    z = torch.randn(n, G.z_dim, generator=g, device=device)
+    posterior_eps = torch.randn(n, C, R, R, generator=g, device=device)
+    aug = {name: draw_aug(n, R, g, device) for name in ('d_real', 'd_fake', 'g_real', 'g_fake')}
+    r1_eps = [torch.randn(n, C, s, s, generator=g, device=device) for s in scales]
+    r2_eps = [torch.randn(n, C, s, s, generator=g, device=device) for s in scales]
+    return dict(z=z, posterior_eps=posterior_eps, r1_eps=r1_eps, r2_eps=r2_eps), aug
 
 
-def take(nz, lo, hi):
-    """Samples lo..hi of every tensor in a (nested) noise dict."""
-    if torch.is_tensor(nz):
-        return nz[lo:hi]
-    if isinstance(nz, list):
-        return [take(v, lo, hi) for v in nz]
-    return {k: take(v, lo, hi) for k, v in nz.items()}
+def take(draws, lo, hi):
+    """Samples lo..hi of every tensor in a (nested) dict of per-sample draws."""
+    if torch.is_tensor(draws):
+        return draws[lo:hi]
+    if isinstance(draws, list):
+        return [take(v, lo, hi) for v in draws]
+    return {k: take(v, lo, hi) for k, v in draws.items()}
+
+
+def d_logits_and_penalties(D, xr, xf, c, r1_eps, r2_eps, args):
+    """D on the reals xr and fakes xf -> d_real, d_fake [B, K+1], the finest scale's tokens (REPA), and the
+    approximated R1 and R2 on every 4th sample. One D pass over [real; fake; real_q + sigma eps; fake_q + sigma eps]
+    (App. A.2's cost); with --gp-precision fp32 under bf16, the quarter, clean and perturbed, in a full-fp32 pass."""
+    B = xr[0].shape[0]
+    q = slice(None, None, 4)
+    n_q = len(range(B)[q])
+    sigma = args.gp_sigma
+    device = xr[0].device
+    if args.gp_precision == 'fp32' and args.precision != 'fp32':
+        with autocast(args.precision, device):
+            d, tokens = D([torch.cat(t) for t in zip(xr, xf)], torch.cat([c, c]), return_tokens=True)
+        d_real, d_fake = d.split([B, B])
+        xs_q = [torch.cat([r[q], f[q]]) for r, f in zip(xr, xf)]
+        eps_q = [torch.cat([e_r[q], e_f[q]]) for e_r, e_f in zip(r1_eps, r2_eps)]
+        penalty = approx_gp_pass(D, xs_q, eps_q, torch.cat([c[q], c[q]]), sigma, 'fp32')
+        return d_real, d_fake, tokens, penalty[:n_q].mean(), penalty[n_q:].mean()
+    xr_q = [x[q] + sigma * e[q] for x, e in zip(xr, r1_eps)]
+    xf_q = [x[q] + sigma * e[q] for x, e in zip(xf, r2_eps)]
+    with autocast(args.precision, device):
+        d, tokens = D([torch.cat(t) for t in zip(xr, xf, xr_q, xf_q)], torch.cat([c, c, c[q], c[q]]),
+                      return_tokens=True)
+    d_real, d_fake, d_real_q, d_fake_q = d.split([B, B, n_q, n_q])
+    r1 = approx_gp(d_real[q], d_real_q, sigma)
+    r2 = approx_gp(d_fake[q], d_fake_q, sigma)
+    return d_real, d_fake, tokens, r1, r2
 
 
 class DStep(nn.Module):
-    """L_D = RpGAN + gamma/2 (R1 + R2) + lambda_REPA REPA (+ lambda_va RpGAN of d_va). G and the frozen backbones
-    are kept outside the module tree (in lists), so that DDP sees D's parameters only."""
+    """L_D = RpGAN + gamma/2 (R1 + R2), optionally + lambda_REPA REPA (latents) + lambda_va RpGAN of d_va (pixels,
+    App. A.3). G and the frozen backbones are kept outside the module tree (in lists): DDP sees D's parameters only."""
 
     def __init__(self, D, G, args, dino=None, va=None):
         super().__init__()
@@ -798,60 +949,40 @@ class DStep(nn.Module):
         self._G = [G]
         self._dino, self._va = [dino], [va]
 
-    def forward(self, x_real, c, img, nz):
+    def forward(self, x_real, c, dino_img, noise, aug):
         args, D = self.args, self.D
         B = x_real.shape[0]
         device = x_real.device
         # the fakes of every stage, [h_0; ...; h_K] along the batch
         with torch.no_grad(), autocast(args.precision, device):
-            fake = torch.cat(self._G[0](nz['z'], c))
+            fake = torch.cat(self._G[0](noise['z'], c))
         if args.aug:
-            real_aug, fake_aug = augment(x_real, nz['aug_dr']), augment(fake, nz['aug_df'])
+            real_aug, fake_aug = augment(x_real, aug['d_real']), augment(fake, aug['d_fake'])
         else:
             real_aug, fake_aug = x_real, fake
         xr = multiscale(real_aug, D.scales)
         xf = multiscale(fake_aug.chunk(len(D.scales)), D.scales)
+        r1_eps, r2_eps = noise['r1_eps'], noise['r2_eps']
+        d_real, d_fake, tokens, r1, r2 = d_logits_and_penalties(D, xr, xf, c, r1_eps, r2_eps, args)
 
-        # R1 and R2 on a quarter of the batch (every 4th sample): d at x and at x + sigma eps
-        q = slice(None, None, 4)
-        n_q = len(range(B)[q])
-        sigma = args.gp_sigma
-        if args.gp_precision == 'bf16' or args.precision == 'fp32':
-            # one pass (App. A.2's cost): reals, fakes, perturbed reals, perturbed fakes
-            xr_q = [x[q] + sigma * e[q] for x, e in zip(xr, nz['gp_r'])]
-            xf_q = [x[q] + sigma * e[q] for x, e in zip(xf, nz['gp_f'])]
-            xs = [torch.cat(t) for t in zip(xr, xf, xr_q, xf_q)]
-            with autocast(args.precision, device):
-                d, tokens = D(xs, torch.cat([c, c, c[q], c[q]]), return_tokens=True)
-            d_real, d_fake, d_real_q, d_fake_q = d.split([B, B, n_q, n_q])
-            r1 = approx_gp(d_real[q], d_real_q, sigma)
-            r2 = approx_gp(d_fake[q], d_fake_q, sigma)
-        else:
-            # --gp-precision fp32: the quarter, clean and perturbed, in a pass of its own in full fp32
-            with autocast(args.precision, device):
-                d, tokens = D([torch.cat(t) for t in zip(xr, xf)], torch.cat([c, c]), return_tokens=True)
-            d_real, d_fake = d.split([B, B])
-            xs_q = [torch.cat([r[q], f[q]]) for r, f in zip(xr, xf)]
-            eps_q = [torch.cat([e_r[q], e_f[q]]) for e_r, e_f in zip(nz['gp_r'], nz['gp_f'])]
-            penalty = approx_gp_pass(D, xs_q, eps_q, torch.cat([c[q], c[q]]), sigma, 'fp32')
-            r1 = penalty[:n_q].mean()
-            r2 = penalty[n_q:].mean()
-
+        # L_D; gamma / 2 per penalty, as GAT's r1_gamma / 2 (Table 6's "R1 weight 1.0" is gamma)
         adv = rpgan_d_loss(d_real, d_fake)
-        # gamma / 2 per penalty, as GAT's r1_gamma / 2: Table 6's "R1 weight 1.0" is gamma
         loss = adv + args.gamma / 2 * (r1 + r2)
         stats = dict(loss_d=adv.detach(), r1=r1.detach(), r2=r2.detach(), d_real=d_real.detach().mean(),
                      d_fake=d_fake.detach().mean())
+
+        # optional: D-side REPA, the finest scale's tokens against DINOv2's features of the real images
         if args.lambda_repa > 0:
-            aug = nz['aug_dr'] if args.aug else None
             with torch.no_grad(), autocast(args.precision, device):
-                f = dino_features(self._dino[0], img, aug, x_real.shape[-1], D.grids[-1])
+                dino_aug = aug['d_real'] if args.aug else None
+                f = dino_features(self._dino[0], dino_img, dino_aug, x_real.shape[-1], D.grids[-1])
             with autocast(args.precision, device):
                 repa = repa_loss(D.proj(tokens[:B]), f[:, 0], f[:, 1:])
             loss = loss + args.lambda_repa * repa
             stats['repa'] = repa.detach()
+
+        # optional (App. A.3, pixels): the vision-aided term on the reals and h_K as D saw them
         if self._va[0] is not None:
-            # the reals and h_K as D saw them; the backbone needs no gradient here
             with torch.no_grad(), autocast(args.precision, device):
                 f = va_features(self._va[0], torch.cat([real_aug, fake_aug.chunk(len(D.scales))[-1]]))
             va = rpgan_d_loss(*D.va(f, torch.cat([c, c])).chunk(2))
@@ -861,29 +992,31 @@ class DStep(nn.Module):
 
 
 class GStep(nn.Module):
-    """L_G = L_adv + lambda_cons L_cons (Eq. 3) with D frozen and outside the module tree; the z of the D step (as
-    GAT), augmentation drawn anew."""
+    """L_G = L_adv + lambda_cons L_cons (Eq. 3), optionally + lambda_va of the vision-aided term (App. A.3); D is
+    frozen and outside the module tree. The z of the D step (as GAT), augmentation drawn anew."""
 
     def __init__(self, G, D, args, va=None):
         super().__init__()
         self.G, self.args = G, args
         self._D, self._va = [D], [va]
 
-    def forward(self, x_real, c, nz):
+    def forward(self, x_real, c, noise, aug):
         args, G = self.args, self.G
         D, va = self._D[0], self._va[0]
         with autocast(args.precision, x_real.device):
-            w = G.style(nz['z'], c)
+            w = G.style(noise['z'], c)
             hs = G.synthesis(w)
             real, fake = x_real, torch.cat(hs)
             if args.aug:
-                real, fake = augment(real, nz['aug_gr']), augment(fake, nz['aug_gf'])
+                real, fake = augment(real, aug['g_real']), augment(fake, aug['g_fake'])
             d_fake = D(multiscale(fake.chunk(len(hs)), D.scales), c)
             with torch.no_grad():
                 d_real = D(multiscale(real, D.scales), c)
                 f_real = va_features(va, real) if va is not None else None
             # G's gradient flows through the frozen backbone
             f_fake = va_features(va, fake.chunk(len(hs))[-1]) if va is not None else None
+
+        # Eq. 3: L_G = L_adv + lambda_cons L_cons (Eq. 2)
         adv = rpgan_g_loss(d_fake, d_real)
         cons = consistency_loss(hs, detach_anchor=args.cons_detach)
         loss = adv + args.lambda_cons * cons
@@ -893,6 +1026,10 @@ class GStep(nn.Module):
             loss = loss + args.lambda_va * va_g
             stats['va_g'] = va_g.detach()
         return loss, w.detach(), stats
+
+
+def n_params(net):
+    return sum(p.numel() for p in net.parameters()) if net else 0
 
 
 @torch.no_grad()
@@ -947,9 +1084,10 @@ def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained=True):
     return Models(G, D, ema, opt_g, opt_d, d_step, g_step, world, micro)
 
 
-def train_step(m, x, c, img, nz, args):
-    """One iteration (App. A.2): the D step, the G step (D frozen), w_avg and the EMA. Micro-batches accumulate
-    gradients. Returns the names and a tensor of this step's statistics, without a host sync."""
+def train_step(m, x, c, dino_img, noise, aug, args):
+    """One iteration (App. A.2): the D step, the G step (D frozen), w_avg and the EMA; x: reals in G's output space,
+    dino_img: REPA's images (or None). Micro-batches accumulate gradients. Returns the names and a tensor of this
+    step's statistics, without a host sync."""
     n_acc = x.shape[0] // m.micro
     chunks = [(i * m.micro, (i + 1) * m.micro) for i in range(n_acc)]
 
@@ -962,8 +1100,8 @@ def train_step(m, x, c, img, nz, args):
     m.D.requires_grad_(True)
     for i, (lo, hi) in enumerate(chunks):
         with sync_unless_last(m.d_step, i), full_fp32(args.gp_precision == 'fp32'):
-            img_i = None if img is None else img[lo:hi]
-            loss_d, stats_d = m.d_step(x[lo:hi], c[lo:hi], img_i, take(nz, lo, hi))
+            dino_img_i = None if dino_img is None else dino_img[lo:hi]
+            loss_d, stats_d = m.d_step(x[lo:hi], c[lo:hi], dino_img_i, take(noise, lo, hi), take(aug, lo, hi))
             (loss_d / n_acc).backward()
     gnorm_d = torch.nn.utils.clip_grad_norm_(m.D.parameters(), args.clip)
     m.opt_d.step()
@@ -974,7 +1112,7 @@ def train_step(m, x, c, img, nz, args):
     ws = []
     for i, (lo, hi) in enumerate(chunks):
         with sync_unless_last(m.g_step, i):
-            loss_g, w, stats_g = m.g_step(x[lo:hi], c[lo:hi], take(nz, lo, hi))
+            loss_g, w, stats_g = m.g_step(x[lo:hi], c[lo:hi], take(noise, lo, hi), take(aug, lo, hi))
             (loss_g / n_acc).backward()
         ws.append(w)
     gnorm_g = torch.nn.utils.clip_grad_norm_(m.G.parameters(), args.clip)
@@ -991,8 +1129,9 @@ def train_step(m, x, c, img, nz, args):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def train(args, hooks=()):
-    """The run. hooks: callables hook(step, ema, info, log), called on rank 0 after every step (fid.py train: FID)."""
+def train(args, measures=(), hooks=()):
+    """The run. measures: factories of measures of the evaluation's samples (fid.py's judges; see Evaluation); hooks:
+    callables hook(step, ema, info, log), called on rank 0 after every step (fid.py train --fid-every: FID)."""
     rank, world, device = setup_ddp()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     b = args.batch_size // world                    # this process's share of the global batch
@@ -1023,9 +1162,12 @@ def train(args, hooks=()):
     if rank == 0 and args.eval_every:
         # no evaluation can end a run
         try:
-            evaluation = Evaluation(args, info, ds, device, run_dir, log)
+            evaluation = Evaluation(args, info, ds, device, run_dir, log, measures)
         except Exception as e:
             log(f"evaluation off: its set-up failed ({type(e).__name__}: {e}); training goes on")
+        if info['kind'] != 'latent' and not measures:
+            log(f"note: the judges' metrics (class and shape accuracy, FD, precision/recall, the copy check) are "
+                f"fid.py's: `python fid.py {run_dir}` measures this run, `python fid.py train ...` as it trains")
     config = dict(G=g_cfg, D=d_cfg, args=vars(args), data={k: v for k, v in info.items() if k != 'meta'},
                   meta=info['meta'])
     log(f"run {run_dir}: G {n_params(m.G) / 1e6:.2f}M, D {n_params(m.D) / 1e6:.2f}M params, {world} process(es) x "
@@ -1041,13 +1183,13 @@ def train(args, hooks=()):
                      dynamic_ncols=True):
         # One iteration on this process's share of the global batch
         # x_data: a latent's posterior moments (mean | std) or pixels, sampled into x below
-        x_data, c, img = next(batches)
-        nz = step_noise(args.seed, step, args.batch_size, m.G, m.D.scales, device)
-        nz = take(nz, rank * b, (rank + 1) * b)
-        x = real_x(x_data, nz, info)
+        x_data, c, dino_img = next(batches)
+        noise, aug = step_noise(args.seed, step, args.batch_size, m.G, m.D.scales, device)
+        noise, aug = take(noise, rank * b, (rank + 1) * b), take(aug, rank * b, (rank + 1) * b)
+        x = data_x(x_data, noise['posterior_eps'], info)
         if info['kind'] == 'pixel' and args.lambda_repa > 0:
-            img = x_data.expand(-1, 3, -1, -1)      # REPA of pixel data: DINOv2 sees x's own pixels
-        names, stats = train_step(m, x, c, img, nz, args)
+            dino_img = x_data.expand(-1, 3, -1, -1)     # REPA of pixel data: DINOv2 sees x's own pixels
+        names, stats = train_step(m, x, c, dino_img, noise, aug, args)
         pending.append(stats)
         done = step + 1
         stopping = stop.requested()
@@ -1077,7 +1219,7 @@ def train(args, hooks=()):
 
     stop.restore()
     if info['kind'] == 'toy' and last_eval is not None:
-        log("toy: " + ' '.join(f"{k}={last_eval.get(k, float('nan')):.4f}" for k in TOY_SUMMARY))
+        log(toy_line(last_eval, evaluation.measures))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -1210,8 +1352,6 @@ def resolve_run(args, info, g_cfg, d_cfg, rank, world):
         else:
             path = find_resume(src)
             ck = dict(load_checkpoint(path), path=path)
-            if 'G' not in ck:
-                raise SystemExit(f"error: {path} holds only the EMA generator: resume from latest.pt or ckpt-*.pt.")
             run_dir = args.out or (src if os.path.isdir(src) else os.path.dirname(path))
             if ck['config']['G'] != g_cfg or ck['config']['D'] != d_cfg:
                 old = ck['config']['args']
@@ -1243,18 +1383,14 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, map_location='cpu'):
-    """A CAT checkpoint dict (weights-only, so it runs no code; .safetensors: 'ema' and the config), else one line."""
+    """A CAT checkpoint dict (weights-only, so it runs no code), else one line."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint file '{path}'.")
+    if path.endswith('.safetensors'):
+        raise SystemExit(f"error: '{path}' holds only the EMA generator (sample.py --export): train from latest.pt "
+                         f"or ckpt-*.pt; sample.py samples from it.")
     try:
-        if path.endswith('.safetensors'):
-            from safetensors import safe_open
-            with safe_open(path, 'pt', device=str(map_location)) as f:
-                meta = f.metadata() or {}
-                ema = {k: f.get_tensor(k) for k in f.keys()}
-            ck = dict(json.loads(meta.get('cat', '{}')), ema=ema)
-        else:
-            ck = torch.load(path, map_location=map_location, weights_only=True)
+        ck = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         what = re.search(r'GLOBAL (\S+)', str(e))        # the first object the safe unpickler refused
         raise SystemExit(f"error: '{path}' is not a safe CAT checkpoint: it holds {what[1] if what else 'an object'}, "
@@ -1262,7 +1398,7 @@ def load_checkpoint(path, map_location='cpu'):
     except Exception as e:
         raise SystemExit(f"error: cannot read checkpoint '{path}' ({type(e).__name__}): truncated or not a torch file.")
     if not isinstance(ck, dict) or ck.get('format') != 'cat' or 'config' not in ck:
-        raise SystemExit(f"error: '{path}' is not a CAT checkpoint (written by cat.py or sample.py --export).")
+        raise SystemExit(f"error: '{path}' is not a CAT checkpoint (written by cat.py).")
     if ck.get('version', 1) < CKPT_VERSION:
         raise SystemExit(f"error: '{path}' is from an older cat.py (another equalized-lr form): retrain with this one.")
     return ck
@@ -1304,9 +1440,14 @@ def write_checkpoint(run_dir, state, args):
     except OSError:
         save_checkpoint(latest, state)
     periodic = [p for p in sorted(glob.glob(os.path.join(run_dir, 'ckpt-*.pt')))
-                if not (args.milestone_every and int(p[-10:-3]) % args.milestone_every == 0)]
+                if not (args.milestone_every and checkpoint_step(p) % args.milestone_every == 0)]
     for old in periodic[:-args.keep]:
         os.remove(old)
+
+
+def checkpoint_step(path):
+    """The step in a checkpoint's name: ckpt-0012000.pt -> 12000."""
+    return int(os.path.basename(path)[len('ckpt-'):-len('.pt')])
 
 
 def make_logger(run_dir, rank):
@@ -1369,10 +1510,12 @@ class Preemption:
 # ------------------------------------------------------------------------------------------------------------
 
 TOY_HUES = (0, 216, 72, 288, 36, 252, 324, 144, 108, 180)      # degrees, per class
-# the toy run's last line
-TOY_SUMMARY = ['shape_acc', 'class_acc', 'min_class_acc', 'fd', 'fd_floor', 'precision', 'precision_floor', 'recall',
-               'recall_floor', 'diversity', 'recall_px', 'recall_px_floor', 'diversity_px', 'memorization', 'delta',
-               'R', 'A', 'delta_h']
+
+
+def toy_line(metrics, measures):
+    """The toy run's last line: the measures' summaries (their `summary`: fid.py's judges), then Eq. 1's means."""
+    keys = [k for m in measures for k in getattr(m, 'summary', [])] + EQ1_SUMMARY
+    return "toy: " + ' '.join(f"{k}={metrics.get(k, float('nan')):.4f}" for k in keys)
 
 
 def _plus(ax, ay, s):
@@ -1512,593 +1655,6 @@ def check_data_dir(path):
     return dict(meta, shape=[shape[0] // 2, *shape[1:]] if latents else shape)
 
 # ------------------------------------------------------------------------------------------------------------
-# Evaluation (rank 0, every --eval-every): EMA sample grids, Eq. 1, and on pixel data the judges' metrics
-# ------------------------------------------------------------------------------------------------------------
-
-JUDGE_STEPS = 300           # the judges' training steps
-JUDGE_MIN_ACC = 0.95        # the toy's judges must reach this accuracy on held-out images
-
-
-def to_uint8(x):
-    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, 3] on the CPU (greyscale repeated)."""
-    x = (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu()
-
-
-def decode(x, info, vae=None):
-    """-> uint8 [N, H, W, 3]: pixels as they are, latents through the VAE, or without one channels 0..2 as colour."""
-    if info['kind'] != 'latent':
-        return to_uint8(x)
-    if vae is None:
-        x = x[:, :3] / x[:, :3].flatten(1).abs().amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
-        return to_uint8(F.interpolate(x, scale_factor=8, mode='nearest'))
-    return to_uint8(torch.cat([vae.decode(b.float() / info['scale']).sample for b in x.split(32)]))
-
-
-def save_grid(images, nrow, path, size=64):
-    """uint8 [N, H, W, 3] -> PNG, nrow per row, white 1-px gaps, enlarged (nearest) to >= size px to judge samples."""
-    from PIL import Image
-    f = max(1, size // images.shape[1])
-    images = images.repeat_interleave(f, 1).repeat_interleave(f, 2)
-    N, H, W, _ = images.shape
-    grid = torch.full((-(-N // nrow) * (H + 1) + 1, nrow * (W + 1) + 1, 3), 255, dtype=torch.uint8)
-    for i in range(N):
-        y, x = i // nrow * (H + 1) + 1, i % nrow * (W + 1) + 1
-        grid[y:y + H, x:x + W] = images[i]
-    Image.fromarray(grid.numpy()).save(path)
-
-
-@torch.no_grad()
-def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
-    """Samples in batches: the final h_K [N, C, R, R], or every stage [h_0..h_K] stacked, [K+1, N, C, R, R]."""
-    outs = (G(zb, cb, psi) for zb, cb in zip(z.split(batch), c.split(batch)))
-    if all_stages:
-        return torch.cat([torch.stack(hs) for hs in outs], dim=1)
-    return torch.cat([hs[-1] for hs in outs])
-
-
-def feature_stats(features):
-    f = np.asarray(features, dtype=np.float64)
-    return f.mean(axis=0), np.cov(f, rowvar=False) if len(f) > 1 else np.zeros((f.shape[1],) * 2)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64, with ADM's safeguards."""
-    import scipy.linalg
-    mu1, mu2 = (np.atleast_1d(np.asarray(mu, np.float64)) for mu in (mu1, mu2))
-    sigma1, sigma2 = (np.atleast_2d(np.asarray(sigma, np.float64)) for sigma in (sigma1, sigma2))
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
-        try:
-            covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-            # a singular product: regularize both covariances and try again
-            if not np.isfinite(covmean).all():
-                offset = eps * np.eye(len(sigma1))
-                covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-        except (np.linalg.LinAlgError, ValueError):
-            covmean = None
-    if covmean is None or not np.isfinite(covmean).all():
-        # e.g. identical images (sigma = 0): tr sqrtm(s1 s2) is the sum of the square roots of its eigenvalues
-        tr = np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).real.clip(min=0)).sum()
-    elif np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-        raise ValueError(f'sqrtm(sigma1 sigma2) has imaginary component {np.abs(covmean.imag).max():.3g}')
-    else:
-        tr = np.trace(covmean).real         # round-off leaves tiny imaginary parts
-    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr)
-
-
-def precision_recall(real_feats, fake_feats, k=3, batch=5000, device='cpu'):
-    """Improved precision and recall (Kynkaanniemi et al. 2019; ADM's ManifoldEstimator); fp32, no TF32 (ADM: fp16)."""
-
-    def radii(x):
-        # the k-th nearest other point; with fewer than k + 1 points, the farthest one
-        kth = min(k, len(x) - 1) + 1
-        return torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(kth, dim=1).values
-                          for i in range(0, len(x), batch)])
-
-    def covered(x, y, r):
-        hits = [(torch.cdist(x[i:i + batch], y) <= r).any(1) for i in range(0, len(x), batch)]
-        return torch.cat(hits).double().mean()
-
-    real = torch.as_tensor(np.asarray(real_feats), dtype=torch.float32, device=device)
-    fake = torch.as_tensor(np.asarray(fake_feats), dtype=torch.float32, device=device)
-    with full_fp32():
-        return covered(fake, real, radii(real)).item(), covered(real, fake, radii(fake)).item()
-
-
-class Judge(nn.Module):
-    """A small CNN for small pixel data: 3 convolutions to 4 x 4, then a 128-d layer over the whole map (no pooling,
-    so its features keep where things are and how big)."""
-
-    def __init__(self, res=16, num_classes=10, channels=3, dim=128):
-        super().__init__()
-        self.convs = nn.Sequential(nn.Conv2d(channels, 32, 3, max(1, res // 16), 1), nn.SiLU(),
-                                   nn.Conv2d(32, 64, 3, 2, 1), nn.SiLU(),
-                                   nn.Conv2d(64, 64, 3, 2, 1), nn.SiLU())
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, dim), nn.SiLU())
-        self.head = nn.Linear(dim, num_classes)
-
-    def features(self, x):
-        return self.fc(self.convs(x.float().clamp(-1, 1)))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def train_judge(x, y, num_classes, steps=300, batch=128, seed=0):
-    """A Judge trained on x in [-1, 1] with labels y: seeded shuffles, light noise, one-cycle Adam; global RNG kept."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        judge = Judge(x.shape[-1], num_classes, x.shape[1])
-    order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(-(-steps * batch // len(x)))])
-    opt = torch.optim.Adam(judge.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
-    for i in range(steps):
-        idx = order[i * batch:(i + 1) * batch]
-        xb = x[idx].float()
-        xb = xb + 0.1 * torch.rand(len(idx), 1, 1, 1, generator=g) * torch.randn(xb.shape, generator=g)
-        F.cross_entropy(judge(xb), y[idx]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-    return judge.eval()
-
-
-@torch.no_grad()
-def class_accuracy(judge, x, y, num_classes):
-    """The share of x classified as y, overall and per class (nan for a class absent from y)."""
-    hit = torch.cat([judge(b).argmax(1) for b in x.split(1000)]) == y
-    return hit.float().mean().item(), [hit[y == k].float().mean().item() for k in range(num_classes)]
-
-
-@torch.no_grad()
-def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shape_judge=None, failed=None):
-    """n fakes of A's classes c against the reals A = real[:n] and B = real[n:2n], in the judge's features: fd,
-    precision and recall (floors: B against A), diversity (per class, the fakes' mean pairwise distance over A's),
-    class_acc (per class, the worst, _flip of mirrored fakes), the toy's shape_acc. A failed metric is named in
-    `failed`."""
-    n = len(fake)
-    out = {}
-    failed = {} if failed is None else failed
-
-    def metric(name, fn):
-        try:
-            out.update(fn())
-        except Exception as e:
-            failed[name] = f'{type(e).__name__}: {e}'
-
-    def features(x):
-        return torch.cat([judge.features(b) for b in x.split(1000)])
-
-    ff, fa, fb = (features(x) for x in (fake, real[:n], real[n:2 * n]))
-    if not labelled:
-        # an untrained CNN's features are tiny: measure them in units of the reals' spread
-        spread = fa.std(0).mean().item() if n > 1 else 0
-        spread = spread if spread > 1e-5 * fa.abs().mean().item() else 1.0     # identical reals: no unit
-        ff, fa, fb = (f / spread for f in (ff, fa, fb))
-    metric('fd', lambda: dict(fd=frechet_distance(*feature_stats(ff), *feature_stats(fa)),
-                              fd_floor=frechet_distance(*feature_stats(fb), *feature_stats(fa))))
-    metric('precision/recall', lambda: dict(zip(('precision', 'recall', 'precision_floor', 'recall_floor'),
-                                                precision_recall(fa, ff) + precision_recall(fa, fb))))
-
-    def diversity():
-        tol = 1e-5 * fa.norm(dim=1).mean().item()          # below: identical images up to float round-off
-        div = []
-        for k in range(num_classes):
-            f_fake, f_real = ff[c == k], fa[c_real[:n] == k]
-            spread_real = torch.pdist(f_real).mean().item() if len(f_real) > 1 else float('nan')
-            spread_fake = torch.pdist(f_fake).mean().item() if len(f_fake) > 1 else float('nan')
-            div.append(spread_fake / spread_real if spread_real > tol else float('nan'))
-        seen = [v for v in div if v == v]                   # a nanmean without numpy's warning
-        return dict(diversity=sum(seen) / len(seen) if seen else float('nan'),
-                    **{f'diversity_{k}': v for k, v in enumerate(div)})
-
-    def accuracy():
-        acc, per = class_accuracy(judge, fake, c, num_classes)
-        return dict(class_acc=acc, min_class_acc=min((p for p in per if p == p), default=float('nan')),
-                    class_acc_flip=class_accuracy(judge, fake.flip(-1), c, num_classes)[0],
-                    **{f'class_acc_{k}': v for k, v in enumerate(per)})
-
-    metric('diversity', diversity)
-    if labelled:
-        metric('class_acc', accuracy)
-    if shape_judge is not None:
-        metric('shape_acc', lambda: dict(shape_acc=class_accuracy(shape_judge, fake, c, num_classes)[0]))
-    return out
-
-
-class PooledPixels(nn.Module):
-    """Label-free features for variety: the image pooled by area to 8 x 8 x C (at 16 px 2 x 2 pooling; at 64 px the
-    Frechet distance's sqrtm of 32 x 32 x C features would cost ~30 s per call on a CPU)."""
-
-    def features(self, x):
-        return F.adaptive_avg_pool2d(x.float(), 8).flatten(1)
-
-
-def nearest_distance(x, train, exclude=None, batch=1000):
-    """Each row of x: its distance to the nearest row of train, skipping row exclude[i] of train where given."""
-    out = []
-    for i in range(0, len(x), batch):
-        d = torch.cdist(x[i:i + batch], train)
-        if exclude is not None:
-            own = exclude[i:i + batch]
-            keep = own < len(train)
-            d[torch.arange(len(d))[keep], own[keep]] = float('inf')
-        out.append(d.min(1).values)
-    return torch.cat(out)
-
-
-def memorization(fake, held_out, train_px, held_out_index=None):
-    """The copy check, in pooled pixels: the median distance of the samples to their nearest training image over the
-    same for real images held out from that search (training images skip their own index). About 1: no copying; far
-    below 1: the generator reproduces training images; nan where the reals have nothing to compare with."""
-    d_fake = nearest_distance(PooledPixels().features(fake), train_px).median().item()
-    d_real = nearest_distance(PooledPixels().features(held_out), train_px, held_out_index).median().item()
-    tol = 1e-5 * train_px.norm(dim=1).mean().item()
-    return d_fake / d_real if math.isfinite(d_real) and d_real > tol else float('nan')
-
-
-def pixels(ds, idx):
-    """Images idx (in that order) of a pixel-space LatentDataset as float [n, C, r, r] in [-1, 1], and their labels."""
-    idx = np.asarray(idx, dtype=np.int64)
-    x = torch.from_numpy(ds.open().data[idx]) if ds.store == 'uint8' else torch.stack([ds[i][0] for i in idx])
-    return x.float() / 127.5 - 1, torch.from_numpy(ds.labels[idx].astype(np.int64))
-
-
-class Evaluation:
-    """On fixed EMA samples: Eq. 1 and a grid; on pixel data judge_metrics in the judge's features (one class: an
-    untrained CNN's, Naeem et al. 2020's 'T4'), again as *_px in pixels pooled to 8 x 8, which keep what a classifier
-    forgets (where, how big), and the copy check."""
-
-    def __init__(self, args, info, ds, device, run_dir, log):
-        self.args = args
-        self.info = info
-        self.device = device
-        self.run_dir = run_dir
-        self.scales = hierarchy(args, info)[0]
-        self.vae = self.judge = self.shape_judge = None
-        nc = info['num_classes']
-        self.z = torch.randn(args.eval_n, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345))
-        self.c = torch.arange(args.eval_n) % nc
-        self.grid_c = torch.arange(min(nc, 16) if nc > 1 else 10).repeat_interleave(10) % nc    # 10 per class
-        if info['kind'] == 'latent':
-            self.grid_c = self.c[:32]
-            self.vae = load_vae(args.vae or info['vae'], device, required=False)
-            if self.vae is None:
-                log(f"warning: VAE '{args.vae or info['vae']}' unavailable: sample grids show latent channels 0-2.")
-        else:
-            self.setup_judge(ds, log)
-        g = torch.Generator().manual_seed(args.seed + 54321)
-        self.z_grid = torch.randn(len(self.grid_c), Z_DIM, generator=g)
-
-    def setup_judge(self, ds, log):
-        """The real sets A and B (n images each), the judges (cached in the run directory, judge.pt), and the training
-        images for the copy check."""
-        args, info = self.args, self.info
-        nc = info['num_classes']
-
-        def toy(n, seed, hue=False):
-            return make_toy(n, seed=args.seed + seed, res=info['res'], random_hue=hue)
-
-        if info['kind'] == 'toy':
-            n = args.eval_n
-            self.real, self.c_real = toy(2 * n, 777)
-            train, val = toy(38400, 1000), toy(2000, 2000)
-            self.train_px = PooledPixels().features(ds[0])         # the GAN's training set; B is not in it
-            self.b_index = None
-        else:
-            # a seeded permutation: the judge trains on all but the first fifth (at most 2000 held out)
-            n = max(1, min(args.eval_n, info['N'] // 2))           # a set of one image: A = B = that image
-            perm = torch.randperm(info['N'], generator=torch.Generator().manual_seed(args.seed + 777)).numpy()
-            hold = min(2000, info['N'] // 5)
-            self.real, self.c_real = pixels(ds, perm[np.arange(2 * n) % info['N']])
-            train, val = pixels(ds, perm[hold:hold + 38400]), pixels(ds, perm[:hold])
-            # the copy check searches (up to 20,000 of) the training images in the permutation's order; B's
-            # images are among them, so each skips its own index (leave one out)
-            chunks = np.array_split(perm[:20_000], max(1, min(20_000, info['N']) // 1000))
-            self.train_px = torch.cat([PooledPixels().features(pixels(ds, idx)[0]) for idx in chunks])
-            self.b_index = torch.from_numpy((n + np.arange(n)) % info['N'])
-        path = os.path.join(self.run_dir, 'judge.pt')
-        state = torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else {}
-        self.labelled = nc > 1
-        if self.labelled:
-            self.judge = self.trained(state, 'judge', train, val, args.seed, log)
-            self.features = 'judge (trained on the data set)'
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                self.judge = Judge(info['res'], nc, info['channels']).eval()
-            self.features = 'random CNN (untrained judge, seed 0: the data set has one class)'
-        self.features += '; *_px: pixels pooled to 8 x 8'
-        if info['kind'] == 'toy':
-            shape_train, shape_val = toy(38400, 1001, True), toy(2000, 2001, True)
-            self.shape_judge = self.trained(state, 'shape_judge', shape_train, shape_val, args.seed + 1, log)
-        judges = {name: getattr(self, name) for name in ('judge', 'shape_judge') if getattr(self, name)}
-        torch.save({name: judge.state_dict() for name, judge in judges.items()}, path)
-        log(f"judge features: {self.features}; {n} EMA samples against two real sets of {n} per evaluation")
-        self.z_judge, self.c_judge = self.z[:n], self.c_real[:n]         # the fakes follow set A's classes
-        # reals.png: (up to) 10 per class, short rows filled with black
-        rows = [self.real[self.c_real == k][:10] for k in range(min(nc, 16))] if nc > 1 else [self.real[:100]]
-        rows = [torch.cat([r, -torch.ones(-len(r) % 10, *r.shape[1:])]) for r in rows]
-        save_grid(to_uint8(torch.cat(rows)), 10, os.path.join(self.run_dir, 'reals.png'))
-
-    def trained(self, state, name, train, val, seed, log):
-        """Judge `name` from the cache, or trained on `train`; its accuracy on the held-out reals `val` is logged."""
-        nc = self.info['num_classes']
-        judge = Judge(self.info['res'], nc, self.info['channels'])
-        if name in state:
-            judge.load_state_dict(state[name])
-        else:
-            judge = train_judge(*train, nc, steps=JUDGE_STEPS, seed=seed)
-        acc, per = class_accuracy(judge.eval(), *val, nc)
-        per_class = ' '.join(f'{100 * p:.0f}' for p in per)
-        log(f"{name}: {100 * acc:.1f}% right on {len(val[1])} held-out real images (per class {per_class})",
-            {'step': 0, f'{name}_acc': acc, f'{name}_acc_per_class': per})
-        if self.info['kind'] == 'toy' and acc < JUDGE_MIN_ACC:
-            raise RuntimeError(f'{name}: accuracy {acc:.3f} < {JUDGE_MIN_ACC} on held-out toy images')
-        return judge
-
-    @torch.no_grad()
-    def __call__(self, ema, step):
-        """-> (metrics, {name of a failed metric: why}): a failure costs that metric, not the run."""
-        args, info = self.args, self.info
-        device = self.device
-        out, failed = {}, {}
-        z, c = (self.z, self.c) if self.judge is None else (self.z_judge, self.c_judge)
-        with autocast(args.precision, device):
-            hs = list(generate(ema, z.to(device), c.to(device), all_stages=True).float().cpu())
-            grid = generate(ema, self.z_grid.to(device), self.grid_c.to(device)).float().cpu()
-        try:
-            eq1 = cross_scale_metrics(hs, self.scales)
-            out = {f'{name}_{k}': v for name, values in eq1.items() for k, v in enumerate(values)}
-            out.update({name: sum(eq1[name]) / len(eq1[name]) for name in ('delta', 'R', 'A', 'delta_h')})
-        except Exception as e:
-            failed['Eq. 1 (delta, R, A)'] = f'{type(e).__name__}: {e}'
-        if self.judge is not None:
-            sets = (hs[-1], c, self.real, self.c_real, info['num_classes'])
-            out.update(judge_metrics(self.judge, *sets, self.labelled, self.shape_judge, failed),
-                       features=self.features)
-            failed_px = {}
-            px = judge_metrics(PooledPixels(), *sets, False, None, failed_px)
-            failed.update({f'{k} (pooled pixels)': v for k, v in failed_px.items()})
-            # precision -> precision_px, recall_floor -> recall_px_floor, diversity_3 -> diversity_px_3
-            out.update({f'{k}_px' if '_' not in k else k.replace('_', '_px_', 1): v for k, v in px.items()})
-            held_out = self.real[len(c):2 * len(c)]        # set B
-            try:
-                out['memorization'] = memorization(hs[-1], held_out, self.train_px, self.b_index)
-            except Exception as e:
-                failed['memorization'] = f'{type(e).__name__}: {e}'
-        save_grid(decode(grid, info, self.vae), 10 if self.judge is not None else 8,
-                  os.path.join(self.run_dir, f'samples-{step:07d}.png'))
-        return out, failed
-
-# ------------------------------------------------------------------------------------------------------------
-# Cost (Table 2, App. A.2): --summary (parameters, multiply-adds, memory; no GPU), --bench (timed)
-# ------------------------------------------------------------------------------------------------------------
-
-PEAK_BF16_TFLOPS = {'H100': 989.4, 'H200': 989.4, 'A100': 312.0, 'L40S': 362.0}     # dense, spec sheets
-
-
-def count_macs(fn):
-    """Multiply-adds (FLOPs / 2) of fn(); attention through the math path, so that it is counted on any device."""
-    from torch.utils.flop_counter import FlopCounterMode
-    from torch.nn.attention import sdpa_kernel, SDPBackend
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        fn()
-    return counter.get_total_flops() / 2
-
-
-def synthetic(args):
-    """(info, G config, D config) of --summary and --bench: ImageNet-256 latents, or RGB pixels at the finest scale."""
-    res = args.scales[-1] if args.scales else 32
-    latent = res == 32
-    info = dict(kind='latent' if latent else 'pixel', channels=4 if latent else 3, res=res, num_classes=1000)
-    return (info, *model_configs(args, info))
-
-
-def cost(args, g_cfg, d_cfg):
-    """Meta-device G, D and vision-aided backbone (or None), and App. A.2's multiply-adds per sample: F_G, F_D, F_va
-    and an iteration's 4 F_G + 10.5 F_D + 5 F_va (four passes of the backbone and one backward)."""
-    import timm
-    with torch.device('meta'):
-        G = Generator(**g_cfg)
-        D = Discriminator(**d_cfg)
-        c = torch.zeros(1, dtype=torch.long)
-        F_G = count_macs(lambda: G(torch.randn(1, G.z_dim), c))
-        F_D = count_macs(lambda: D(multiscale(torch.randn(1, D.channels, D.res, D.res), D.scales), c))
-        va = timm.create_model(args.va_model, pretrained=False, num_classes=0) if args.lambda_va > 0 else None
-        F_va = count_macs(lambda: va(torch.randn(1, 3, 224, 224))) if va else 0
-    return G, D, va, dict(F_G=F_G, F_D=F_D, F_va=F_va, train=4 * F_G + 10.5 * F_D + 5 * F_va)
-
-
-def n_params(net):
-    return sum(p.numel() for p in net.parameters()) if net else 0
-
-
-def summary(args, out=print, memory=True):
-    info, g_cfg, d_cfg = synthetic(args)
-    G, D, va, f = cost(args, g_cfg, dict(d_cfg, repa_dim=768))
-    n_proj, n_va = n_params(D.proj), n_params(D.va)
-    n_d = n_params(D) - n_proj - n_va
-    data = 'latents' if info['kind'] == 'latent' else 'RGB pixels'
-    out(f"config: {names(args, D)} (G depth {g_cfg['depth']}, width {g_cfg['width']}, heads {g_cfg['heads']}; D depth "
-        f"{d_cfg['depth']}, width {d_cfg['width']}, heads {d_cfg['heads']}); {info['res']}x{info['res']} {data}, "
-        f"scales {','.join(map(str, D.scales))}, D patches {','.join(map(str, D.patches))}, token grids "
-        f"{','.join(map(str, D.grids))}")
-    out(f"G params: {n_params(G) / 1e6:.1f}M")
-    out(f"D params: {n_d / 1e6:.1f}M (+ REPA projector {n_proj / 1e6:.1f}M, training only)")
-    out(f"G GFLOPs: {f['F_G'] / 1e9:.1f} (multiply-adds per sample, one-step inference)")
-    out(f"D GFLOPs: {f['F_D'] / 1e9:.1f} (all {len(D.scales)} scales, {D.segments[-1][1]} tokens)")
-    if va:
-        out(f"vision-aided: {args.va_model} {n_params(va) / 1e6:.1f}M frozen params, {f['F_va'] / 1e9:.1f} GFLOPs at "
-            f"224 px; head {n_va / 1e6:.2f}M (in D)")
-    out(f"train GFLOPs per sample per iteration (App. A.2, 4F_G + 10.5F_D{' + 5F_va' if va else ''}): "
-        f"{f['train'] / 1e9:.1f}")
-    if args.model in PAPER_STEPS:
-        steps = PAPER_STEPS[args.model] if info['kind'] == 'latent' else 100_000    # App. A.3: B/2, 40 epochs
-        flop = 2 * f['train'] * 512 * steps                 # 2 FLOPs per multiply-add
-        hours = flop / (8 * 0.4 * PEAK_BF16_TFLOPS['H100'] * 1e12) / 3600
-        out(f"paper schedule: {steps} iterations x batch 512 = {flop / 1e18:.0f} EFLOP; at 40% MFU on 8 H100 "
-            f"(989 TFLOP/s bf16 dense) {hours:.1f} h (model FLOPs only: data loading, DINOv2 and EMA excluded)")
-    r = None
-    try:
-        r = memory_estimate(args) if memory else None
-    except Exception as e:                          # one line, never a traceback
-        out(f"memory per GPU: the estimate failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})")
-    if r:
-        gib = {k: f'{v / 2**30:.2f}' for k, v in dict(r, world=r['peak'] + r['ddp']).items()}
-        micro = f' (micro {args.micro_batch})' if args.micro_batch else ''
-        out(f"memory per GPU at batch {args.batch_size}/GPU{micro}, {args.precision}, grad-ckpt "
-            f"{('off', 'on')[args.grad_ckpt]}: peak {gib['peak']} GiB; world > 1: {gib['world']} GiB\n"
-            f"  = G, D params+buffers {gib['params']} + EMA {gib['ema']} + frozen DINOv2/ConvNeXt {gib['frozen']} + "
-            f"AdamW {gib['opt']} + gradients at the peak {gib['grads']} + activations and temporaries {gib['act']} "
-            f"GiB (world > 1: + DDP buckets {gib['ddp']})\n  an estimate: train_step on fake tensors on the CPU, "
-            f"CUDA's flash attention and fused rms_norm modelled; check on a GPU: torch.cuda.max_memory_allocated "
-            f"(--bench prints it)")
-    return dict(G_params=n_params(G), D_params=n_d, proj_params=n_proj, memory=r, **f)
-
-
-def names(args, D):
-    """'G-B/2 + D-B/2' (patch sizes after the slash; App. A.3: 'G-B/16 + D-B/8,16')."""
-    d_patches = ','.join(map(str, sorted(set(D.patches))))
-    return f"G-{args.model}/{args.patch or 2} + D-{args.model_d or D_FOR_G[args.model]}/{d_patches}"
-
-
-class CudaRMSNorm(torch.autograd.Function):
-    """rms_norm's memory on CUDA, for memory_estimate (values never read): fused, in fp32 under autocast (the CPU's
-    runs in bf16), saving its input and an fp32 rstd. Attention needs none: the CPU's flash kernel saves what CUDA's
-    do."""
-
-    @staticmethod
-    def forward(ctx, x, w, n):
-        ctx.save_for_backward(x, x.new_empty((*x.shape[:x.dim() - n], *[1] * n), dtype=torch.float32), w)
-        return x.new_empty(x.shape)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, _, w = ctx.saved_tensors
-        return x.new_empty(x.shape), w.new_empty(w.shape) if ctx.needs_input_grad[1] else None, None
-
-    @staticmethod
-    def rms_norm(x, shape, w=None, eps=None):
-        """F.rms_norm's stand-in."""
-        if torch.is_autocast_enabled('cpu'):
-            x, w = x.float(), w.float() if w is not None else None
-        return CudaRMSNorm.apply(x, w, len(shape))
-
-
-def memory_estimate(args):
-    """Per-GPU bytes of a training iteration, on a CPU: train_step on fake tensors with CUDA's rms_norm; the peak of
-    the second iteration (AdamW's state exists then)."""
-    from unittest import mock
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    class Tracker(MemTracker):
-        def _update_peak_stats(self, state):
-            # the global peak only (the per-module peaks cost 10x the time)
-            for dev, snap in self._curr_mem_snap.items():
-                if self._peak_mem.get(dev, 0) < snap['Total']:
-                    self._peak_mem[dev], self._peak_mem_snap[dev] = snap['Total'], dict(snap)
-
-        def _track_module_params_and_buffers(self, mod, install_grad_hooks=True):
-            # no gradient hooks on frozen modules: they fail there
-            trainable = all(p.requires_grad for p in mod.parameters())
-            return super()._track_module_params_and_buffers(mod, install_grad_hooks and trainable)
-
-        def _pre_fw_hook(self, mod, inputs):
-            # a step module again in a forward pass: the next micro-batch, not a new iteration
-            if mod in (m.d_step, m.g_step) and not self._mod_tracker.is_bw:
-                self.memory_tracking.pop(mod, None)
-            super()._pre_fw_hook(mod, inputs)
-
-    info, g_cfg, d_cfg = synthetic(args)
-    b, latent = args.batch_size, info['kind'] == 'latent'
-    args = argparse.Namespace(**{**vars(args), 'compile': 0})
-    with torch.device('meta'):
-        m = build(args, g_cfg, d_cfg, torch.device('meta'), 1, pretrained=False)
-    nets = [net for net in (m.G, m.D, m.ema, *m.d_step._dino, *m.d_step._va) if net is not None]
-    with FakeTensorMode(), mock.patch.object(F, 'rms_norm', CudaRMSNorm.rms_norm):
-        for net in nets:                            # meta -> fake CPU tensors; fused AdamW as on CUDA
-            net._apply(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype))
-        m = m._replace(opt_g=adamw(m.G, args, True), opt_d=adamw(m.D, args, True))
-        tracker = Tracker()
-        C, R = info['channels'], info['res']
-        c = torch.zeros(b, dtype=torch.long)
-        # bench()'s batch: posterior moments, or uint8 pixels
-        x = torch.empty(b, 2 * C, R, R) if latent else torch.empty(b, C, R, R, dtype=torch.uint8)
-        img = None
-        if args.lambda_repa > 0:
-            img = torch.empty(b, 3, 256, 256, dtype=torch.uint8) if latent else x
-        for step in range(2):
-            if step:
-                tracker.track_external(*nets, m.opt_g, m.opt_d, x, c, img)
-                tracker.__enter__()
-            nz = step_noise(args.seed, step, b, m.G, m.D.scales, 'cpu')
-            train_step(m, real_x(x, nz, dict(info, scale=0.18215)), c, img, nz, args)
-        tracker.__exit__(None, None, None)
-    peak = next(iter(tracker.get_tracker_snapshot('peak').values()))
-    snap = {getattr(k, 'value', k): v for k, v in peak.items()}
-
-    def nbytes(*modules):
-        return sum(t.nbytes for module in modules for t in [*module.parameters(), *module.buffers()])
-
-    r = dict(params=nbytes(m.G, m.D), ema=nbytes(m.ema), frozen=nbytes(*nets[3:]), opt=snap['Optstate'],
-             grads=snap['Gradient'])
-    ddp = sum(p.nbytes for p in m.G.parameters()) + sum(p.nbytes for p in m.D.parameters())
-    return dict(r, peak=snap['Total'], act=snap['Total'] - sum(r.values()), ddp=ddp)
-
-
-def bench(args, out=print):
-    """The median time of --bench-steps iterations after --bench-warmup, each logged; REPA with a random DINOv2-B."""
-    rank, world, device = setup_ddp()
-    out = out if rank == 0 else (lambda line: None)        # one report, from rank 0
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    info, g_cfg, d_cfg = synthetic(args)
-    m = build(args, g_cfg, d_cfg, device, world, pretrained=False)
-    b = args.batch_size // world
-    C, R = info['channels'], info['res']
-    cuda = device.type == 'cuda'
-    g = torch.Generator(device).manual_seed(0)
-    if info['kind'] == 'latent':
-        batch = torch.cat([torch.randn(b, C, R, R, generator=g, device=device),
-                           torch.rand(b, C, R, R, generator=g, device=device)], 1)
-    else:
-        batch = torch.randint(0, 256, (b, C, R, R), generator=g, device=device, dtype=torch.uint8)
-    c = torch.randint(0, 1000, (b,), generator=g, device=device)
-    img = None
-    if args.lambda_repa > 0:
-        img = batch if info['kind'] != 'latent' else torch.randint(0, 256, (b, 3, 256, 256), generator=g,
-                                                                   device=device, dtype=torch.uint8)
-    name = torch.cuda.get_device_name(device) if cuda else f'CPU ({torch.get_num_threads()} threads)'
-    out(f"bench {name}: {names(args, m.D)}, {R}x{R}x{C} {info['kind']}, batch {b}/device (micro {m.micro}), "
-        f"{args.precision}, REPA {'on' if img is not None else 'off'}, vision-aided "
-        f"{('off', 'on')[args.lambda_va > 0]}, compile={args.compile}, grad_ckpt={args.grad_ckpt}, d_attn={args.d_attn}"
-        + ("" if cuda else " (no CUDA: fp32 and no DINOv2 unless --precision / --lambda-repa)"))
-    times = []
-    for step in range(args.bench_warmup + args.bench_steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        nz = take(step_noise(0, step, args.batch_size, m.G, m.D.scales, device), rank * b, (rank + 1) * b)
-        train_step(m, real_x(batch, nz, dict(info, scale=0.18215)), c, img, nz, args)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        out(f"  iteration {step + 1}: {times[-1] * 1e3:.1f} ms{' (warm-up)' if step < args.bench_warmup else ''}")
-        if step == args.bench_warmup - 1 and cuda:
-            torch.cuda.reset_peak_memory_stats()
-    t = float(np.median(times[args.bench_warmup:]))
-    tflops = 2 * cost(args, g_cfg, d_cfg)[-1]['train'] * b / t / 1e12
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else 'n/a (CPU)'
-    out(f"  {t * 1e3:.1f} ms/it (median of {args.bench_steps}), {b / t:.1f} img/s/device, {tflops:.3g} TFLOP/s "
-        f"(App. A.2 model FLOPs), MFU {f'{100 * tflops / peak:.1f}%' if peak else 'n/a'}, peak memory {mem}")
-    return dict(device=name, batch_per_device=b, ms_per_it=t * 1e3, img_per_s_per_device=b / t, tflops=tflops,
-                mfu=tflops / peak if peak else None, peak_mem=mem)
-
-# ------------------------------------------------------------------------------------------------------------
 # The command line
 # ------------------------------------------------------------------------------------------------------------
 
@@ -2107,7 +1663,7 @@ def comma_ints(text):
     return [int(v) for v in text.split(',')]
 
 
-def both(key, fmt='g'):
+def help_default(key, fmt='g'):
     """'Table 6's value; small data: its value' of DEFAULTS[key], for a help text."""
     paper, small = DEFAULTS[key]
     return f'{paper:{fmt}}; small data {small:{fmt}}'
@@ -2126,30 +1682,31 @@ def get_args(argv=None):
     # the run
     p.add_argument('--out', help='run directory (default: runs/NNN-MODEL)')
     p.add_argument('--resume', nargs='?', const='auto', help='checkpoint file or run directory (default: --out)')
-    p.add_argument('--steps', type=int, help=f'total iterations ({both("steps", ",")}; the toy set {TOY_STEPS})')
-    p.add_argument('--batch-size', type=int, help=f'global batch ({both("batch_size")})')
+    p.add_argument('--steps', type=int,
+                   help=f'total iterations ({help_default("steps", ",")}; the toy set {TOY_STEPS})')
+    p.add_argument('--batch-size', type=int, help=f'global batch ({help_default("batch_size")})')
     p.add_argument('--micro-batch', type=int, help='per-process micro-batch; gradients accumulate above it')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--precision', choices=['bf16', 'fp32'], help='autocast dtype (bf16; no CUDA: fp32)')
     p.add_argument('--workers', type=int, help='DataLoader workers per process (8; no CUDA: 0)')
     # objectives and optimization
-    p.add_argument('--lr', type=float, help=f'AdamW lr of G and D ({both("lr")})')
-    p.add_argument('--ema-decay', type=float, help=f'EMA of G ({both("ema_decay")})')
+    p.add_argument('--lr', type=float, help=f'AdamW lr of G and D ({help_default("lr")})')
+    p.add_argument('--ema-decay', type=float, help=f'EMA of G ({help_default("ema_decay")})')
     p.add_argument('--clip', type=float, default=1.0, help='gradient clipping norm')
     p.add_argument('--lambda-cons', type=float, default=0.1, help='L_cons weight (Eq. 3); 0: plain scale-wise loss')
     p.add_argument('--cons-detach', action='store_true', help='stop-gradient on the anchor h_K of Eq. 2')
-    p.add_argument('--gamma', type=float, help=f'R1 and R2 weight, gamma/2 each ({both("gamma")})')
+    p.add_argument('--gamma', type=float, help=f'R1 and R2 weight, gamma/2 each ({help_default("gamma")})')
     p.add_argument('--gp-sigma', type=float, default=0.01, help='perturbation scale of the approximated R1/R2')
     p.add_argument('--gp-precision', choices=['bf16', 'fp32'], default='bf16',
                    help='bf16: perturbed quarter in the main autocast pass (App. A.2 cost); fp32: its own fp32 pass')
     p.add_argument('--aug', action=argparse.BooleanOptionalAction, help='DiffAugment (on; small data off)')
-    p.add_argument('--lambda-repa', type=float, help=f'REPA weight ({both("lambda_repa")}); 0 skips DINOv2')
+    p.add_argument('--lambda-repa', type=float, help=f'REPA weight ({help_default("lambda_repa")}); 0 skips DINOv2')
     p.add_argument('--lambda-va', type=float, default=0.0, help='vision-aided loss weight (App. A.3), pixels; 0: off')
     p.add_argument('--va-model', default=VA_NAME, help='timm name of the frozen ConvNeXt-V2 of the vision-aided loss')
     # logging, evaluation, checkpoints
     p.add_argument('--vae', help='VAE for sample grids (default: the one named in the dataset meta)')
     p.add_argument('--log-every', type=int)
-    p.add_argument('--eval-every', type=int, help='EMA sample grid + cross-scale metrics (+ judge metrics)')
+    p.add_argument('--eval-every', type=int, help="EMA sample grid and Eq. 1 (+ fid.py's measures)")
     p.add_argument('--eval-n', type=int, default=1000, help='samples per evaluation')
     p.add_argument('--ckpt-every', type=int, help='periodic checkpoint interval (kept: --keep newest)')
     p.add_argument('--latest-every', type=int, help='latest.pt refresh interval')
@@ -2157,43 +1714,34 @@ def get_args(argv=None):
     p.add_argument('--milestone-every', type=int, default=50_000, help='checkpoints at multiples are never deleted')
     p.add_argument('--toy-n', type=int, default=20000, help='toy training set size')
     p.add_argument('--toy-res', type=int, default=16, help='toy image resolution')
-    # cost and speed
-    p.add_argument('--summary', action='store_true', help='print params, GFLOPs, GPU memory of --model; exit (no GPU)')
-    p.add_argument('--bench', action='store_true', help='time training iterations on synthetic latents and exit')
-    p.add_argument('--bench-steps', type=int, default=10)
-    p.add_argument('--bench-warmup', type=int, default=3)
-    p.add_argument('--peak-tflops', type=float, help='device peak for MFU (default: known GPUs)')
+    # speed
     p.add_argument('--compile', action='store_true', help='torch.compile every G and D block')
     p.add_argument('--grad-ckpt', action='store_true', help='activation checkpointing per block (memory for compute)')
     p.add_argument('--d-attn', choices=['split', 'mask'], default='split',
                    help="block-diagonal attention: one fused call per scale, or one call with an explicit mask")
     args = p.parse_args(argv)
-    fill_defaults(args, p)
+    if args.model and args.model not in G_CONFIGS or args.model_d and args.model_d not in D_CONFIGS:
+        p.error(f"unknown --model {args.model} / --model-d {args.model_d}: G: {list(G_CONFIGS)}, D: {list(D_CONFIGS)}")
+    if args.data == 'toy' and args.lambda_repa:
+        p.error('--lambda-repa needs ImageNet images: the toy set has no DINOv2 targets; use --lambda-repa 0')
+    small = args.data == 'toy' or is_small_data(args.data)
+    fill_defaults(args, small, torch.cuda.is_available())
     return args
 
 
-def fill_defaults(args, p):
-    """Each option left out takes its value for the data (DEFAULTS: Table 6, or small data), the machine and the
-    run's length."""
+def fill_defaults(args, small, cuda):
+    """Each option left out takes its value: for the data (DEFAULTS: Table 6, or small data), for the machine
+    (precision, data workers) and for the run's length (log, evaluation and checkpoint cadence)."""
     toy = args.data == 'toy'
-    cuda = torch.cuda.is_available()
-    small = toy or is_small_data(args.data)
     args.model = args.model or ('S' if small else 'B')
-    if args.model not in G_CONFIGS or (args.model_d or 'B') not in D_CONFIGS:
-        p.error(f"unknown --model {args.model} / --model-d {args.model_d}: G: {list(G_CONFIGS)}, D: {list(D_CONFIGS)}")
-    args.repa_given = args.lambda_repa is not None
     if toy and args.steps is None:
         args.steps = TOY_STEPS
-    if (args.bench or args.summary) and args.batch_size is None:
-        args.batch_size = 64                    # one GPU's share of 512
-    if args.bench and not cuda and args.lambda_repa is None:
-        args.lambda_repa = 0.0
     for key, (paper, small_data) in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, small_data if small else paper)
-    # no CUDA: fp32 (bf16 autocast is slow on CPUs) and no data workers; --summary assumes a GPU
+    # no CUDA: fp32 (bf16 autocast is slow on CPUs) and no data workers
     if args.precision is None:
-        args.precision = 'bf16' if cuda or args.summary else 'fp32'
+        args.precision = 'bf16' if cuda else 'fp32'
     if args.workers is None:
         args.workers = 8 if cuda else 0
     # cadence: the toy's; else by the run's length (10 evaluations, 5 checkpoints), capped at Table 6's, so
@@ -2209,18 +1757,10 @@ def fill_defaults(args, p):
     for key, value in cadence.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if toy and args.lambda_repa > 0:
-        p.error('--lambda-repa needs ImageNet images: the toy set has no DINOv2 targets; use --lambda-repa 0')
 
 
 def main(argv=None):
-    args = get_args(argv)
-    if args.summary:
-        summary(args)
-    elif args.bench:
-        bench(args)
-    else:
-        train(args)
+    train(get_args(argv))
 
 
 if __name__ == '__main__':

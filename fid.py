@@ -1,9 +1,12 @@
 """
-FID, Inception Score, precision and recall of ADM-format samples (the paper reports FID-50K).
+Every measure of samples: FID, Inception Score, precision and recall of ADM-format samples (the paper reports
+FID-50K), and for small pixel data sets the judges' metrics and the copy check, during training or of a finished run.
 
     python fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz                # ADM's ImageNet 256 reference batch
     python fid.py samples.npz --ref imagenet/train --save-ref ref.npz --json m.json   # reference from a folder, saved
     python fid.py samples.npz --ref ref.npz --detector inception-2015-12-05.pt        # no download
+    python fid.py runs/000-toy                          # a finished run: Eq. 1, the judges' metrics, the toy's line
+    python fid.py train --data toy                      # cat.py's training with the judges' metrics at every evaluation
     torchrun --nproc_per_node=8 fid.py train --model H --fid-every 10000 --fid-ref REF.npz   # cat.py's run + FID
 
 Samples: an ADM .npz, arr_0 uint8 [N, H, W, 3] (or a folder of images). Reference: an .npz with mu/sigma (FID) and,
@@ -18,19 +21,30 @@ logits without the output bias (as ADM and StyleGAN3) in chunks of 5000 and the 
 k = 3 nearest neighbour manifolds (ADM's ManifoldEstimator; it computes distances in float16, we in float32). All
 metrics run with TF32 off. FID is expected to agree with ADM's numbers to about 1%, but that
 agreement was not measured here.
+
+This file builds on cat.py (its data, generator and training loop) and cat.py imports nothing of it: cat.train()
+takes the measures below as arguments (`fid.py train`), and `fid.py RUN_DIR` loads a run's checkpoint.
 """
-import argparse, itertools, json, os, sys, warnings, zipfile
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import warnings
+import zipfile
 
 import numpy as np
 import scipy.linalg
 import scipy.special
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 import cat
-from cat import check_data_dir, feature_stats, frechet_distance, full_fp32, precision_recall, LatentDataset
+from cat import check_data_dir, full_fp32, LatentDataset
 
 DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
 DETECTOR_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'cat', 'inception-2015-12-05.pt')
@@ -64,6 +78,8 @@ MAX_REF_FEATURES = 50000
 # ----------------------------------------------------------------------------------------------
 
 
+
+
 def inception_score(probs, split_size=IS_SPLIT):
     """exp(mean_x KL(p(y|x) || p(y))) with p(y) the mean prediction, averaged over consecutive chunks of split_size
     samples and the remainder as a last, smaller chunk: ADM's evaluator (12345 samples -> 5000, 5000, 2345)."""
@@ -75,6 +91,56 @@ def inception_score(probs, split_size=IS_SPLIT):
         kl = (scipy.special.xlogy(part, part) - scipy.special.xlogy(part, py)).sum(axis=1).mean()
         scores.append(np.exp(kl))
     return float(np.mean(scores))
+
+
+def feature_stats(features):
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(axis=0), np.cov(f, rowvar=False) if len(f) > 1 else np.zeros((f.shape[1],) * 2)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64, with ADM's safeguards."""
+    import scipy.linalg
+    mu1, mu2 = (np.atleast_1d(np.asarray(mu, np.float64)) for mu in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(sigma, np.float64)) for sigma in (sigma1, sigma2))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+        try:
+            covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+            # a singular product: regularize both covariances and try again
+            if not np.isfinite(covmean).all():
+                offset = eps * np.eye(len(sigma1))
+                covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        except (np.linalg.LinAlgError, ValueError):
+            covmean = None
+    if covmean is None or not np.isfinite(covmean).all():
+        # e.g. identical images (sigma = 0): tr sqrtm(s1 s2) is the sum of the square roots of its eigenvalues
+        tr = np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).real.clip(min=0)).sum()
+    elif np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        raise ValueError(f'sqrtm(sigma1 sigma2) has imaginary component {np.abs(covmean.imag).max():.3g}')
+    else:
+        tr = np.trace(covmean).real         # round-off leaves tiny imaginary parts
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr)
+
+
+def precision_recall(real_feats, fake_feats, k=3, batch=5000, device='cpu'):
+    """Improved precision and recall (Kynkaanniemi et al. 2019; ADM's ManifoldEstimator); fp32, no TF32 (ADM: fp16)."""
+
+    def radii(x):
+        # the k-th nearest other point; with fewer than k + 1 points, the farthest one
+        kth = min(k, len(x) - 1) + 1
+        return torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(kth, dim=1).values
+                          for i in range(0, len(x), batch)])
+
+    def covered(x, y, r):
+        hits = [(torch.cdist(x[i:i + batch], y) <= r).any(1) for i in range(0, len(x), batch)]
+        return torch.cat(hits).double().mean()
+
+    real = torch.as_tensor(np.asarray(real_feats), dtype=torch.float32, device=device)
+    fake = torch.as_tensor(np.asarray(fake_feats), dtype=torch.float32, device=device)
+    with full_fp32():
+        return covered(fake, real, radii(real)).item(), covered(real, fake, radii(fake)).item()
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,23 +321,309 @@ class TrainingFID:
         log(f"fid {step}: fid{f.fid_n // 1000}k={score:.3f}", dict(step=step, fid=score, fid_n=f.fid_n))
 
 
+# ----------------------------------------------------------------------------------------------
+# Small pixel data: judges trained on the data set, their metrics, pooled pixels and the copy check
+# ----------------------------------------------------------------------------------------------
+
+JUDGE_STEPS = 300           # the judges' training steps
+# the toy run's last line, before Eq. 1's means
+TOY_SUMMARY = ['shape_acc', 'class_acc', 'min_class_acc', 'fd', 'fd_floor', 'precision', 'precision_floor', 'recall',
+               'recall_floor', 'diversity', 'recall_px', 'recall_px_floor', 'diversity_px', 'memorization']
+JUDGE_MIN_ACC = 0.95        # the toy's judges must reach this accuracy on held-out images
+
+
+class Judge(nn.Module):
+    """A small CNN for small pixel data: 3 convolutions to 4 x 4, then a 128-d layer over the whole map (no pooling,
+    so its features keep where things are and how big)."""
+
+    def __init__(self, res=16, num_classes=10, channels=3, dim=128):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(channels, 32, 3, max(1, res // 16), 1), nn.SiLU(),
+                                   nn.Conv2d(32, 64, 3, 2, 1), nn.SiLU(),
+                                   nn.Conv2d(64, 64, 3, 2, 1), nn.SiLU())
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, dim), nn.SiLU())
+        self.head = nn.Linear(dim, num_classes)
+
+    def features(self, x):
+        return self.fc(self.convs(x.float().clamp(-1, 1)))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_judge(x, y, num_classes, steps=300, batch=128, seed=0):
+    """A Judge trained on x in [-1, 1] with labels y: seeded shuffles, light noise, one-cycle Adam; global RNG kept."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        judge = Judge(x.shape[-1], num_classes, x.shape[1])
+    order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(-(-steps * batch // len(x)))])
+    opt = torch.optim.Adam(judge.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
+    for i in range(steps):
+        idx = order[i * batch:(i + 1) * batch]
+        xb = x[idx].float()
+        xb = xb + 0.1 * torch.rand(len(idx), 1, 1, 1, generator=g) * torch.randn(xb.shape, generator=g)
+        F.cross_entropy(judge(xb), y[idx]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    return judge.eval()
+
+
+@torch.no_grad()
+def class_accuracy(judge, x, y, num_classes):
+    """The share of x classified as y, overall and per class (nan for a class absent from y)."""
+    hit = torch.cat([judge(b).argmax(1) for b in x.split(1000)]) == y
+    return hit.float().mean().item(), [hit[y == k].float().mean().item() for k in range(num_classes)]
+
+
+@torch.no_grad()
+def judge_metrics(judge, fake, c, real, c_real, num_classes, labelled=True, shape_judge=None, failed=None):
+    """n fakes of A's classes c against the reals A = real[:n] and B = real[n:2n], in the judge's features: fd,
+    precision and recall (floors: B against A), diversity (per class, the fakes' mean pairwise distance over A's),
+    class_acc (per class, the worst, _flip of mirrored fakes), the toy's shape_acc. A failed metric is named in
+    `failed`."""
+    n = len(fake)
+    out = {}
+    failed = {} if failed is None else failed
+
+    def metric(name, fn):
+        try:
+            out.update(fn())
+        except Exception as e:
+            failed[name] = f'{type(e).__name__}: {e}'
+
+    def features(x):
+        return torch.cat([judge.features(b) for b in x.split(1000)])
+
+    ff, fa, fb = (features(x) for x in (fake, real[:n], real[n:2 * n]))
+    if not labelled:
+        # an untrained CNN's features are tiny: measure them in units of the reals' spread
+        spread = fa.std(0).mean().item() if n > 1 else 0
+        spread = spread if spread > 1e-5 * fa.abs().mean().item() else 1.0     # identical reals: no unit
+        ff, fa, fb = (f / spread for f in (ff, fa, fb))
+    metric('fd', lambda: dict(fd=frechet_distance(*feature_stats(ff), *feature_stats(fa)),
+                              fd_floor=frechet_distance(*feature_stats(fb), *feature_stats(fa))))
+    metric('precision/recall', lambda: dict(zip(('precision', 'recall', 'precision_floor', 'recall_floor'),
+                                                precision_recall(fa, ff) + precision_recall(fa, fb))))
+
+    def diversity():
+        tol = 1e-5 * fa.norm(dim=1).mean().item()          # below: identical images up to float round-off
+        div = []
+        for k in range(num_classes):
+            f_fake, f_real = ff[c == k], fa[c_real[:n] == k]
+            spread_real = torch.pdist(f_real).mean().item() if len(f_real) > 1 else float('nan')
+            spread_fake = torch.pdist(f_fake).mean().item() if len(f_fake) > 1 else float('nan')
+            div.append(spread_fake / spread_real if spread_real > tol else float('nan'))
+        seen = [v for v in div if v == v]                   # a nanmean without numpy's warning
+        return dict(diversity=sum(seen) / len(seen) if seen else float('nan'),
+                    **{f'diversity_{k}': v for k, v in enumerate(div)})
+
+    def accuracy():
+        acc, per = class_accuracy(judge, fake, c, num_classes)
+        return dict(class_acc=acc, min_class_acc=min((p for p in per if p == p), default=float('nan')),
+                    class_acc_flip=class_accuracy(judge, fake.flip(-1), c, num_classes)[0],
+                    **{f'class_acc_{k}': v for k, v in enumerate(per)})
+
+    metric('diversity', diversity)
+    if labelled:
+        metric('class_acc', accuracy)
+    if shape_judge is not None:
+        metric('shape_acc', lambda: dict(shape_acc=class_accuracy(shape_judge, fake, c, num_classes)[0]))
+    return out
+
+
+class PooledPixels(nn.Module):
+    """Label-free features for variety: the image pooled by area to 8 x 8 x C (at 16 px 2 x 2 pooling; at 64 px the
+    Frechet distance's sqrtm of 32 x 32 x C features would cost ~30 s per call on a CPU)."""
+
+    def features(self, x):
+        return F.adaptive_avg_pool2d(x.float(), 8).flatten(1)
+
+
+def nearest_distance(x, train, exclude=None, batch=1000):
+    """Each row of x: its distance to the nearest row of train, skipping row exclude[i] of train where given."""
+    out = []
+    for i in range(0, len(x), batch):
+        d = torch.cdist(x[i:i + batch], train)
+        if exclude is not None:
+            own = exclude[i:i + batch]
+            keep = own < len(train)
+            d[torch.arange(len(d))[keep], own[keep]] = float('inf')
+        out.append(d.min(1).values)
+    return torch.cat(out)
+
+
+def memorization(fake, held_out, train_px, held_out_index=None):
+    """The copy check, in pooled pixels: the median distance of the samples to their nearest training image over the
+    same for real images held out from that search (training images skip their own index). About 1: no copying; far
+    below 1: the generator reproduces training images; nan where the reals have nothing to compare with."""
+    d_fake = nearest_distance(PooledPixels().features(fake), train_px).median().item()
+    d_real = nearest_distance(PooledPixels().features(held_out), train_px, held_out_index).median().item()
+    tol = 1e-5 * train_px.norm(dim=1).mean().item()
+    return d_fake / d_real if math.isfinite(d_real) and d_real > tol else float('nan')
+
+
+def pixels(ds, idx):
+    """Images idx (in that order) of a pixel-space LatentDataset as float [n, C, r, r] in [-1, 1], and their labels."""
+    idx = np.asarray(idx, dtype=np.int64)
+    x = torch.from_numpy(ds.open().data[idx]) if ds.store == 'uint8' else torch.stack([ds[i][0] for i in idx])
+    return x.float() / 127.5 - 1, torch.from_numpy(ds.labels[idx].astype(np.int64))
+
+
+class JudgeMeasures:
+    """cat.Evaluation's measure on pixel data: judge_metrics in the features of a judge trained on the data set (one
+    class: an untrained CNN's, Naeem et al. 2020's 'T4'), again as *_px in pixels pooled to 8 x 8, which keep what
+    a classifier forgets (where, how big), and the copy check. The samples follow the classes of the real set A."""
+
+    def __init__(self, evaluation):
+        """The real sets A and B (n images each), the judges (cached in the run directory, judge.pt), and the
+        training images for the copy check."""
+        args = evaluation.args
+        info = evaluation.info
+        ds = evaluation.ds
+        log = evaluation.log
+        self.info = info
+        self.summary = TOY_SUMMARY if info['kind'] == 'toy' else []
+        nc = info['num_classes']
+
+        def toy(n, seed, hue=False):
+            return cat.make_toy(n, seed=args.seed + seed, res=info['res'], random_hue=hue)
+
+        if info['kind'] == 'toy':
+            n = args.eval_n
+            self.real, self.c_real = toy(2 * n, 777)
+            train, val = toy(38400, 1000), toy(2000, 2000)
+            self.train_px = PooledPixels().features(ds[0])         # the GAN's training set; B is not in it
+            self.b_index = None
+        else:
+            # a seeded permutation: the judge trains on all but the first fifth (at most 2000 held out)
+            n = max(1, min(args.eval_n, info['N'] // 2))           # a set of one image: A = B = that image
+            perm = torch.randperm(info['N'], generator=torch.Generator().manual_seed(args.seed + 777)).numpy()
+            hold = min(2000, info['N'] // 5)
+            self.real, self.c_real = pixels(ds, perm[np.arange(2 * n) % info['N']])
+            train, val = pixels(ds, perm[hold:hold + 38400]), pixels(ds, perm[:hold])
+            # the copy check searches (up to 20,000 of) the training images in the permutation's order; B's
+            # images are among them, so each skips its own index (leave one out)
+            chunks = np.array_split(perm[:20_000], max(1, min(20_000, info['N']) // 1000))
+            self.train_px = torch.cat([PooledPixels().features(pixels(ds, idx)[0]) for idx in chunks])
+            self.b_index = torch.from_numpy((n + np.arange(n)) % info['N'])
+        path = os.path.join(evaluation.run_dir, 'judge.pt')
+        state = torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else {}
+        self.labelled = nc > 1
+        self.shape_judge = None
+        if self.labelled:
+            self.judge = self.trained(state, 'judge', train, val, args.seed, log)
+            self.features = 'judge (trained on the data set)'
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.judge = Judge(info['res'], nc, info['channels']).eval()
+            self.features = 'random CNN (untrained judge, seed 0: the data set has one class)'
+        self.features += '; *_px: pixels pooled to 8 x 8'
+        if info['kind'] == 'toy':
+            shape_train, shape_val = toy(38400, 1001, True), toy(2000, 2001, True)
+            self.shape_judge = self.trained(state, 'shape_judge', shape_train, shape_val, args.seed + 1, log)
+        judges = {name: getattr(self, name) for name in ('judge', 'shape_judge') if getattr(self, name)}
+        torch.save({name: judge.state_dict() for name, judge in judges.items()}, path)
+        log(f"judge features: {self.features}; {n} EMA samples against two real sets of {n} per evaluation")
+        self.classes = self.c_real[:n]         # the samples follow set A's classes
+        # reals.png: (up to) 10 per class, short rows filled with black
+        rows = [self.real[self.c_real == k][:10] for k in range(min(nc, 16))] if nc > 1 else [self.real[:100]]
+        rows = [torch.cat([r, -torch.ones(-len(r) % 10, *r.shape[1:])]) for r in rows]
+        cat.save_grid(cat.to_uint8(torch.cat(rows)), 10, os.path.join(evaluation.run_dir, 'reals.png'))
+
+    def trained(self, state, name, train, val, seed, log):
+        """Judge `name` from the cache, or trained on `train`; its accuracy on the held-out reals `val` is logged."""
+        nc = self.info['num_classes']
+        judge = Judge(self.info['res'], nc, self.info['channels'])
+        if name in state:
+            judge.load_state_dict(state[name])
+        else:
+            judge = train_judge(*train, nc, steps=JUDGE_STEPS, seed=seed)
+        acc, per = class_accuracy(judge.eval(), *val, nc)
+        per_class = ' '.join(f'{100 * p:.0f}' for p in per)
+        log(f"{name}: {100 * acc:.1f}% right on {len(val[1])} held-out real images (per class {per_class})",
+            {'step': 0, f'{name}_acc': acc, f'{name}_acc_per_class': per})
+        if self.info['kind'] == 'toy' and acc < JUDGE_MIN_ACC:
+            raise RuntimeError(f'{name}: accuracy {acc:.3f} < {JUDGE_MIN_ACC} on held-out toy images')
+        return judge
+
+    @torch.no_grad()
+    def __call__(self, fake, c, failed):
+        """The metrics of the samples `fake` of classes c; a failed metric is named in `failed`."""
+        sets = (fake, c, self.real, self.c_real, self.info['num_classes'])
+        out = judge_metrics(self.judge, *sets, self.labelled, self.shape_judge, failed)
+        out['features'] = self.features
+        failed_px = {}
+        px = judge_metrics(PooledPixels(), *sets, False, None, failed_px)
+        failed.update({f'{k} (pooled pixels)': v for k, v in failed_px.items()})
+        # precision -> precision_px, recall_floor -> recall_px_floor, diversity_3 -> diversity_px_3
+        out.update({f'{k}_px' if '_' not in k else k.replace('_', '_px_', 1): v for k, v in px.items()})
+        held_out = self.real[len(c):2 * len(c)]        # set B
+        try:
+            out['memorization'] = memorization(fake, held_out, self.train_px, self.b_index)
+        except Exception as e:
+            failed['memorization'] = f'{type(e).__name__}: {e}'
+        return out
+
+
+def judges(evaluation):
+    """JudgeMeasures for pixel data, or None: cat.train's measure factory."""
+    return JudgeMeasures(evaluation) if evaluation.info['kind'] != 'latent' else None
+
+# ----------------------------------------------------------------------------------------------
+# A run: measured as it trains (fid.py train), or afterwards from its checkpoint (fid.py RUN_DIR)
+# ----------------------------------------------------------------------------------------------
+
+
+def measure_run(run_dir):
+    """The newest checkpoint's EMA generator through cat.Evaluation with the judges, as the run's evaluation at that
+    step would have measured it; logged to its log.txt and metrics.jsonl (grid: measured-STEP.png)."""
+    path = cat.find_resume(run_dir)
+    ck = cat.load_checkpoint(path)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    saved = dict(ck['config']['args'], lambda_repa=0.0)         # no DINOv2 here
+    if device.type == 'cpu':
+        saved['precision'] = 'fp32'
+    args = argparse.Namespace(**saved)
+    info, ds, _ = cat.open_data(args)
+    ema = cat.Generator(**ck['config']['G']).to(device)
+    ema.load_state_dict(ck['ema'])
+    ema.eval()
+    log = cat.make_logger(run_dir, 0)
+    log(f"fid.py: measuring {path} (step {ck['step']})")
+    evaluation = cat.Evaluation(args, info, ds, device, run_dir, log, [judges])
+    evaluation.grid_name = 'measured'
+    metrics = cat.evaluate(evaluation, ema, ck['step'], log)
+    if info['kind'] == 'toy' and metrics is not None:
+        log(cat.toy_line(metrics, evaluation.measures))
+    return metrics
+
+
 def train(argv):
-    """fid.py train [cat.py options] --fid-every N --fid-ref REF.npz [--fid-n 5000] [--fid-detector PATH]."""
+    """fid.py train [cat.py options] [--fid-every N --fid-ref REF.npz [--fid-n 5000] [--fid-detector PATH]]."""
     p = argparse.ArgumentParser(prog='fid.py train',
-                                description="cat.py's training, plus FID of the EMA generator every "
-                                            "--fid-every steps; every other option is cat.py's")
-    p.add_argument('--fid-every', type=int, required=True, help='FID every N steps (and at the last step)')
-    p.add_argument('--fid-ref', required=True, help="reference statistics .npz (mu, sigma), e.g. ADM's "
+                                description="cat.py's training with the judges' metrics at every evaluation (pixel "
+                                            "data) and FID of the EMA generator every --fid-every steps; every "
+                                            "other option is cat.py's")
+    p.add_argument('--fid-every', type=int, help='FID every N steps (and at the last step); needs --fid-ref')
+    p.add_argument('--fid-ref', help="reference statistics .npz (mu, sigma), e.g. ADM's "
                    "VIRTUAL_imagenet256_labeled.npz")
     p.add_argument('--fid-n', type=int, default=5000, help='samples per FID (5000)')
     p.add_argument('--fid-detector', default=None,
                    help='inception-2015-12-05.pt path (default: download once, cache)')
     f, rest = p.parse_known_args(argv)
-    if f.fid_every <= 0 or not os.path.isfile(f.fid_ref):
-        p.error('--fid-every must be positive and --fid-ref an existing .npz '
-                f'(got {f.fid_every}, {f.fid_ref})')
+    hooks = []
+    if f.fid_every is not None or f.fid_ref is not None:
+        if f.fid_every is None or f.fid_every <= 0 or f.fid_ref is None or not os.path.isfile(f.fid_ref):
+            p.error('FID during training needs a positive --fid-every and --fid-ref an existing .npz '
+                    f'(got {f.fid_every}, {f.fid_ref})')
     args = cat.get_args(rest)
-    return cat.train(args, hooks=[TrainingFID(args, f)])
+    if f.fid_every is not None:
+        hooks.append(TrainingFID(args, f))
+    return cat.train(args, measures=[judges], hooks=hooks)
 
 # ----------------------------------------------------------------------------------------------
 # Command line
@@ -281,9 +633,12 @@ def train(argv):
 def main():
     if sys.argv[1:2] == ['train']:
         return train(sys.argv[2:])
+    if len(sys.argv) == 2 and os.path.isdir(sys.argv[1]) and cat.checkpoints_in(sys.argv[1]):
+        return measure_run(sys.argv[1])
     p = argparse.ArgumentParser(description='FID, Inception Score, precision and recall of '
                                             'ADM-format samples.')
-    p.add_argument('samples', help='ADM .npz (arr_0 uint8 [N, H, W, 3]) or a folder of images')
+    p.add_argument('samples', help='ADM .npz (arr_0 uint8 [N, H, W, 3]) or a folder of images; a run directory '
+                                   'alone: measure its newest checkpoint')
     p.add_argument('--ref', required=True,
                    help='.npz with mu/sigma (+ features or images arr_0), .npz of images arr_0, '
                         'or a folder of images')

@@ -127,7 +127,7 @@ def curves(runs, path):
         data.append((label or os.path.basename(run_dir),
                      [r for r in map(json.loads, open(metrics)) if 'delta_0' in r]))
     # K of the first run
-    K = sum(f'delta_{k}' in data[0][1][0] for k in range(64)) if data[0][1] else cat.K
+    K = sum(f'delta_{k}' in data[0][1][0] for k in range(64)) if data[0][1] else 3
     panels = [('delta', K, 'distance to the final stage $\\delta_k$'), ('R', K - 1, 'rewrite $R_k$'),
               ('A', K - 1, 'rewrite alignment $A_k$'),
               ('delta_h', K, '$\\delta^h_k$ on raw $h_k$ (not in the paper)')]
@@ -170,7 +170,7 @@ def exact_gp(D, xs, c):
     with the block-diagonal mask only x_k counts), by double backprop in full fp32 with the math attention kernel."""
     from torch.nn.attention import sdpa_kernel, SDPBackend
     xs = [x.detach().float().requires_grad_(True) for x in xs]
-    with cat.autocast('fp32', xs[0].device), cat.full_fp32(), sdpa_kernel(SDPBackend.MATH):
+    with cat.no_autocast(xs[0].device), cat.full_fp32(), sdpa_kernel(SDPBackend.MATH):
         d = D(xs, c)
         sq = [g.flatten(1).square().sum(1) for k in range(d.shape[1])
               for g in torch.autograd.grad(d[:, k].sum(), xs, create_graph=True)]
@@ -181,7 +181,7 @@ def gp_check(ckpt, n=64, seed=0, draws=8, out=print):
     """For the D of checkpoint ckpt, on n real and n fake samples (augmented as in training):
     exact R1 / R2 (fp32 double backprop) against the approximated penalty averaged over `draws` perturbations, for
     the bf16 and the fp32 path; ratio estimate / exact and cosine between their gradients w.r.t. D's parameters."""
-    ck = cat.load_checkpoint(ckpt)
+    ck = load_weights(ckpt)
     cfg, a = ck['config'], argparse.Namespace(**ck['config']['args'])
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     G, D = cat.Generator(**cfg['G']).to(device), cat.Discriminator(**cfg['D']).to(device)
@@ -198,7 +198,7 @@ def gp_check(ckpt, n=64, seed=0, draws=8, out=print):
         m = torch.stack([t[0] for t in items]).to(device)
         c = torch.tensor([t[1] for t in items], device=device)
         eps = torch.randn(n, G.channels, G.res, G.res, generator=g, device=device)
-        x = cat.real_x(m, dict(eps=eps), info)
+        x = cat.data_x(m, eps, info)
     with torch.no_grad():
         fake = torch.cat(G(torch.randn(n, G.z_dim, generator=g, device=device), c))
     if a.aug:
@@ -344,11 +344,28 @@ def get_args(argv=None):
     return args
 
 
+def load_weights(path):
+    """A training checkpoint (cat.load_checkpoint), or an --export: 'ema' and the config, read as safetensors."""
+    if not path.endswith('.safetensors') or not os.path.isfile(path):
+        return cat.load_checkpoint(path)
+    from safetensors import safe_open
+    try:
+        with safe_open(path, 'pt', device='cpu') as f:
+            meta = f.metadata() or {}
+            ema = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise SystemExit(f"error: cannot read '{path}' ({type(e).__name__}): truncated or not a safetensors file.")
+    ck = dict(json.loads(meta.get('cat', '{}')), ema=ema)
+    if ck.get('format') != 'cat' or 'config' not in ck:
+        raise SystemExit(f"error: '{path}' is not a CAT export (written by sample.py --export).")
+    return ck
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.curves:
         return curves(args.curves, args.out or 'curves.png')
-    ck = cat.load_checkpoint(args.ckpt)
+    ck = load_weights(args.ckpt)
     if 'G' not in ck and (args.weights == 'raw' or args.gp_check):
         raise SystemExit(f"error: {args.ckpt} holds only the EMA generator: --weights raw and --gp-check "
                          f"need the training checkpoint (latest.pt, ckpt-*.pt).")

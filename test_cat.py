@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import bench
 import cat
 import fid
 import prepare_latents
@@ -28,8 +29,8 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 def quick_judges(monkeypatch):
     """Judges trained for 40 steps (the runs: 300), without the toy's accuracy floor: the tests check that evaluation
     runs and what it reports; the tests that need a well-trained judge train their own or raise the steps."""
-    monkeypatch.setattr(cat, 'JUDGE_STEPS', 40)
-    monkeypatch.setattr(cat, 'JUDGE_MIN_ACC', 0.0)
+    monkeypatch.setattr(fid, 'JUDGE_STEPS', 40)
+    monkeypatch.setattr(fid, 'JUDGE_MIN_ACC', 0.0)
 
 
 def tiny_D(mask=True, attn_impl='split', res=16, channels=3, num_classes=10, repa_dim=0, depth=2, width=32):
@@ -45,7 +46,7 @@ def tiny_G(res=16, channels=3, num_classes=10):
 
 def rand_scales(B=3, C=3, res=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, C, res >> (cat.K - k), res >> (cat.K - k), generator=g) for k in range(cat.K + 1)]
+    return [torch.randn(B, C, s, s, generator=g) for s in cat.table6_scales(res)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def rand_scales(B=3, C=3, res=16, seed=0):
 @pytest.mark.parametrize('model,g_params,g_gflops', [('B', 133e6, None), ('M', 261e6, 46.0), ('H', 960e6, 167.0)])
 def test_summary_matches_table6(model, g_params, g_gflops):
     lines = []
-    s = cat.summary(cat.get_args(['--model', model, '--summary']), out=lines.append, memory=False)
+    s = bench.summary(bench.get_args(['--model', model]), out=lines.append, memory=False)
     assert abs(s['G_params'] / g_params - 1) < 0.01, lines
     assert abs(s['D_params'] / 96e6 - 1) < 0.02, lines
     if g_gflops:
@@ -63,17 +64,19 @@ def test_summary_matches_table6(model, g_params, g_gflops):
     assert any(l.startswith('G params: ') for l in lines) and any('4F_G + 10.5F_D' in l for l in lines)
 
 
-def test_summary_cli_runs_in_seconds():
-    out = subprocess.run([sys.executable, 'cat.py', '--model', 'H', '--summary'], cwd=HERE, capture_output=True,
+def test_summary_cli_runs_in_seconds_and_prints_the_memory_line():
+    out = subprocess.run([sys.executable, 'bench.py', '--model', 'H', '--no-memory'], cwd=HERE, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert 'G params: 959.4M' in out.stdout and 'G GFLOPs: 166.' in out.stdout
-    assert re.search(r'^memory per GPU at batch 64/GPU, bf16, grad-ckpt off: peak \d+\.\d\d GiB; world > 1: ',
-                     out.stdout, re.M) and 'fake tensors' in out.stdout, out.stdout
+    assert 'G params: 959.4M' in out.stdout and 'G GFLOPs: 166.' in out.stdout and 'memory' not in out.stdout
+    lines = []
+    bench.summary(bench.get_args(['--data', 'toy', '--batch-size', '4']), out=lines.append)   # H's takes 20 s
+    assert re.search(r'^memory per GPU at batch 4/GPU, bf16, grad-ckpt off: peak \d+\.\d\d GiB; world > 1: ',
+                     '\n'.join(lines), re.M) and 'fake tensors' in lines[-1], lines
 
 
 def toy_memory_args(batch, precision='fp32'):
-    return cat.get_args(['--data', 'toy', '--summary', '--batch-size', str(batch), '--precision', precision])
+    return bench.get_args(['--data', 'toy', '--batch-size', str(batch), '--precision', precision])
 
 
 @pytest.mark.parametrize('precision', ['fp32', 'bf16'])
@@ -82,9 +85,9 @@ def test_memory_estimate_equals_real_cpu_tensors(precision, monkeypatch):
     under a plain MemTracker, with the same stand-in for CUDA's rms_norm."""
     from torch.distributed._tools.mem_tracker import MemTracker
     args = toy_memory_args(4, precision)
-    est = cat.memory_estimate(args)
-    monkeypatch.setattr(F, 'rms_norm', cat.CudaRMSNorm.rms_norm)
-    info, g_cfg, d_cfg = cat.synthetic(args)
+    est = bench.memory_estimate(args)
+    monkeypatch.setattr(F, 'rms_norm', bench.CudaRMSNorm.rms_norm)
+    info, g_cfg, d_cfg = bench.imagenet_shapes(args)
     m = cat.build(args, g_cfg, d_cfg, torch.device('cpu'), 1)
     m = m._replace(opt_g=cat.adamw(m.G, args, True), opt_d=cat.adamw(m.D, args, True))
     x, c = torch.cat([torch.randn(4, 4, 32, 32), torch.rand(4, 4, 32, 32)], 1), torch.randint(0, 1000, (4,))
@@ -95,8 +98,9 @@ def test_memory_estimate_equals_real_cpu_tensors(precision, monkeypatch):
             if step:
                 mt.track_external(m.G, m.D, m.ema, m.opt_g, m.opt_d, x, c)
                 mt.__enter__()
-            nz = cat.step_noise(0, step, 4, m.G, m.D.scales, 'cpu')
-            cat.train_step(m, cat.real_x(x, nz, dict(info, scale=0.18215)), c, None, nz, args)
+            noise, aug = cat.step_noise(0, step, 4, m.G, m.D.scales, 'cpu')
+            x_model = cat.data_x(x, noise['posterior_eps'], dict(info, scale=0.18215))
+            cat.train_step(m, x_model, c, None, noise, aug, args)
         mt.__exit__(None, None, None)
     finally:
         torch.set_num_threads(threads)
@@ -107,8 +111,8 @@ def test_memory_estimate_equals_real_cpu_tensors(precision, monkeypatch):
 
 def test_memory_estimate_counts_weights_and_adamw_state_exactly():
     args = toy_memory_args(4, 'bf16')
-    est = cat.memory_estimate(args)
-    m = cat.build(args, *cat.synthetic(args)[1:], torch.device('cpu'), 1)
+    est = bench.memory_estimate(args)
+    m = cat.build(args, *bench.imagenet_shapes(args)[1:], torch.device('cpu'), 1)
     nbytes = lambda *nets: sum(t.nbytes for n in nets for t in [*n.parameters(), *n.buffers()])
     assert est['params'] == nbytes(m.G, m.D) and est['ema'] == nbytes(m.ema) and est['frozen'] == 0, est
     n_tensors = len([*m.G.parameters(), *m.D.parameters()])      # exp_avg, exp_avg_sq and an fp32 step per tensor
@@ -118,7 +122,7 @@ def test_memory_estimate_counts_weights_and_adamw_state_exactly():
 
 def test_memory_estimate_activations_scale_with_the_batch():
     """Twice the batch, twice the activations (batches of multiples of 4: R1/R2 take every 4th sample)."""
-    small, large = (cat.memory_estimate(toy_memory_args(b, 'bf16')) for b in (4, 8))
+    small, large = (bench.memory_estimate(toy_memory_args(b, 'bf16')) for b in (4, 8))
     assert abs(large['act'] / small['act'] - 2) < 0.2, (small, large)
     assert large['params'] == small['params'] and large['opt'] == small['opt']
 
@@ -128,7 +132,7 @@ def test_failed_memory_estimate_is_one_line(monkeypatch):
         raise RuntimeError('no kernel\nsecond line')
     monkeypatch.setattr(cat, 'train_step', boom)
     lines = []
-    s = cat.summary(toy_memory_args(4), out=lines.append)
+    s = bench.summary(toy_memory_args(4), out=lines.append)
     assert lines[-1] == 'memory per GPU: the estimate failed (RuntimeError: no kernel)' and s['memory'] is None
 
 
@@ -140,11 +144,11 @@ def test_d_k_depends_only_on_x_k():
     D = tiny_D()
     xs, c = rand_scales(), torch.tensor([1, 2, 3])
     d0 = D(xs, c)
-    for j in range(cat.K + 1):
+    for j in range(4):
         xs2 = [x.clone() for x in xs]
         xs2[j] = xs2[j] + torch.randn_like(xs2[j])
         d = D(xs2, c)
-        for k in range(cat.K + 1):
+        for k in range(4):
             if k == j:
                 assert (d[:, k] - d0[:, k]).abs().max() > 1e-4
             else:
@@ -157,7 +161,7 @@ def test_no_mask_mixes_scales():
     d0 = D(xs, c)
     xs[3] = xs[3] + torch.randn_like(xs[3])
     d = D(xs, c)
-    assert all((d[:, k] - d0[:, k]).abs().max() > 1e-5 for k in range(cat.K))
+    assert all((d[:, k] - d0[:, k]).abs().max() > 1e-5 for k in range(3))
 
 
 def test_split_attention_equals_explicit_mask():
@@ -248,7 +252,7 @@ def test_generator_outputs_and_accumulation():
     w = G.style(torch.randn(2, G.z_dim), torch.tensor([1, 2]))
     x = G.pos.expand(2, -1, -1)
     rope, o = (G.rope_cos, G.rope_sin), []
-    for blk, head in zip(G.blocks, G.heads):
+    for blk, head in zip(G.blocks, G.out_heads):
         x = blk(x, w, rope)
         o.append(head(x, w))
     hs = G.synthesis(w)
@@ -542,6 +546,11 @@ def run_cat(argv):
     return cat.train(cat.get_args(argv))['run_dir']
 
 
+def train_judged(argv):
+    """cat.py's training with fid.py's judges at every evaluation (what `fid.py train` runs)."""
+    return cat.train(cat.get_args(argv), measures=[fid.judges])
+
+
 def load(run_dir, name='latest.pt'):
     return torch.load(os.path.join(run_dir, name), map_location='cpu', weights_only=True)
 
@@ -568,10 +577,10 @@ def test_g_step_reuses_the_d_step_z():
     ws = []
     m.G.mapping.register_forward_hook(lambda mod, inp, out: ws.append(out.detach().clone()))
     x, c = make_toy(8, seed=1)
-    nz = cat.step_noise(0, 0, 8, m.G, m.D.scales, torch.device('cpu'))
-    cat.train_step(m, x, c, None, nz, args)
+    noise, aug = cat.step_noise(0, 0, 8, m.G, m.D.scales, torch.device('cpu'))
+    cat.train_step(m, x, c, None, noise, aug, args)
     assert len(ws) == 2 and torch.equal(ws[0], ws[1])
-    assert not torch.equal(nz['aug_df']['shift'], nz['aug_gf']['shift'])
+    assert not torch.equal(aug['d_fake']['shift'], aug['g_fake']['shift'])
 
 
 def test_resume_is_exact(tmp_path):
@@ -602,17 +611,44 @@ def test_resume_into_a_new_directory_starts_there(tmp_path, capsys):
 
 
 def test_cat_stands_alone(tmp_path):
-    """cat.py imports none of its companions and needs no sys.modules trick: a copy of cat.py alone trains the toy set
-    with its evaluation."""
-    src = open(os.path.join(HERE, 'cat.py')).read()
-    assert not re.search(r'^\s*(import|from)\s+(sample|fid|prepare_latents)\b', src, re.M) and 'sys.modules' not in src
+    """A copy of cat.py alone trains the toy set with its own evaluation (Eq. 1, the grid) and says in one line what
+    needs fid.py."""
     shutil.copy(os.path.join(HERE, 'cat.py'), tmp_path)
-    code = ("import sys, cat; cat.JUDGE_STEPS = 20; cat.JUDGE_MIN_ACC = 0; cat.train(cat.get_args(sys.argv[1:])); "
-            "assert not {'sample', 'fid', 'prepare_latents'} & set(sys.modules)")
-    r = subprocess.run([sys.executable, '-c', code, *TINY, '--steps', '2', '--eval-every', '2', '--eval-n', '20',
+    r = subprocess.run([sys.executable, 'cat.py', *TINY, '--steps', '2', '--eval-every', '2', '--eval-n', '20',
                         '--out', 'r'], cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / 'r' / 'log.txt').read_text().splitlines()[-1].startswith('toy: shape_acc=')
+    log = (tmp_path / 'r' / 'log.txt').read_text().splitlines()
+    assert log[-1].startswith('toy: delta=') and 'shape_acc' not in log[-1], log[-1]
+    assert sum("metrics (class and shape accuracy, FD, precision/recall, the copy check) are fid.py's" in line
+               for line in log) == 1
+    assert (tmp_path / 'r' / 'samples-0000002.png').exists()
+
+
+def top_level_imports(name):
+    """The project's files that `name` imports anywhere in it (functions included)."""
+    import ast
+    tree = ast.parse(open(os.path.join(HERE, name)).read())
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods |= {a.name.split('.')[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods.add(node.module.split('.')[0])
+    return {m + '.py' for m in mods} & {'cat.py', 'fid.py', 'bench.py', 'sample.py', 'prepare_latents.py'}
+
+
+def test_no_import_circle_and_no_module_loaded_twice(tmp_path):
+    """cat.py imports no companion; the companions import cat.py and not each other, so running any file as __main__
+    never loads a second copy of cat (a second copy of every class) and there is no circle."""
+    assert top_level_imports('cat.py') == set()
+    for name in ('fid.py', 'bench.py', 'sample.py', 'prepare_latents.py'):
+        assert top_level_imports(name) <= {'cat.py'}, name
+    code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "main = sys.modules['__main__']; "
+            "print('MODULES', 'cat' in sys.modules, 'fid' in sys.modules)")
+    r = subprocess.run([sys.executable, '-c', code, os.path.join(HERE, 'cat.py'), *TINY, '--steps', '1', '--out',
+                        str(tmp_path / 'a')], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0 and 'MODULES False False' in r.stdout, r.stderr[-2000:]
 
 
 def test_existing_run_dir_is_refused(tmp_path):
@@ -739,7 +775,7 @@ def test_bad_dataset_is_one_clear_line(tmp_path, problem, msg):
 
 
 def test_bad_cli_values(tmp_path):
-    out = subprocess.run([sys.executable, 'cat.py', '--model', 'XL', '--summary'], cwd=HERE, capture_output=True,
+    out = subprocess.run([sys.executable, 'cat.py', '--model', 'XL'], cwd=HERE, capture_output=True,
                          text=True)
     assert out.returncode != 0 and 'unknown --model XL' in out.stderr
     with pytest.raises(SystemExit, match='must split evenly'):
@@ -837,19 +873,19 @@ def test_toy_make_deterministic_balanced():
 @pytest.fixture(scope='module')
 def toy_judges():
     """The toy's judge (trained as the training evaluation trains it, fewer steps) and its shape judge (random hues)."""
-    judge = cat.train_judge(*make_toy(150 * 128, seed=1000), 10, steps=150)
-    shape = cat.train_judge(*make_toy(150 * 128, seed=1001, random_hue=True), 10, steps=150, seed=1)
+    judge = fid.train_judge(*make_toy(150 * 128, seed=1000), 10, steps=150)
+    shape = fid.train_judge(*make_toy(150 * 128, seed=1001, random_hue=True), 10, steps=150, seed=1)
     return judge, shape
 
 
 def test_judge_separates_good_blurred_and_noisy_samples(toy_judges):
     judge, shape = toy_judges
     assert not judge.training and judge.features(torch.zeros(2, 3, 16, 16)).shape == (2, 128)
-    assert cat.class_accuracy(judge, *make_toy(2000, seed=2000), 10)[0] >= 0.98
-    assert cat.class_accuracy(shape, *make_toy(2000, seed=2001, random_hue=True), 10)[0] >= 0.95
+    assert fid.class_accuracy(judge, *make_toy(2000, seed=2000), 10)[0] >= 0.98
+    assert fid.class_accuracy(shape, *make_toy(2000, seed=2001, random_hue=True), 10)[0] >= 0.95
     real, c_real = make_toy(400, seed=7)
     fx, fy = make_toy(200, seed=8)                  # the same class counts as set A (any 10-block is balanced)
-    m = lambda x: cat.judge_metrics(judge, x, fy, real, c_real, 10, shape_judge=shape)
+    m = lambda x: fid.judge_metrics(judge, x, fy, real, c_real, 10, shape_judge=shape)
     good, noise = m(fx), m(torch.rand(200, 3, 16, 16) * 2 - 1)
     blur = m(F.interpolate(F.avg_pool2d(fx, 4), scale_factor=4.0, mode='bilinear'))     # blobs of the right hue
     assert good['class_acc'] > 0.98 and good['shape_acc'] > 0.9 and good['class_acc_flip'] > 0.9   # symmetric shapes
@@ -865,39 +901,39 @@ def test_judge_metrics_identical_sets_and_one_image_per_class():
     """Fakes equal to real set A: every distance-based metric at its ideal (fd 0, precision = recall = diversity = 1).
     A generator that draws one image per class: diversity 0 and recall near 0."""
     torch.manual_seed(0)
-    judge = cat.Judge(16, 3, 3)
+    judge = fid.Judge(16, 3, 3)
     real = torch.rand(300, 3, 16, 16) * 2 - 1
     c_real = torch.arange(300) % 3
-    same = cat.judge_metrics(judge, real[:150], c_real[:150], real, c_real, 3)
+    same = fid.judge_metrics(judge, real[:150], c_real[:150], real, c_real, 3)
     assert abs(same['fd']) < 1e-6 and same['precision'] == same['recall'] == 1.0
     assert same['diversity'] == pytest.approx(1)
     assert same['fd_floor'] > 0 and 0 < same['recall_floor'] <= 1
-    one = cat.judge_metrics(judge, real[:3][c_real[:150]], c_real[:150], real, c_real, 3)
+    one = fid.judge_metrics(judge, real[:3][c_real[:150]], c_real[:150], real, c_real, 3)
     assert one['diversity'] == 0 and one['recall'] <= 3 / 150 and one['precision'] == 1.0
-    px = cat.judge_metrics(cat.PooledPixels(), real[:3][c_real[:150]], c_real[:150], real, c_real, 3, False)
+    px = fid.judge_metrics(fid.PooledPixels(), real[:3][c_real[:150]], c_real[:150], real, c_real, 3, False)
     assert px['diversity'] == 0 and px['recall'] <= 3 / 150 and 'class_acc' not in px
     assert set(f'class_acc_{k}' for k in range(3)) | {'min_class_acc', 'diversity_2'} <= set(one)
-    assert 'class_acc' not in cat.judge_metrics(judge, real[:150], c_real[:150], real, c_real, 3, labelled=False)
+    assert 'class_acc' not in fid.judge_metrics(judge, real[:150], c_real[:150], real, c_real, 3, labelled=False)
 
 
 def test_judge_metrics_are_defined_for_degenerate_sets():
     """Reals whose classes hold identical images, one image in all, one image per class: every metric is a number (nan
     only for a ratio over a zero spread, diversity of such a class), and fd of a perfect copy is 0."""
     torch.manual_seed(0)
-    judge = cat.Judge(16, 2, 3)
+    judge = fid.Judge(16, 2, 3)
     base = torch.rand(2, 3, 16, 16) * 2 - 1
     c_real = torch.arange(20) % 2
     real = base[c_real]                                                   # class k: 10 copies of one image
     for labelled in (True, False):
         failed = {}
-        m = cat.judge_metrics(judge, real[:10], c_real[:10], real, c_real, 2, labelled, None, failed)
+        m = fid.judge_metrics(judge, real[:10], c_real[:10], real, c_real, 2, labelled, None, failed)
         assert failed == {} and abs(m['fd']) < 1e-3 and m['precision'] == m['recall'] == 1.0
         assert math.isnan(m['diversity']) and math.isnan(m['diversity_0'])
     one = torch.rand(1, 3, 16, 16)                                          # a one-image set: A = B = it
-    m = cat.judge_metrics(judge, one, torch.zeros(1, dtype=torch.long), one.repeat(2, 1, 1, 1),
+    m = fid.judge_metrics(judge, one, torch.zeros(1, dtype=torch.long), one.repeat(2, 1, 1, 1),
                           torch.zeros(2, dtype=torch.long), 1, False, None, failed)
     assert failed == {} and abs(m['fd']) < 1e-6 and m['recall'] == 1 and math.isnan(m['diversity'])
-    assert cat.frechet_distance(np.zeros(4), np.zeros((4, 4)), np.ones(4), np.zeros((4, 4))) == pytest.approx(4)
+    assert fid.frechet_distance(np.zeros(4), np.zeros((4, 4)), np.ones(4), np.zeros((4, 4))) == pytest.approx(4)
 
 
 def pixel_dir(path, images, labels):
@@ -922,7 +958,7 @@ def test_evaluation_of_degenerate_data_keeps_the_run(tmp_path, case):
     images = (g.integers(0, 256, (nc, 3, 16, 16))[labels] if case != 'one_per_class' else
               g.integers(0, 256, (4, 3, 16, 16)))
     data = pixel_dir(tmp_path / 'data', images, labels)
-    r = cat.train(cat.get_args(EVAL + ['--data', data, '--out', str(tmp_path / 'r')]))
+    r = train_judged(EVAL + ['--data', data, '--out', str(tmp_path / 'r')])
     log = (tmp_path / 'r' / 'log.txt').read_text()
     assert load(r['run_dir'])['step'] == 2 and 'failed' not in log and 'eval 2: ' in log
     assert set(r['eval']) >= {'fd', 'fd_floor', 'precision', 'recall', 'diversity', 'recall_px', 'diversity_px'}
@@ -931,9 +967,9 @@ def test_evaluation_of_degenerate_data_keeps_the_run(tmp_path, case):
 def test_a_failing_metric_is_one_line_and_training_goes_on(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError('broken on purpose')
-    monkeypatch.setattr(cat, 'precision_recall', broken)
-    r = cat.train(cat.get_args(TINY + ['--steps', '4', '--eval-every', '2', '--eval-n', '40', '--toy-n', '400',
-                                       '--out', str(tmp_path / 'r')]))
+    monkeypatch.setattr(fid, 'precision_recall', broken)
+    r = train_judged(TINY + ['--steps', '4', '--eval-every', '2', '--eval-n', '40', '--toy-n', '400',
+                             '--out', str(tmp_path / 'r')])
     lines = (tmp_path / 'r' / 'log.txt').read_text().splitlines()
     assert 'eval 2: precision/recall failed (RuntimeError: broken on purpose); training goes on' in lines
     assert 'eval 4: precision/recall failed (RuntimeError: broken on purpose); training goes on' in lines
@@ -965,15 +1001,15 @@ def test_memorization_reads_copies_near_zero_and_fresh_images_near_one():
     themselves); a set of identical images gives nan, not an error."""
     train, _ = make_toy(2000, seed=5)
     held_out, _ = make_toy(200, seed=6)
-    train_px = cat.PooledPixels().features(train)
+    train_px = fid.PooledPixels().features(train)
     copies = train[:200] + 0.001 * torch.randn(200, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert cat.memorization(copies, held_out, train_px) < 0.1
+    assert fid.memorization(copies, held_out, train_px) < 0.1
     fresh = make_toy(200, seed=7)[0]
-    assert 0.8 < cat.memorization(fresh, held_out, train_px) < 1.25
-    assert 0.8 < cat.memorization(fresh, train[:200], train_px, torch.arange(200)) < 1.25
-    assert math.isnan(cat.memorization(fresh, train[:200], train_px))    # not left out: each finds itself at 0
+    assert 0.8 < fid.memorization(fresh, held_out, train_px) < 1.25
+    assert 0.8 < fid.memorization(fresh, train[:200], train_px, torch.arange(200)) < 1.25
+    assert math.isnan(fid.memorization(fresh, train[:200], train_px))    # not left out: each finds itself at 0
     same = torch.zeros(10, 3, 16, 16)
-    assert math.isnan(cat.memorization(same, same, cat.PooledPixels().features(same), torch.arange(10)))
+    assert math.isnan(fid.memorization(same, same, fid.PooledPixels().features(same), torch.arange(10)))
 
 
 def test_judge_metrics_by_hand():
@@ -983,7 +1019,7 @@ def test_judge_metrics_by_hand():
     real = torch.cat([pt(1, 0, 3, 0, -1, 0, -1, 4), pt(1, 1, 3, 1, -1, 1, -1, 3)])
     c_real = torch.tensor([1, 1, 0, 0, 1, 1, 0, 0])
     fake = pt(1, 0, 2, 0, -1, 0, 1, 0)                # classes 1, 1, 0, 0: the last is on the wrong side
-    m = cat.judge_metrics(FlatJudge(), fake, c_real[:4], real, c_real, 2)
+    m = fid.judge_metrics(FlatJudge(), fake, c_real[:4], real, c_real, 2)
     # class 1: fakes 1 apart, reals 2 apart -> 0.5; class 0: fakes (-1,0), (1,0) 2 apart, reals 4 apart -> 0.5
     assert m['diversity_1'] == pytest.approx(0.5) and m['diversity_0'] == pytest.approx(0.5)
     assert m['diversity'] == pytest.approx(0.5)
@@ -991,7 +1027,7 @@ def test_judge_metrics_by_hand():
     # precision / recall with k = 1 on a line: reals 0, 1, 2, 3 (radius 1 each) hold all three fakes; the fakes 0,
     # 0.2, 0.3 (radii 0.2, 0.1, 0.1) reach only the real 0
     line = lambda *v: np.array(v, dtype=np.float32)[:, None]
-    assert cat.precision_recall(line(0, 1, 2, 3), line(0, 0.2, 0.3), k=1) == (1.0, 0.25)
+    assert fid.precision_recall(line(0, 1, 2, 3), line(0, 0.2, 0.3), k=1) == (1.0, 0.25)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1493,7 +1529,7 @@ def test_pixel_hierarchy_at_64px_trains_and_resumes(tmp_path, stand_in_backbones
     g = np.random.default_rng(0)
     data = pixel_dir(tmp_path / 'data', g.integers(0, 256, (16, 3, 64, 64)), np.arange(16) % 2)
     opts = A3_64 + ['--data', data] + (['--lambda-va', '0.5', '--va-model', 'convnextv2_atto'] if va else [])
-    r = cat.train(cat.get_args(opts + ['--steps', '2', '--eval-every', '2', '--out', str(tmp_path / 'a')]))
+    r = train_judged(opts + ['--steps', '2', '--eval-every', '2', '--out', str(tmp_path / 'a')])
     ck = load(r['run_dir'])
     assert ck['config']['G']['patch'] == 4 and ck['config']['D']['scales'] == [4, 8, 16, 64]
     assert r['G'].out_layers == [1, 2, 3, 4] and r['D'].grids == [2, 4, 8, 16] and 'fd' in r['eval']
@@ -1515,18 +1551,18 @@ def test_vision_aided_backbone_is_frozen_and_passes_gradient_to_g():
     args = cat.get_args(['--data', 'toy', '--lambda-va', '1', '--precision', 'fp32'])
     d_step, g_step = cat.DStep(D, G, args, None, net), cat.GStep(G, D, args, net)
     d_step.train(), g_step.train()                              # a module-wide train() does not reach the backbone
-    nz = cat.step_noise(0, 0, 4, G, D.scales, torch.device('cpu'))
+    noise, aug = cat.step_noise(0, 0, 4, G, D.scales, torch.device('cpu'))
     x, c = torch.rand(4, 3, 64, 64) * 2 - 1, torch.tensor([0, 1, 2, 0])
-    loss, st = d_step(x, c, None, nz)
+    loss, st = d_step(x, c, None, noise, aug)
     loss.backward()
     assert D.va.mlp[0].weight.grad.abs().sum() > 0 and 'va_d' in st
     D.requires_grad_(False)
     args.lambda_cons = 0.0
-    loss, _, st = g_step(x, c, nz)
+    loss, _, st = g_step(x, c, noise, aug)
     (st['va_g'] - st['va_g'].detach() + args.lambda_va * cat.rpgan_g_loss(
-        D.va(cat.va_features(net, G(nz['z'], c)[-1]), c), D.va(cat.va_features(net, x), c).detach())).backward()
+        D.va(cat.va_features(net, G(noise['z'], c)[-1]), c), D.va(cat.va_features(net, x), c).detach())).backward()
     assert all(p.grad is None and not p.requires_grad for p in net.parameters()) and not net.training
-    assert G.heads[-1].linear.weight.grad.abs().sum() > 0       # G's gradient flows through the frozen backbone
+    assert G.out_heads[-1].linear.weight.grad.abs().sum() > 0       # G's gradient flows through the frozen backbone
     assert set(dict(d_step.named_modules())) == set(dict(d_step.D.named_modules(prefix='D'))) | {''}
 
 
@@ -1536,7 +1572,7 @@ def test_two_and_five_stage_hierarchies_train(tmp_path, monkeypatch):
     for scales, K in (('8,16', 1), ('1,2,4,8,16', 4)):
         r = cat.train(cat.get_args(EVAL + ['--data', data, '--scales', scales, '--d-patch', '1', '--out',
                                            str(tmp_path / scales)]))
-        assert len(r['G'].heads) == K + 1 and len(r['D'].segments) == K + 1 and 'delta_h' in r['eval']
+        assert len(r['G'].out_heads) == K + 1 and len(r['D'].segments) == K + 1 and 'delta_h' in r['eval']
         assert r['D'].scales == [int(s) for s in scales.split(',')] and f'delta_{K - 1}' in r['eval']
         assert f'delta_{K}' not in r['eval'] and load(r['run_dir'])['config']['G']['stages'] == K + 1
     assert cat.w_cons(4) == [1 / 4, 1 / 3, 1 / 2, 1.0] and cat.w_cons(1) == [1.0]
@@ -1567,8 +1603,8 @@ def test_jpeg_pixel_store_trains_and_scores(tmp_path):
     ds = cat.LatentDataset(str(data), cat.check_data_dir(str(data)), images=False)
     x, label, img = ds[0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and img.numel() == 0
-    r = cat.train(cat.get_args(['--data', str(data), '--model', 'T', '--batch-size', '8', '--steps', '2',
-                                '--eval-every', '2', '--eval-n', '6', '--out', str(tmp_path / 'r')]))
+    r = train_judged(['--data', str(data), '--model', 'T', '--batch-size', '8', '--steps', '2',
+                      '--eval-every', '2', '--eval-n', '6', '--out', str(tmp_path / 'r')])
     assert load(r['run_dir'])['step'] == 2 and 'fd' in r['eval']
     assert len(list(__import__('fid').Images(str(data)))) == 12
 
@@ -1640,7 +1676,7 @@ def test_sample_research_views(ckpt, single, tmp_path):
     m = json.load(open(js))
     assert m['n'] == 1000 and all(len(m[k]) == 4 and np.isfinite(m[k]).all() for k in ('delta', 'R', 'A'))
     assert 'delta floor' in r.stdout and 'delta_h floor' not in r.stdout
-    assert m['A_floor'][cat.K - 1] == 1 and m['R_floor'][cat.K - 1] == m['delta_floor'][cat.K - 1]
+    assert m['A_floor'][2] == 1 and m['R_floor'][2] == m['delta_floor'][2]
     assert all(0 <= f for f in m['delta_floor'])
 
 
@@ -1691,11 +1727,11 @@ def test_own_pixel_data_end_to_end(tmp_path):
     want = center_crop_arr(Image.open(root / 'dot' / '2.png').convert('RGB'), 16)       # classes: dot, left, top
     assert px.dtype == np.uint8 and np.array_equal(px[2], want.transpose(2, 0, 1))       # exact: uint8 as read
 
-    # cat.py's command line through its entry point main(), in this process (test_cat_stands_alone runs a process)
-    cat.main(['--data', str(data), '--model', 'T', '--batch-size', '8', '--steps', '4', '--eval-n', '18',
-              '--out', str(run)])
+    # the README's command line, fid.py train (cat.py's training judged), in this process
+    fid.train(['--data', str(data), '--model', 'T', '--batch-size', '8', '--steps', '4', '--eval-n', '18',
+               '--out', str(run)])
     log = (run / 'log.txt').read_text()
-    assert "REPA off: '" not in log and 'fp32, device cpu, 0 data workers' in log and 'G-T/2 is sized' not in log
+    assert 'fp32, device cpu, 0 data workers' in log and 'G-T/2 is sized' not in log and 'fid.py' not in log
     ev = [json.loads(l) for l in open(run / 'metrics.jsonl') if 'class_acc' in l][-1]
     assert ev['step'] == 4 and 0 <= ev['class_acc'] <= 1 and math.isfinite(ev['fd'])
     assert ev['R_floor_2'] == ev['delta_floor_2'] and abs(ev['A_floor_2'] - 1) < 1e-5    # Eq. 1's floor is logged
@@ -1725,8 +1761,8 @@ def test_unlabelled_folder_end_to_end(tmp_path):
     assert f'{root}: one unlabelled class of 14 images (10 images directly in it;' in r.stdout
     assert 'wrote 14 samples of 1 class to' in r.stdout and '0 files skipped, 0 empty class folders' in r.stdout
     assert json.loads((data / 'meta.json').read_text())['num_classes'] == 1
-    cat.main(['--data', str(data), '--model', 'T', '--batch-size', '8', '--steps', '2', '--eval-n', '7',
-              '--out', str(run)])
+    fid.train(['--data', str(data), '--model', 'T', '--batch-size', '8', '--steps', '2', '--eval-n', '7',
+               '--out', str(run)])
     assert 'judge features: random CNN (untrained judge' in (run / 'log.txt').read_text()
     ev = [json.loads(l) for l in open(run / 'metrics.jsonl') if '"fd"' in l][-1]
     assert 'class_acc' not in ev and ev['features'].startswith('random CNN')
@@ -1755,8 +1791,8 @@ def test_greyscale_folder_stays_greyscale(tmp_path):
                    '--workers', 0).returncode == 0
     assert json.loads((data / 'meta.json').read_text())['shape'] == [1, 16, 16]
     assert np.load(data / 'pixels.npy').shape == (16, 1, 16, 16)
-    cat.main(['--data', str(data), '--model', 'T', '--batch-size', '8', '--steps', '2', '--eval-n', '8',
-              '--out', str(run)])
+    fid.train(['--data', str(data), '--model', 'T', '--batch-size', '8', '--steps', '2', '--eval-n', '8',
+               '--out', str(run)])
     assert cat.load_checkpoint(str(run / 'latest.pt'))['config']['G']['channels'] == 1
     for png in ('samples-0000002.png', 'reals.png'):
         a = np.asarray(Image.open(run / png).convert('RGB')).astype(int)
@@ -1773,8 +1809,8 @@ def test_one_image_generator_scores_worse_in_label_free_features():
     c = torch.zeros(600, dtype=torch.long)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        judge = cat.Judge(16, 1, 3).eval()
-    one = cat.judge_metrics(judge, real[:1].expand(300, -1, -1, -1), c[:300], real, c, 1, labelled=False)
+        judge = fid.Judge(16, 1, 3).eval()
+    one = fid.judge_metrics(judge, real[:1].expand(300, -1, -1, -1), c[:300], real, c, 1, labelled=False)
     assert one['diversity'] == 0 and one['recall'] < 0.02 and one['fd'] > 3 * one['fd_floor']
     assert one['recall_floor'] > 0.8 and 'class_acc' not in one
     assert one['fd_floor'] > 1          # in units of the reals' spread: a log line with 4 decimals cannot read 0.0000
@@ -1822,10 +1858,10 @@ def test_curves_draws_fig4_layout_or_says_matplotlib_is_missing(tmp_path):
         with open(tmp_path / name / 'metrics.jsonl', 'w') as f:
             for step in (250, 500, 750):
                 row = dict(step=step, **{f'{m}_{k}': float(rng.random()) for m in ('delta', 'R', 'A', 'delta_h')
-                                         for k in range(cat.K)})
+                                         for k in range(3)})
                 if floors:
                     row.update({f'{m}_floor_{k}': float(rng.random()) for m in ('delta', 'R', 'A')
-                                for k in range(cat.K)})
+                                for k in range(3)})
                 f.write(json.dumps(dict(step=step, loss_d=0.7)) + '\n' + json.dumps(row) + '\n')
     try:
         import matplotlib  # noqa: F401
@@ -1903,8 +1939,8 @@ def test_bf16_autocast_step_on_cpu(tmp_path):
 def test_bench_on_cpu_prints_every_iteration_with_cpu_defaults():
     """A bare --bench without CUDA: fp32 and no DINOv2 (said in the first line), then a line per timed iteration."""
     lines = []
-    r = cat.bench(cat.get_args(['--model', 'T', '--bench', '--batch-size', '8', '--bench-steps', '2',
-                                '--bench-warmup', '1']), out=lines.append)
+    r = bench.bench(bench.get_args(['--model', 'T', '--time', '--batch-size', '8', '--bench-steps', '2',
+                                    '--bench-warmup', '1']), out=lines.append)
     assert r['ms_per_it'] > 0 and r['tflops'] > 0 and r['mfu'] is None and r['batch_per_device'] == 8
     if not torch.cuda.is_available():
         assert 'fp32, REPA off' in lines[0] and 'no CUDA' in lines[0]
@@ -1923,12 +1959,19 @@ def test_compiled_blocks_match_eager():
     assert set(D.state_dict()) == set(tiny_D(depth=1).state_dict())      # keys unchanged: checkpoints stay portable
 
 
-def test_toy_run_with_evaluator(tmp_path):
-    """A few toy steps with the evaluator: the toy line with every summary, the cached judges, per-class values in
-    metrics.jsonl, Eq. 1, the sample grid (one row per class, 1-pixel gaps) and the grid of real images."""
-    run = run_cat(TINY + ['--steps', '2', '--eval-every', '2', '--eval-n', '100', '--out', str(tmp_path / 'r')])
+def test_toy_run_with_evaluator(tmp_path, monkeypatch):
+    """A few toy steps with fid.py's judges (fid.py train): the toy line with every summary, the cached judges,
+    per-class values in metrics.jsonl, Eq. 1, the sample grid (one row per class, 1-pixel gaps) and the grid of real
+    images. `fid.py RUN_DIR` on cat.py's own run of the same options prints the same toy line."""
+    opts = TINY + ['--steps', '2', '--eval-every', '2', '--eval-n', '100']
+    run = train_judged(opts + ['--out', str(tmp_path / 'r')])['run_dir']
     log = open(os.path.join(run, 'log.txt')).read().splitlines()
-    assert log[-1].startswith('toy: shape_acc=') and all(f' {k}=' in log[-1] for k in cat.TOY_SUMMARY[1:])
+    assert log[-1].startswith('toy: shape_acc=') and all(f' {k}=' in log[-1] for k in fid.TOY_SUMMARY[1:] + cat.EQ1_SUMMARY)
+    plain = run_cat(opts + ['--out', str(tmp_path / 'plain')])
+    monkeypatch.setattr(sys, 'argv', ['fid.py', plain])
+    fid.main()
+    assert open(os.path.join(plain, 'log.txt')).read().splitlines()[-1] == log[-1]
+    assert os.path.exists(os.path.join(plain, 'measured-0000002.png'))
     assert any(line.startswith('shape_judge: ') for line in log)
     rows = [json.loads(l) for l in open(os.path.join(run, 'metrics.jsonl'))]
     ev = [r for r in rows if 'class_acc' in r][0]
@@ -1963,9 +2006,9 @@ def test_d_step_with_repa_trains_the_projector():
     D = cat.Discriminator(depth=1, width=32, heads=2, channels=4, res=32, num_classes=5, cmap_dim=16, repa_dim=64)
     args = cat.get_args(['--model', 'T', '--precision', 'fp32'])
     step = cat.DStep(D, G, args, dino)
-    nz = cat.step_noise(0, 0, 4, G, D.scales, torch.device('cpu'))
+    noise, aug = cat.step_noise(0, 0, 4, G, D.scales, torch.device('cpu'))
     img = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8)
-    loss, st = step(torch.randn(4, 4, 32, 32), torch.tensor([0, 1, 2, 3]), img, nz)
+    loss, st = step(torch.randn(4, 4, 32, 32), torch.tensor([0, 1, 2, 3]), img, noise, aug)
     loss.backward()
     assert 0 < st['repa'] < 4 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in D.proj.parameters())
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import cat
 
+PAPER_STEPS = {'B': 50_000, 'M': 100_000, 'H': 150_000}          # 20 / 40 / 60 epochs at batch 512 (Sec. 4)
 PEAK_BF16_TFLOPS = {'H100': 989.4, 'H200': 989.4, 'A100': 312.0, 'L40S': 362.0}     # dense, spec sheets
 
 
@@ -70,9 +71,9 @@ def summary(args, out=print, memory=True):
             f"224 px; head {n_va / 1e6:.2f}M (in D)")
     out(f"train GFLOPs per sample per iteration (App. A.2, 4F_G + 10.5F_D{' + 5F_va' if va else ''}): "
         f"{f['train'] / 1e9:.1f}")
-    if args.model in cat.PAPER_STEPS:
+    if args.model in PAPER_STEPS:
         # App. A.3: B/2, 40 epochs
-        steps = cat.PAPER_STEPS[args.model] if info['kind'] == 'latent' else 100_000
+        steps = PAPER_STEPS[args.model] if info['kind'] == 'latent' else 100_000
         flop = 2 * f['train'] * 512 * steps                 # 2 FLOPs per multiply-add
         hours = flop / (8 * 0.4 * PEAK_BF16_TFLOPS['H100'] * 1e12) / 3600
         out(f"paper schedule: {steps} iterations x batch 512 = {flop / 1e18:.0f} EFLOP; at 40% MFU on 8 H100 "

@@ -9,11 +9,9 @@ h_0..h_{K-1} on the path of h_K.
     torchrun --nproc_per_node=8 cat.py --model H --resume runs/000-H                           # continue a run
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 cat.py --model H   # two nodes
 
-In the paper's order: configs (Table 6), blocks, generator (Sec. 3.1, App. A.1), scale-wise discriminator (Fig. 3),
-augmentation, objectives (Sec. 3.2), Eq. 1 and the sample grids, data, one iteration (App. A.2), the training loop.
-After train() and its helpers comes what a reader of the method may skip: the toy set, data checks, the command line.
-Measures of samples (FID, the small-data judges, the copy check) are fid.py's, cost and memory bench.py's; both import
-this file, which imports neither.
+Sections: configs (Table 6), blocks, G (Sec. 3.1), scale-wise D (Fig. 3), augmentation, objectives with L_D and L_G
+(Sec. 3.2), data, one iteration (App. A.2), train() and its helpers (Eq. 1, grids, checkpoints); then what a reader of
+the method may skip: the toy set, data checks, the command line. Measures of samples are fid.py's, cost bench.py's.
 """
 import argparse
 import collections
@@ -36,10 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
-# ------------------------------------------------------------------------------------------------------------
-# Notation and configs (Table 6)
-# ------------------------------------------------------------------------------------------------------------
+# --- Notation and configs (Table 6) -------------------------------------------------------------------------
 
 # Stages k = 0..K, coarse to fine: K + 1 = len(scales), the resolutions of x_0..x_K. Table 6 has K = 3.
 
@@ -77,10 +74,9 @@ D_CONFIGS = {
     'M': NetConfig(24, 768, 12),        # D-M/2 of Table 5
 }
 D_FOR_G = {'T': 'T', 'S': 'S', 'B': 'B', 'M': 'B', 'H': 'B'}     # the paper: one Base D for every G size
-PAPER_STEPS = {'B': 50_000, 'M': 100_000, 'H': 150_000}          # 20 / 40 / 60 epochs at batch 512 (Sec. 4)
 
-# Training defaults, (Table 6, small data). Small data (the toy set, pixel data up to 64 px) trains in
-# minutes on a CPU; its values are what docs/small-data.md measured. An explicit option always wins.
+# Training defaults, (paper, small data): Table 6's, B/2's 20 epochs (Sec. 4), GAT's DiffAugment. Small
+# data (the toy set, pixels up to 64 px) trains in minutes on a CPU (docs/small-data.md). Options win.
 DEFAULTS = {
     'steps': (50_000, 4000),            # CAT-B/2's 20 epochs | ~17 min at 16 px (the toy set: TOY_STEPS)
     'batch_size': (512, 16),            # global batch | 16 learned fastest per minute of 64, 32, 16, 8, 4
@@ -97,9 +93,7 @@ DEFAULT_VAE = 'stabilityai/sd-vae-ft-ema'
 DINO_NAME = 'vit_base_patch14_dinov2.lvd142m'       # REPA's target network
 VA_NAME = 'convnextv2_base.fcmae_ft_in22k_in1k'     # App. A.3's vision-aided loss: pMF's ConvNeXt-V2-B
 
-# ------------------------------------------------------------------------------------------------------------
-# Building blocks (App. A.1) and the precision helpers of autocast and TF32
-# ------------------------------------------------------------------------------------------------------------
+# --- Building blocks (App. A.1), and autocast and TF32 for the precision of each region ---------------------
 
 
 def sincos_2d(dim, n):
@@ -141,7 +135,7 @@ def autocast(precision, device):
 
 
 def no_autocast(device):
-    """An fp32 region inside a bf16 one (D's logit, the fp32 penalty pass)."""
+    """An fp32 region inside a bf16 one (D's logit; sample.py's penalty check)."""
     return autocast('fp32', device)
 
 
@@ -237,9 +231,7 @@ def unpatchify(tokens, p, C):
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
-# ------------------------------------------------------------------------------------------------------------
-# Generator (GAT's; Sec. 3.1, App. A.1): sin-cos tokens, AdaLN on w = mapping(z, c), output skip accumulation
-# ------------------------------------------------------------------------------------------------------------
+# --- Generator (GAT's; Sec. 3.1, App. A.1): sin-cos tokens, AdaLN on w = mapping(z, c), output skips --------
 
 
 class GBlock(nn.Module):
@@ -354,9 +346,7 @@ class Generator(nn.Module):
         updated = self.w_avg.lerp(mean, 1 - self.w_avg_beta)
         self.w_avg.copy_(torch.where(counts[:, None] > 0, updated, self.w_avg))
 
-# ------------------------------------------------------------------------------------------------------------
-# Scale-wise discriminator (Sec. 3.1, Fig. 3, App. A.1): block-diagonal attention, so d_k sees x_k alone
-# ------------------------------------------------------------------------------------------------------------
+# --- Scale-wise discriminator (Sec. 3.1, Fig. 3): block-diagonal attention, so that d_k sees x_k alone ------
 
 
 def r_k(h, size):
@@ -472,7 +462,7 @@ class Discriminator(nn.Module):
         # the logit in fp32: R1 and R2 take differences of it at sigma = 0.01
         with no_autocast(x.device):
             cls = self.norm(x[:, [s for s, _ in self.segments]].to(self.head.weight.dtype))     # [B, K+1, C]
-            e = self.class_map(self.class_embed(c))        # [B, cmap_dim]; the raw embedding, as GAT
+            e = self.class_map(self.class_embed(c))        # [B, cmap_dim]; not normalized first, as GAT
             d = (self.head(cls) * e[:, None]).sum(-1)
         if return_tokens:
             return d, x[:, self.segments[-1][0]:]
@@ -490,9 +480,7 @@ class VisionAidedHead(nn.Module):
     def forward(self, f, c):
         return (self.mlp(f.float()) * self.embed(c)).sum(-1, keepdim=True)
 
-# ------------------------------------------------------------------------------------------------------------
-# Augmentation: GAT's DiffAugment (losses/diffaug.py) on every D input, at full resolution, then r_k
-# ------------------------------------------------------------------------------------------------------------
+# --- Augmentation: GAT's DiffAugment (losses/diffaug.py) on every D input, at full resolution, then r_k -----
 
 
 def draw_aug(n, res, g, device):
@@ -545,9 +533,7 @@ def augment(x, aug, color=True, cutout=True, scale=1):
         x = x * (~hole)[:, None].to(x.dtype)
     return torch.where(aug['flip'].view(B, 1, 1, 1), x.flip(-1), x)
 
-# ------------------------------------------------------------------------------------------------------------
-# Objectives (Sec. 3.2, Table 6): RpGAN, approximated R1/R2, the consistency loss L_cons (Eq. 2), D-side REPA
-# ------------------------------------------------------------------------------------------------------------
+# --- Objectives (Sec. 3.2): RpGAN, approximated R1/R2, L_cons (Eq. 2), REPA; L_D (DStep) and L_G (GStep) ----
 
 
 def rpgan_d_loss(d_real, d_fake):
@@ -622,295 +608,6 @@ def va_features(net, x):
     x = F.interpolate(x, size=(224, 224), mode='bicubic', antialias=True)
     return net.forward_head(net.forward_features((x - net.pixel_mean) / net.pixel_std), pre_logits=True)
 
-# ------------------------------------------------------------------------------------------------------------
-# Evaluation: Eq. 1's cross-scale metrics (how coherently the stages accumulate) and sample grids
-# ------------------------------------------------------------------------------------------------------------
-
-
-def cross_scale_metrics(hs, scales):
-    """Eq. 1's delta_k, R_k, A_k (k < K, batch means); ours: delta_h_k of the raw h_k, and *_floor: Eq. 1 when every
-    h_k = h_K (what pooling alone leaves)."""
-    full, K = scales[-1], len(hs) - 1
-
-    def up(x):
-        if x.shape[-1] == full:
-            return x
-        return F.interpolate(x, size=(full, full), mode='bilinear', align_corners=False)
-
-    def eq1(hs):
-        xs = [up(r_k(h.float(), s)).flatten(1) for h, s in zip(hs, scales)]
-        x_K, norm_K = xs[-1], xs[-1].norm(dim=1)
-        delta = [((x_K - xs[k]).norm(dim=1) / norm_K).mean().item() for k in range(K)]
-        R = [((xs[k + 1] - xs[k]).norm(dim=1) / norm_K).mean().item() for k in range(K)]
-        A = [F.cosine_similarity(xs[k + 1] - xs[k], x_K - xs[k], dim=1).mean().item() for k in range(K)]
-        return delta, R, A
-
-    delta, R, A = eq1(hs)
-    delta_floor, R_floor, A_floor = eq1([hs[-1]] * len(hs))
-    h_K = hs[-1].float().flatten(1)
-    delta_h = [((h_K - h.float().flatten(1)).norm(dim=1) / h_K.norm(dim=1)).mean().item() for h in hs[:-1]]
-    return dict(delta=delta, R=R, A=A, delta_h=delta_h,
-                delta_floor=delta_floor, R_floor=R_floor, A_floor=A_floor)
-
-
-EQ1_SUMMARY = ['delta', 'R', 'A', 'delta_h']        # Eq. 1's means in the log
-
-
-def to_uint8(x):
-    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, 3] on the CPU (greyscale repeated)."""
-    x = (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu()
-
-
-def decode(x, info, vae=None):
-    """-> uint8 [N, H, W, 3]: pixels as they are, latents through the VAE, or without one channels 0..2 as colour."""
-    if info['kind'] != 'latent':
-        return to_uint8(x)
-    if vae is None:
-        x = x[:, :3] / x[:, :3].flatten(1).abs().amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
-        return to_uint8(F.interpolate(x, scale_factor=8, mode='nearest'))
-    return to_uint8(torch.cat([vae.decode(b.float() / info['scale']).sample for b in x.split(32)]))
-
-
-def save_grid(images, nrow, path, size=64):
-    """uint8 [N, H, W, 3] -> PNG, nrow per row, white 1-px gaps, enlarged (nearest) to >= size px to judge samples."""
-    from PIL import Image
-    f = max(1, size // images.shape[1])
-    images = images.repeat_interleave(f, 1).repeat_interleave(f, 2)
-    N, H, W, _ = images.shape
-    grid = torch.full((-(-N // nrow) * (H + 1) + 1, nrow * (W + 1) + 1, 3), 255, dtype=torch.uint8)
-    for i in range(N):
-        y, x = i // nrow * (H + 1) + 1, i % nrow * (W + 1) + 1
-        grid[y:y + H, x:x + W] = images[i]
-    Image.fromarray(grid.numpy()).save(path)
-
-
-@torch.no_grad()
-def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
-    """Samples in batches: the final h_K [N, C, R, R], or every stage [h_0..h_K] stacked, [K+1, N, C, R, R]."""
-    outs = (G(zb, cb, psi) for zb, cb in zip(z.split(batch), c.split(batch)))
-    if all_stages:
-        return torch.cat([torch.stack(hs) for hs in outs], dim=1)
-    return torch.cat([hs[-1] for hs in outs])
-
-
-def eq1_summary(eq1):
-    """The log's means over the stages: delta and delta_h over k < K; R and A over k < K - 1, since at k = K - 1,
-    x_{k+1} = x_K makes A = 1 and R = delta by construction (the per-stage values keep every k)."""
-    out = {}
-    for name, values in eq1.items():
-        if name in ('R', 'A'):
-            values = values[:-1]
-        if name in EQ1_SUMMARY:
-            out[name] = sum(values) / len(values) if values else float('nan')
-    return out
-
-
-class Evaluation:
-    """Rank 0, every --eval-every, on fixed z: the EMA samples' grid (samples-STEP.png) and Eq. 1, then each measure.
-    A measure is made once, make(evaluation) (None: not for this data), and called measure(samples, classes, failed)
-    -> metrics, naming what failed in `failed`; its `classes` choose the samples' classes (fid.py: its real set's)."""
-
-    def __init__(self, args, info, ds, device, run_dir, log, measures=()):
-        self.args = args
-        self.info = info
-        self.ds = ds
-        self.device = device
-        self.run_dir = run_dir
-        self.log = log
-        self.scales = hierarchy(args, info)[0]
-        self.vae = None
-        nc = info['num_classes']
-        self.z = torch.randn(args.eval_n, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345))
-        self.c = torch.arange(args.eval_n) % nc
-        if info['kind'] == 'latent':
-            self.grid_c = self.c[:32]
-            self.vae = load_vae(args.vae or info['vae'], device, required=False)
-            if self.vae is None:
-                log(f"warning: VAE '{args.vae or info['vae']}' unavailable: sample grids show latent channels 0-2.")
-        else:
-            # 10 samples per class, a row each
-            self.grid_c = torch.arange(min(nc, 16) if nc > 1 else 10).repeat_interleave(10) % nc
-        g = torch.Generator().manual_seed(args.seed + 54321)
-        self.z_grid = torch.randn(len(self.grid_c), Z_DIM, generator=g)
-        self.grid_name = 'samples'
-        self.measures = [m for m in (make(self) for make in measures) if m is not None]
-        for measure in self.measures:
-            if getattr(measure, 'classes', None) is not None:
-                self.z, self.c = self.z[:len(measure.classes)], measure.classes
-
-    @torch.no_grad()
-    def __call__(self, ema, step):
-        """-> (metrics, {name of a failed metric: why}): a failure costs that metric, not the run."""
-        args, device = self.args, self.device
-        out, failed = {}, {}
-        with autocast(args.precision, device):
-            hs = list(generate(ema, self.z.to(device), self.c.to(device), all_stages=True).float().cpu())
-            grid = generate(ema, self.z_grid.to(device), self.grid_c.to(device)).float().cpu()
-        try:
-            eq1 = cross_scale_metrics(hs, self.scales)
-            out = {f'{name}_{k}': v for name, values in eq1.items() for k, v in enumerate(values)}
-            out.update(eq1_summary(eq1))
-        except Exception as e:
-            failed['Eq. 1 (delta, R, A)'] = f'{type(e).__name__}: {e}'
-        for measure in self.measures:
-            try:
-                out.update(measure(hs[-1], self.c, failed))
-            except Exception as e:
-                failed[type(measure).__name__] = f'{type(e).__name__}: {e}'
-        nrow = 8 if self.info['kind'] == 'latent' else 10
-        path = os.path.join(self.run_dir, f'{self.grid_name}-{step:07d}.png')
-        save_grid(decode(grid, self.info, self.vae), nrow, path)
-        return out, failed
-
-# ------------------------------------------------------------------------------------------------------------
-# Data (Sec. 4): prepare_latents.py's directories, SD-VAE posteriors sampled anew at each use, or pixels
-# ------------------------------------------------------------------------------------------------------------
-
-DATA_FORMAT_VERSION = 2     # 2: pixels as uint8 or JPEG ('store'); version 1's latent directories still read
-META_KEYS = ('format_version', 'N', 'num_classes', 'scaling_factor', 'vae', 'images')
-STORES = {'latents': 'latents.npy', 'uint8': 'pixels.npy', 'jpeg': 'images.bin'}     # where the training data lies
-
-
-def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
-    """The frozen SD-VAE (hub name or save_pretrained directory); missing: SystemExit, or None if not required."""
-    from diffusers.models import AutoencoderKL
-    try:
-        vae = AutoencoderKL.from_pretrained(name_or_path)
-    except Exception as e:
-        if not required:
-            return None
-        raise SystemExit(f"error: cannot load the VAE '{name_or_path}' ({type(e).__name__}): download it once online "
-                         f"(huggingface_hub caches it) or pass a local save_pretrained directory with --vae.")
-    return vae.to(device).eval().requires_grad_(False)
-
-
-class LatentDataset(torch.utils.data.Dataset):
-    """Item i -> (x, label, img): latent moments [2C, r, r] (mean | std) or uint8 pixels [C, r, r]; img: the 256-px
-    crop for REPA (or empty)."""
-
-    def __init__(self, path, meta, images):
-        self.path, self.meta = path, meta
-        self.store = meta['store']
-        self.images = images and self.store == 'latents'
-        self.data = self.labels = self.blob = None      # opened lazily, once per DataLoader worker
-
-    def __len__(self):
-        return self.meta['N']
-
-    def open(self):
-        if self.labels is None:
-            self.labels = np.load(os.path.join(self.path, 'labels.npy'), mmap_mode='r')
-            if self.store != 'jpeg':
-                self.data = np.load(os.path.join(self.path, STORES[self.store]), mmap_mode='r')
-            if self.images or self.store == 'jpeg':
-                self.index = np.load(os.path.join(self.path, 'images_index.npy'))
-                self.blob = np.memmap(os.path.join(self.path, 'images.bin'), dtype=np.uint8, mode='r')
-        return self
-
-    def jpeg(self, i, mode):
-        from PIL import Image
-        encoded = self.blob[self.index[i]:self.index[i + 1]].tobytes()
-        a = np.asarray(Image.open(io.BytesIO(encoded)).convert(mode))
-        return torch.from_numpy(a.reshape(*a.shape[:2], -1).copy()).permute(2, 0, 1)
-
-    def __getitem__(self, i):
-        self.open()
-        if self.store == 'jpeg':
-            x = self.jpeg(i, 'L' if self.meta['shape'][0] == 1 else 'RGB')
-        else:
-            x = torch.from_numpy(np.array(self.data[i]))
-        img = self.jpeg(i, 'RGB') if self.images else torch.empty(0, dtype=torch.uint8)
-        return x, int(self.labels[i]), img
-
-
-def open_data(args):
-    """-> (info: kind toy | pixel | latent, N, channels, res, ...; the data set; notes for the log)."""
-    if args.data == 'toy':
-        x, y = make_toy(args.toy_n, seed=args.seed, res=args.toy_res)
-        info = dict(kind='toy', N=len(y), channels=3, res=args.toy_res, num_classes=int(y.max()) + 1,
-                    scale=1.0, vae=None, meta=None)
-        return info, (x, y), []
-    meta = check_data_dir(args.data)
-    if args.lambda_repa > 0 and not meta['images'] and meta['store'] == 'latents':
-        raise SystemExit(f"error: '{args.data}' has no images for REPA's DINOv2 (prepared with --no-images): re-run "
-                         f"prepare_latents.py without --no-images, or train with --lambda-repa 0.")
-    info = dict(kind='pixel' if meta['vae'] is None else 'latent', N=meta['N'], channels=meta['shape'][0],
-                res=meta['shape'][1], num_classes=meta['num_classes'], scale=meta['scaling_factor'],
-                vae=meta['vae'], meta=meta)
-    return info, LatentDataset(args.data, meta, images=args.lambda_repa > 0), []
-
-
-def data_x(batch, posterior_eps, info):
-    """A batch of the data set in G's output space: latents drawn from their posterior, pixels in [-1, 1]."""
-    if info['kind'] == 'latent':
-        return posterior_sample(batch, posterior_eps, info['scale'])
-    return batch if batch.is_floating_point() else batch.float() / 127.5 - 1
-
-
-def posterior_sample(moments, eps, scale):
-    """x = (mean + std * eps) * scaling_factor: a fresh posterior draw at each use."""
-    C = moments.shape[1] // 2
-    return (moments[:, :C].float() + moments[:, C:].float() * eps) * scale
-
-
-def step_indices(n, global_batch, rank, world, seed, start, steps):
-    """This rank's data indices per step, from (seed, step) alone: a resume replays the same data at any world size."""
-    b, epoch = global_batch // world, None
-    for step in range(start, steps):
-        idx, pos = [], step * global_batch
-        while len(idx) < global_batch:
-            e, offset = divmod(pos + len(idx), n)
-            # the permutation of an epoch, kept while its batches are drawn
-            if e != epoch:
-                epoch = e
-                perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
-            idx += perm[offset:offset + global_batch - len(idx)].tolist()
-        yield idx[rank * b:(rank + 1) * b]
-
-
-def real_batches(ds, info, sampler, device, workers):
-    """Yields this rank's (x, c, img) per step: the posterior moments (mean | std) of latents or pixels, the labels,
-    and for REPA the 256-px ImageNet crops (else empty)."""
-    if info['kind'] == 'toy':
-        x, y = ds[0].to(device), ds[1].to(device)
-        for idx in sampler:
-            yield x[idx], y[idx], None
-        return
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers,
-                                         persistent_workers=workers > 0, pin_memory=device.type == 'cuda',
-                                         prefetch_factor=4 if workers else None)
-    for batch in loader:
-        yield [t.to(device, non_blocking=True) for t in batch]
-
-# ------------------------------------------------------------------------------------------------------------
-# One training iteration (App. A.2): a D step, then a G step; each a module, so DDP wraps just what it trains
-# ------------------------------------------------------------------------------------------------------------
-
-
-def step_noise(seed, step, n, G, scales, device):
-    """(noise, aug) of one step's global batch of n, from (seed, step) alone: exact resume at any world size. noise:
-    z (both steps', as GAT: README), the real latents' posterior draw, R1's and R2's perturbations at every scale;
-    aug: DiffAugment's parameters for the reals and fakes of the D step and of the G step."""
-    g = torch.Generator(device).manual_seed(seed * 1_000_003 + step + 1)
-    C, R = G.channels, G.res
-    z = torch.randn(n, G.z_dim, generator=g, device=device)
-    posterior_eps = torch.randn(n, C, R, R, generator=g, device=device)
-    aug = {name: draw_aug(n, R, g, device) for name in ('d_real', 'd_fake', 'g_real', 'g_fake')}
-    r1_eps = [torch.randn(n, C, s, s, generator=g, device=device) for s in scales]
-    r2_eps = [torch.randn(n, C, s, s, generator=g, device=device) for s in scales]
-    return dict(z=z, posterior_eps=posterior_eps, r1_eps=r1_eps, r2_eps=r2_eps), aug
-
-
-def take(draws, lo, hi):
-    """Samples lo..hi of every tensor in a (nested) dict of per-sample draws."""
-    if torch.is_tensor(draws):
-        return draws[lo:hi]
-    if isinstance(draws, list):
-        return [take(v, lo, hi) for v in draws]
-    return {k: take(v, lo, hi) for k, v in draws.items()}
-
-
 def d_logits_and_penalties(D, xr, xf, c, r1_eps, r2_eps, args):
     """D on the reals xr and fakes xf -> d_real, d_fake [B, K+1], the finest scale's tokens (REPA), and the
     approximated R1 and R2 on every 4th sample. One D pass over [real; fake; real_q + sigma eps; fake_q + sigma eps]
@@ -940,7 +637,7 @@ def d_logits_and_penalties(D, xr, xf, c, r1_eps, r2_eps, args):
 
 
 class DStep(nn.Module):
-    """L_D = RpGAN + gamma/2 (R1 + R2), optionally + lambda_REPA REPA (latents) + lambda_va RpGAN of d_va (pixels,
+    """L_D = RpGAN + gamma/2 (R1 + R2), optionally + lambda_REPA REPA + lambda_va RpGAN of d_va (pixels,
     App. A.3). G and the frozen backbones are kept outside the module tree (in lists): DDP sees D's parameters only."""
 
     def __init__(self, D, G, args, dino=None, va=None):
@@ -956,10 +653,9 @@ class DStep(nn.Module):
         # the fakes of every stage, [h_0; ...; h_K] along the batch
         with torch.no_grad(), autocast(args.precision, device):
             fake = torch.cat(self._G[0](noise['z'], c))
+        real_aug, fake_aug = x_real, fake
         if args.aug:
             real_aug, fake_aug = augment(x_real, aug['d_real']), augment(fake, aug['d_fake'])
-        else:
-            real_aug, fake_aug = x_real, fake
         xr = multiscale(real_aug, D.scales)
         xf = multiscale(fake_aug.chunk(len(D.scales)), D.scales)
         r1_eps, r2_eps = noise['r1_eps'], noise['r2_eps']
@@ -1028,6 +724,150 @@ class GStep(nn.Module):
         return loss, w.detach(), stats
 
 
+# --- Data (Sec. 4): prepare_latents.py's directories, SD-VAE posteriors drawn anew at each use, or pixels ---
+
+DATA_FORMAT_VERSION = 2     # 2: pixels as uint8 or JPEG ('store'); version 1's latent directories still read
+META_KEYS = ('format_version', 'N', 'num_classes', 'scaling_factor', 'vae', 'images')
+STORES = {'latents': 'latents.npy', 'uint8': 'pixels.npy', 'jpeg': 'images.bin'}     # where the training data lies
+
+
+def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
+    """The frozen SD-VAE (hub name or save_pretrained directory); missing: SystemExit, or None if not required."""
+    from diffusers.models import AutoencoderKL
+    try:
+        vae = AutoencoderKL.from_pretrained(name_or_path)
+    except Exception as e:
+        if not required:
+            return None
+        raise SystemExit(f"error: cannot load the VAE '{name_or_path}' ({type(e).__name__}): download it once online "
+                         f"(huggingface_hub caches it) or pass a local save_pretrained directory with --vae.")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """A prepared directory's item i -> (x, label, img): latent moments [2C, r, r] (mean | std) or uint8 pixels
+    [C, r, r] (stored as uint8 or JPEG); img: the 256-px crop for REPA (or empty)."""
+
+    def __init__(self, path, meta, images):
+        self.path, self.meta = path, meta
+        self.store = meta['store']
+        self.images = images and self.store == 'latents'
+        self.data = self.labels = self.blob = None      # opened lazily, once per DataLoader worker
+
+    def __len__(self):
+        return self.meta['N']
+
+    def open(self):
+        if self.labels is None:
+            self.labels = np.load(os.path.join(self.path, 'labels.npy'), mmap_mode='r')
+            if self.store != 'jpeg':
+                self.data = np.load(os.path.join(self.path, STORES[self.store]), mmap_mode='r')
+            if self.images or self.store == 'jpeg':
+                self.index = np.load(os.path.join(self.path, 'images_index.npy'))
+                self.blob = np.memmap(os.path.join(self.path, 'images.bin'), dtype=np.uint8, mode='r')
+        return self
+
+    def jpeg(self, i, mode):
+        from PIL import Image
+        encoded = self.blob[self.index[i]:self.index[i + 1]].tobytes()
+        a = np.asarray(Image.open(io.BytesIO(encoded)).convert(mode))
+        return torch.from_numpy(a.reshape(*a.shape[:2], -1).copy()).permute(2, 0, 1)
+
+    def __getitem__(self, i):
+        self.open()
+        if self.store == 'jpeg':
+            x = self.jpeg(i, 'L' if self.meta['shape'][0] == 1 else 'RGB')
+        else:
+            x = torch.from_numpy(np.array(self.data[i]))
+        img = self.jpeg(i, 'RGB') if self.images else torch.empty(0, dtype=torch.uint8)
+        return x, int(self.labels[i]), img
+
+
+def open_data(args):
+    """-> (info: kind toy | pixel | latent, N, channels, res, ...; the data set)."""
+    if args.data == 'toy':
+        x, y = make_toy(args.toy_n, seed=args.seed, res=args.toy_res)
+        info = dict(kind='toy', N=len(y), channels=3, res=args.toy_res, num_classes=int(y.max()) + 1,
+                    scale=1.0, vae=None, meta=None)
+        return info, (x, y)
+    meta = check_data_dir(args.data)
+    if args.lambda_repa > 0 and not meta['images'] and meta['store'] == 'latents':
+        raise SystemExit(f"error: '{args.data}' has no images for REPA's DINOv2 (prepared with --no-images): re-run "
+                         f"prepare_latents.py without --no-images, or train with --lambda-repa 0.")
+    info = dict(kind='pixel' if meta['vae'] is None else 'latent', N=meta['N'], channels=meta['shape'][0],
+                res=meta['shape'][1], num_classes=meta['num_classes'], scale=meta['scaling_factor'],
+                vae=meta['vae'], meta=meta)
+    return info, LatentDataset(args.data, meta, images=args.lambda_repa > 0)
+
+
+def data_x(batch, posterior_eps, info):
+    """A batch of the data set in G's output space: latents drawn from their posterior, pixels in [-1, 1]."""
+    if info['kind'] == 'latent':
+        return posterior_sample(batch, posterior_eps, info['scale'])
+    return batch if batch.is_floating_point() else batch.float() / 127.5 - 1
+
+
+def posterior_sample(moments, eps, scale):
+    """x = (mean + std * eps) * scaling_factor: a fresh posterior draw at each use."""
+    C = moments.shape[1] // 2
+    return (moments[:, :C].float() + moments[:, C:].float() * eps) * scale
+
+
+def step_indices(n, global_batch, rank, world, seed, start, steps):
+    """This rank's data indices per step, from (seed, step) alone: a resume replays the same data at any world size."""
+    b, epoch = global_batch // world, None
+    for step in range(start, steps):
+        idx, pos = [], step * global_batch
+        while len(idx) < global_batch:
+            e, offset = divmod(pos + len(idx), n)
+            # the permutation of an epoch, kept while its batches are drawn
+            if e != epoch:
+                epoch = e
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+            idx += perm[offset:offset + global_batch - len(idx)].tolist()
+        yield idx[rank * b:(rank + 1) * b]
+
+
+def real_batches(ds, info, sampler, device, workers):
+    """Yields this rank's (x, c, img) per step: the posterior moments (mean | std) of latents or pixels, the labels,
+    and for REPA the 256-px ImageNet crops (empty without REPA, None for the toy set)."""
+    if info['kind'] == 'toy':
+        x, y = ds[0].to(device), ds[1].to(device)
+        for idx in sampler:
+            yield x[idx], y[idx], None
+        return
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers,
+                                         persistent_workers=workers > 0, pin_memory=device.type == 'cuda',
+                                         prefetch_factor=4 if workers else None)
+    for batch in loader:
+        yield [t.to(device, non_blocking=True) for t in batch]
+
+# --- One training iteration (App. A.2): a step's noise, the networks, a D step then a G step ----------------
+
+
+def step_noise(seed, step, n, G, scales, device):
+    """(noise, aug) of one step's global batch of n, from (seed, step) alone: exact resume at any world size. noise:
+    z (the G step reuses the D step's, as GAT's loop), the real latents' posterior draw, R1's and R2's perturbations;
+    aug: DiffAugment's parameters for the reals and fakes of the D step and of the G step."""
+    g = torch.Generator(device).manual_seed(seed * 1_000_003 + step + 1)
+    C, R = G.channels, G.res
+    z = torch.randn(n, G.z_dim, generator=g, device=device)
+    posterior_eps = torch.randn(n, C, R, R, generator=g, device=device)
+    aug = {name: draw_aug(n, R, g, device) for name in ('d_real', 'd_fake', 'g_real', 'g_fake')}
+    r1_eps = [torch.randn(n, C, s, s, generator=g, device=device) for s in scales]
+    r2_eps = [torch.randn(n, C, s, s, generator=g, device=device) for s in scales]
+    return dict(z=z, posterior_eps=posterior_eps, r1_eps=r1_eps, r2_eps=r2_eps), aug
+
+
+def take(draws, lo, hi):
+    """Samples lo..hi of every tensor in a (nested) dict of per-sample draws."""
+    if torch.is_tensor(draws):
+        return draws[lo:hi]
+    if isinstance(draws, list):
+        return [take(v, lo, hi) for v in draws]
+    return {k: take(v, lo, hi) for k, v in draws.items()}
+
+
 def n_params(net):
     return sum(p.numel() for p in net.parameters()) if net else 0
 
@@ -1057,19 +897,14 @@ def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained=True):
     opt_g = adamw(G, args, fused=device.type == 'cuda')
     opt_d = adamw(D, args, fused=device.type == 'cuda')
     if ck is not None:
-        G.load_state_dict(ck['G'])
-        D.load_state_dict(ck['D'])
-        ema.load_state_dict(ck['ema'])
-        opt_g.load_state_dict(ck['opt_g'])
-        opt_d.load_state_dict(ck['opt_d'])
+        for name, obj in dict(G=G, D=D, ema=ema, opt_g=opt_g, opt_d=opt_d).items():
+            obj.load_state_dict(ck[name])
     G.grad_ckpt = D.grad_ckpt = args.grad_ckpt
     if args.compile:
         # per block and in place, so that the state_dict keys stay the same
         for block in [*G.blocks, *D.blocks]:
             block.compile()
-    dino = None
-    if args.lambda_repa > 0:
-        dino = load_frozen(DINO_NAME, device, pretrained, img_size=224)
+    dino = load_frozen(DINO_NAME, device, pretrained, img_size=224) if args.lambda_repa > 0 else None
     va = None
     if args.lambda_va > 0:
         va = load_frozen(args.va_model, device, pretrained, 'vision-aided (ConvNeXt-V2)', '--lambda-va 0')
@@ -1086,8 +921,8 @@ def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained=True):
 
 def train_step(m, x, c, dino_img, noise, aug, args):
     """One iteration (App. A.2): the D step, the G step (D frozen), w_avg and the EMA; x: reals in G's output space,
-    dino_img: REPA's images (or None). Micro-batches accumulate gradients. Returns the names and a tensor of this
-    step's statistics, without a host sync."""
+    dino_img: REPA's images (or None). Micro-batches accumulate gradients. Returns the names and a tensor of the
+    statistics of this process's last micro-batch (loss_d, loss_g: the adversarial terms), without a host sync."""
     n_acc = x.shape[0] // m.micro
     chunks = [(i * m.micro, (i + 1) * m.micro) for i in range(n_acc)]
 
@@ -1124,9 +959,7 @@ def train_step(m, x, c, dino_img, noise, aug, args):
     names = [*stats_d, *stats_g, 'gnorm_d', 'gnorm_g']
     return names, torch.stack([*stats_d.values(), *stats_g.values(), gnorm_d, gnorm_g]).float()
 
-# ------------------------------------------------------------------------------------------------------------
-# The training loop (Table 6): DDP through torchrun, bf16, EMA, checkpoints, logging, evaluation
-# ------------------------------------------------------------------------------------------------------------
+# --- The training loop: DDP through torchrun, bf16, EMA, logging, checkpoints, then the step's evaluation ---
 
 
 def train(args, measures=(), hooks=()):
@@ -1141,15 +974,13 @@ def train(args, measures=(), hooks=()):
                          f"micro-batches of {args.micro_batch}: pick sizes that divide.")
     if micro % 4:
         raise SystemExit(f"error: the per-process micro-batch ({micro}) must be a multiple of 4 (R1/R2: every 4th).")
-    info, ds, notes = open_data(args)
+    info, ds = open_data(args)
     g_cfg, d_cfg = model_configs(args, info)
     run_dir, ck = resolve_run(args, info, g_cfg, d_cfg, rank, world)
     log = make_logger(run_dir, rank)
     if device.type == 'cpu' and args.model not in ('S', 'T'):
-        notes.append(f"note: G-{args.model}/2 is sized for GPUs; for a small data set on the CPU see the README's "
-                     f"'Train on your own data' (--model S: small-data defaults)")
-    for line in notes:
-        log(line)
+        log(f"note: G-{args.model}/2 is sized for GPUs; for a small data set on the CPU see the README's 'Train on "
+            f"your own data' (--model S: small-data defaults)")
 
     # Networks, data, evaluation
     m = build(args, g_cfg, d_cfg, device, world, ck)
@@ -1173,7 +1004,6 @@ def train(args, measures=(), hooks=()):
     log(f"run {run_dir}: G {n_params(m.G) / 1e6:.2f}M, D {n_params(m.D) / 1e6:.2f}M params, {world} process(es) x "
         f"batch {b} (micro {micro}), {args.precision}, device {device}, {args.workers} data workers")
 
-    from tqdm import tqdm
     stop = Preemption(world)
     pending = []                # the statistics of the steps since the last log line
     t0 = time.time()
@@ -1312,7 +1142,7 @@ def hierarchy(args, info):
             resolution = unit if kind == 'images' else 8 * unit
             fix = f"re-run prepare_latents.py for '{args.data}' with --resolution {resolution}"
         raise SystemExit(f"error: '{args.data}' holds {r} x {r} {kind}, but CAT's four scales (r/8, r/4, r/2, r) with "
-                         f"patch {patch} need r to be a multiple of {unit}: {fix} (or a multiple of it).")
+                         f"patches up to {unit // 8} need r to be a multiple of {unit}: {fix} (or a multiple of it).")
     d_patches = ','.join(map(str, d_patch))
     problems = [
         (len(scales) < 2, 'CAT needs at least two scales'),
@@ -1329,14 +1159,150 @@ def hierarchy(args, info):
             raise SystemExit(f"error: --scales {','.join(map(str, scales))} for {r} x {r} {kind}: {why}.")
     return scales, patch, d_patch
 
-# Run directory, checkpoints, logging, preemption
+# --- Evaluation (rank 0): Eq. 1's cross-scale metrics and the sample grids; measures of quality: fid.py -----
+
+
+def cross_scale_metrics(hs, scales):
+    """Eq. 1's delta_k, R_k, A_k (k < K, batch means); ours: delta_h_k of the raw h_k, and *_floor: Eq. 1 when every
+    h_k = h_K (what pooling alone leaves)."""
+    full, K = scales[-1], len(hs) - 1
+
+    def up(x):
+        if x.shape[-1] == full:
+            return x
+        return F.interpolate(x, size=(full, full), mode='bilinear', align_corners=False)
+
+    def eq1(hs):
+        xs = [up(r_k(h.float(), s)).flatten(1) for h, s in zip(hs, scales)]
+        x_K, norm_K = xs[-1], xs[-1].norm(dim=1)
+        delta = [((x_K - xs[k]).norm(dim=1) / norm_K).mean().item() for k in range(K)]
+        R = [((xs[k + 1] - xs[k]).norm(dim=1) / norm_K).mean().item() for k in range(K)]
+        A = [F.cosine_similarity(xs[k + 1] - xs[k], x_K - xs[k], dim=1).mean().item() for k in range(K)]
+        return delta, R, A
+
+    delta, R, A = eq1(hs)
+    delta_floor, R_floor, A_floor = eq1([hs[-1]] * len(hs))
+    h_K = hs[-1].float().flatten(1)
+    delta_h = [((h_K - h.float().flatten(1)).norm(dim=1) / h_K.norm(dim=1)).mean().item() for h in hs[:-1]]
+    return dict(delta=delta, R=R, A=A, delta_h=delta_h,
+                delta_floor=delta_floor, R_floor=R_floor, A_floor=A_floor)
+
+
+EQ1_SUMMARY = ['delta', 'R', 'A', 'delta_h']        # the means in the log: Eq. 1's, and delta_h (ours)
+
+
+def to_uint8(x):
+    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, 3] on the CPU (greyscale repeated)."""
+    x = (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu()
+
+
+def decode(x, info, vae=None):
+    """-> uint8 [N, H, W, 3]: pixels as they are, latents through the VAE, or without one channels 0..2 as colour."""
+    if info['kind'] != 'latent':
+        return to_uint8(x)
+    if vae is None:
+        x = x[:, :3] / x[:, :3].flatten(1).abs().amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
+        return to_uint8(F.interpolate(x, scale_factor=8, mode='nearest'))
+    return to_uint8(torch.cat([vae.decode(b.float() / info['scale']).sample for b in x.split(32)]))
+
+
+def save_grid(images, nrow, path, size=64):
+    """uint8 [N, H, W, 3] -> PNG, nrow per row, white 1-px gaps, enlarged (nearest) to >= size px to judge samples."""
+    from PIL import Image
+    f = max(1, size // images.shape[1])
+    images = images.repeat_interleave(f, 1).repeat_interleave(f, 2)
+    N, H, W, _ = images.shape
+    grid = torch.full((-(-N // nrow) * (H + 1) + 1, nrow * (W + 1) + 1, 3), 255, dtype=torch.uint8)
+    for i in range(N):
+        y, x = i // nrow * (H + 1) + 1, i % nrow * (W + 1) + 1
+        grid[y:y + H, x:x + W] = images[i]
+    Image.fromarray(grid.numpy()).save(path)
+
+
+@torch.no_grad()
+def generate(G, z, c, psi=1.0, batch=256, all_stages=False):
+    """Samples in batches: the final h_K [N, C, R, R], or every stage [h_0..h_K] stacked, [K+1, N, C, R, R]."""
+    outs = (G(zb, cb, psi) for zb, cb in zip(z.split(batch), c.split(batch)))
+    if all_stages:
+        return torch.cat([torch.stack(hs) for hs in outs], dim=1)
+    return torch.cat([hs[-1] for hs in outs])
+
+
+def eq1_summary(eq1):
+    """The log's means over the stages: delta and delta_h over k < K; R and A over k < K - 1, since at k = K - 1,
+    x_{k+1} = x_K makes A = 1 and R = delta by construction (the per-stage values keep every k)."""
+    out = {}
+    for name in EQ1_SUMMARY:
+        values = eq1[name][:-1] if name in ('R', 'A') else eq1[name]
+        out[name] = sum(values) / len(values) if values else float('nan')
+    return out
+
+
+class Evaluation:
+    """Rank 0, every --eval-every, on fixed z: the EMA samples' grid (samples-STEP.png) and Eq. 1, then each measure.
+    A measure is made once, make(evaluation) (None: not for this data), and called measure(samples, classes, failed)
+    -> metrics, naming what failed in `failed`; its `classes` choose the samples' classes (fid.py: its real set's)."""
+
+    def __init__(self, args, info, ds, device, run_dir, log, measures=()):
+        self.args = args
+        self.info = info
+        self.ds = ds
+        self.device = device
+        self.run_dir = run_dir
+        self.log = log
+        self.scales = hierarchy(args, info)[0]
+        self.vae = None
+        nc = info['num_classes']
+        self.z = torch.randn(args.eval_n, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 12345))
+        self.c = torch.arange(args.eval_n) % nc
+        if info['kind'] == 'latent':
+            self.grid_c = self.c[:32]
+            self.vae = load_vae(args.vae or info['vae'], device, required=False)
+            if self.vae is None:
+                log(f"warning: VAE '{args.vae or info['vae']}' unavailable: sample grids show latent channels 0-2.")
+        else:
+            # 10 samples per class, a row each
+            self.grid_c = torch.arange(min(nc, 16) if nc > 1 else 10).repeat_interleave(10) % nc
+        g = torch.Generator().manual_seed(args.seed + 54321)
+        self.z_grid = torch.randn(len(self.grid_c), Z_DIM, generator=g)
+        self.grid_name = 'samples'
+        self.measures = [m for m in (make(self) for make in measures) if m is not None]
+        for measure in self.measures:
+            if getattr(measure, 'classes', None) is not None:
+                self.z, self.c = self.z[:len(measure.classes)], measure.classes
+
+    @torch.no_grad()
+    def __call__(self, ema, step):
+        """-> (metrics, {name of a failed metric: why}): a failure costs that metric, not the run."""
+        args, device = self.args, self.device
+        out, failed = {}, {}
+        with autocast(args.precision, device):
+            hs = list(generate(ema, self.z.to(device), self.c.to(device), all_stages=True).float().cpu())
+            grid = generate(ema, self.z_grid.to(device), self.grid_c.to(device)).float().cpu()
+        try:
+            eq1 = cross_scale_metrics(hs, self.scales)
+            out = {f'{name}_{k}': v for name, values in eq1.items() for k, v in enumerate(values)}
+            out.update(eq1_summary(eq1))
+        except Exception as e:
+            failed['Eq. 1 (delta, R, A)'] = f'{type(e).__name__}: {e}'
+        for measure in self.measures:
+            try:
+                out.update(measure(hs[-1], self.c, failed))
+            except Exception as e:
+                failed[type(measure).__name__] = f'{type(e).__name__}: {e}'
+        nrow = 8 if self.info['kind'] == 'latent' else 10
+        path = os.path.join(self.run_dir, f'{self.grid_name}-{step:07d}.png')
+        save_grid(decode(grid, self.info, self.vae), nrow, path)
+        return out, failed
+
+# --- Run directory, checkpoints, logging, preemption --------------------------------------------------------
 
 CKPT_VERSION = 2            # 2: GAT's equalized-lr form (version-1 weights would load, but mean other things)
 
 
 def resolve_run(args, info, g_cfg, d_cfg, rank, world):
-    """-> (run directory, checkpoint or None): --resume FILE | DIR (none there yet: a new run there), --out, or a new
-    runs/NNN-MODEL."""
+    """-> (run directory, checkpoint or None) of --resume FILE | DIR (none there yet: a new run), --out or runs/."""
     ck = None
     if args.resume:
         src = args.resume if args.resume != 'auto' else (args.out or '')
@@ -1425,8 +1391,7 @@ def find_resume(path):
 
 
 def write_checkpoint(run_dir, state, args):
-    """latest.pt; at --ckpt-every and at the end ckpt-STEP.pt, linked as latest.pt; then the old ones pruned (--keep,
-    milestones kept)."""
+    """latest.pt; at --ckpt-every and the end ckpt-STEP.pt linked as latest.pt, the old ones pruned (--keep)."""
     step = state['step']
     latest = os.path.join(run_dir, 'latest.pt')
     if step % args.ckpt_every and step != args.steps:
@@ -1454,7 +1419,6 @@ def make_logger(run_dir, rank):
     """log(msg, metrics=None): on rank 0, to stdout (through tqdm), log.txt and metrics.jsonl in the run directory."""
     if rank != 0:
         return lambda msg, metrics=None: None
-    from tqdm import tqdm
     os.makedirs(run_dir, exist_ok=True)
     txt = open(os.path.join(run_dir, 'log.txt'), 'a')
     jsonl = open(os.path.join(run_dir, 'metrics.jsonl'), 'a')
@@ -1468,8 +1432,7 @@ def make_logger(run_dir, rank):
 
 
 class Preemption:
-    """SIGTERM, SIGINT and SIGUSR1 (SLURM) set a flag, summed asynchronously over gloo: a signal during step s stops
-    every rank after step s + 1."""
+    """SIGTERM, SIGINT, SIGUSR1 (SLURM) set a flag, summed asynchronously over gloo: all ranks stop after step s + 1."""
 
     def __init__(self, world):
         self.flag = torch.zeros(1)
@@ -1500,14 +1463,9 @@ class Preemption:
         return False
 
 
-# ============================================================================================================
-# What follows supports the method and is not part of it: a reader of the method may stop here. The toy
-# set, data checks, evaluation and its judges, cost (--summary, --bench, memory) and the command line.
-# ============================================================================================================
+# === What follows supports the method and is not part of it: the toy set, data checks, the command line =====
 
-# ------------------------------------------------------------------------------------------------------------
-# The toy set (--data toy): 10 classes = (shape, base hue), visible after 4x pooling; minutes on a CPU
-# ------------------------------------------------------------------------------------------------------------
+# --- The toy set (--data toy): 10 classes = (shape, base hue), visible after 4x pooling; minutes on a CPU ---
 
 TOY_HUES = (0, 216, 72, 288, 36, 252, 324, 144, 108, 180)      # degrees, per class
 
@@ -1574,9 +1532,7 @@ def make_toy(n, seed=0, res=16, random_hue=False):
     x = (bg - bg * mask)[:, None] + rgb[:, :, None, None] * (mask * texture)[:, None]
     return x.clamp_(0, 1).mul_(2).sub_(1), y
 
-# ------------------------------------------------------------------------------------------------------------
-# Data checks: a data directory is checked before anything runs, and a problem is one line
-# ------------------------------------------------------------------------------------------------------------
+# --- Data checks: a data directory is checked before anything runs, and a problem is one line ---------------
 
 
 def is_small_data(path):
@@ -1590,8 +1546,7 @@ def is_small_data(path):
 
 
 def check_data_dir(path):
-    """meta.json, the files it promises and the labels (not the geometry) -> meta with 'store' and a sample's
-    'shape'; anything wrong is one line that says what to do."""
+    """meta.json, its files and labels -> meta with 'store' and a sample's 'shape'; a problem: one line, what to do."""
     redo = f"re-run prepare_latents.py for '{path}'"
     if not os.path.isdir(path):
         raise SystemExit(f"error: no dataset directory '{path}'. Make one with `python prepare_latents.py --images "
@@ -1618,13 +1573,14 @@ def check_data_dir(path):
     shape = meta.get('latent_shape', meta.get('shape'))
     sf = meta['scaling_factor']
 
-    def count(v):
+    def positive_int(v):
         return type(v) is int and v > 0
 
-    square = isinstance(shape, list) and len(shape) == 3 and all(map(count, shape)) and shape[1] == shape[2]
+    square = isinstance(shape, list) and len(shape) == 3 and all(map(positive_int, shape))
+    square = square and shape[1] == shape[2]
     checks = [
-        ('N', count(meta['N']), 'a positive integer'),
-        ('num_classes', count(meta['num_classes']), 'a positive integer'),
+        ('N', positive_int(meta['N']), 'a positive integer'),
+        ('num_classes', positive_int(meta['num_classes']), 'a positive integer'),
         ('store', store in STORES, ' or '.join(STORES)),
         ('latent_shape' if latents else 'shape',
          square and (shape[0] % 2 == 0 if latents else shape[0] in (1, 3)),
@@ -1654,9 +1610,7 @@ def check_data_dir(path):
                          f"{labels.min()} to {labels.max()}): {redo}, or fix num_classes in its meta.json.")
     return dict(meta, shape=[shape[0] // 2, *shape[1:]] if latents else shape)
 
-# ------------------------------------------------------------------------------------------------------------
-# The command line
-# ------------------------------------------------------------------------------------------------------------
+# --- The command line ---------------------------------------------------------------------------------------
 
 
 def comma_ints(text):
@@ -1672,10 +1626,10 @@ def help_default(key, fmt='g'):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description='CAT: Cross-scale Aligned Transformer GAN (arXiv 2605.26449)')
     # model and data
-    p.add_argument('--model', help='G size: S, B, M, H (Table 6; default B, small data S); T: tests')
+    p.add_argument('--model', help='G size: B, M, H (Table 6; default B), S (small data), T (tests)')
     p.add_argument('--model-d', help='D size (default: B for B/M/H, as the paper); M = D-M/2 of Table 5')
     p.add_argument('--data', default=DEFAULT_DATA, help="prepared data directory (prepare_latents.py), or 'toy'")
-    p.add_argument('--scales', type=comma_ints, help='resolutions of x_0..x_K, e.g. 16,32,64,256 (R/8,R/4,R/2,R)')
+    p.add_argument('--scales', type=comma_ints, help='resolutions of x_0..x_K (R/8,R/4,R/2,R; A.3: 16,32,64,256)')
     p.add_argument('--patch', type=int, help="G's patch size (2; App. A.3 at 256 px: 16)")
     p.add_argument('--d-patch', type=comma_ints, help="D's patch size per scale, e.g. 8,8,8,16 (default: G's)")
     p.add_argument('--no-mask', action='store_true', help='scale-aggregated D: attention across scales (Fig. 9)')
@@ -1744,8 +1698,7 @@ def fill_defaults(args, small, cuda):
         args.precision = 'bf16' if cuda else 'fp32'
     if args.workers is None:
         args.workers = 8 if cuda else 0
-    # cadence: the toy's; else by the run's length (10 evaluations, 5 checkpoints), capped at Table 6's, so
-    # that short runs show progress
+    # cadence: the toy's; else by the run's length (10 evaluations, 5 checkpoints, at most every 5000 / 10000)
     def share(div, most):
         return min(most, max(1, args.steps // div))
 

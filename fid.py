@@ -5,7 +5,7 @@ FID-50K), and for small pixel data sets the judges' metrics and the copy check, 
     python fid.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz                # ADM's ImageNet 256 reference batch
     python fid.py samples.npz --ref imagenet/train --save-ref ref.npz --json m.json   # reference from a folder, saved
     python fid.py samples.npz --ref ref.npz --detector inception-2015-12-05.pt        # no download
-    python fid.py runs/000-toy                          # a finished run: Eq. 1, the judges' metrics, the toy's line
+    python fid.py runs/000-toy                          # a run (or RUN/ckpt-STEP.pt): Eq. 1, judges, the toy line
     python fid.py train --data toy                      # cat.py's training with the judges' metrics at every evaluation
     torchrun --nproc_per_node=8 fid.py train --model H --fid-every 10000 --fid-ref REF.npz   # cat.py's run + FID
 
@@ -328,7 +328,7 @@ class TrainingFID:
 JUDGE_STEPS = 300           # the judges' training steps
 # the toy run's last line, before Eq. 1's means
 TOY_SUMMARY = ['shape_acc', 'class_acc', 'min_class_acc', 'fd', 'fd_floor', 'precision', 'precision_floor', 'recall',
-               'recall_floor', 'diversity', 'recall_px', 'recall_px_floor', 'diversity_px', 'memorization']
+               'recall_floor', 'diversity', 'recall_px', 'recall_px_floor', 'diversity_px', 'memorization', 'copied']
 JUDGE_MIN_ACC = 0.95        # the toy's judges must reach this accuracy on held-out images
 
 
@@ -456,13 +456,18 @@ def nearest_distance(x, train, exclude=None, batch=1000):
 
 
 def memorization(fake, held_out, train_px, held_out_index=None):
-    """The copy check, in pooled pixels: the median distance of the samples to their nearest training image over the
-    same for real images held out from that search (training images skip their own index). About 1: no copying; far
-    below 1: the generator reproduces training images; nan where the reals have nothing to compare with."""
-    d_fake = nearest_distance(PooledPixels().features(fake), train_px).median().item()
-    d_real = nearest_distance(PooledPixels().features(held_out), train_px, held_out_index).median().item()
-    tol = 1e-5 * train_px.norm(dim=1).mean().item()
-    return d_fake / d_real if math.isfinite(d_real) and d_real > tol else float('nan')
+    """The copy check, in pooled pixels -> (memorization, copied). memorization: the median distance of the samples to
+    their nearest training image over the same for real images held out from that search (training images skip their
+    own index); about 1: no copying, far below 1: the generator reproduces training images. copied: the share of
+    samples nearer to a training image than the 5th percentile of the held-out reals' distances (fresh images: about
+    0.05), which counts a copied minority that the median hides. Both nan where the reals have nothing to compare."""
+    d_fake = nearest_distance(PooledPixels().features(fake), train_px)
+    d_real = nearest_distance(PooledPixels().features(held_out), train_px, held_out_index)
+    median = d_real.median().item()
+    if not math.isfinite(median) or median <= 1e-5 * train_px.norm(dim=1).mean().item():
+        return float('nan'), float('nan')
+    near = torch.quantile(d_real[d_real.isfinite()], 0.05).item()
+    return d_fake.median().item() / median, (d_fake < near).double().mean().item()
 
 
 def pixels(ds, idx):
@@ -563,7 +568,7 @@ class JudgeMeasures:
         out.update({f'{k}_px' if '_' not in k else k.replace('_', '_px_', 1): v for k, v in px.items()})
         held_out = self.real[len(c):2 * len(c)]        # set B
         try:
-            out['memorization'] = memorization(fake, held_out, self.train_px, self.b_index)
+            out['memorization'], out['copied'] = memorization(fake, held_out, self.train_px, self.b_index)
         except Exception as e:
             failed['memorization'] = f'{type(e).__name__}: {e}'
         return out
@@ -578,17 +583,19 @@ def judges(evaluation):
 # ----------------------------------------------------------------------------------------------
 
 
-def measure_run(run_dir):
-    """The newest checkpoint's EMA generator through cat.Evaluation with the judges, as the run's evaluation at that
-    step would have measured it; logged to its log.txt and metrics.jsonl (grid: measured-STEP.png)."""
-    path = cat.find_resume(run_dir)
+def measure_run(path):
+    """A run directory's newest checkpoint (or the checkpoint file `path`): its EMA generator through cat.Evaluation
+    with the judges, as the run's evaluation at that step would have measured it; logged to the run's log.txt and
+    metrics.jsonl (grid: measured-STEP.png)."""
+    run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    path = cat.find_resume(path)
     ck = cat.load_checkpoint(path)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     saved = dict(ck['config']['args'], lambda_repa=0.0)         # no DINOv2 here
     if device.type == 'cpu':
         saved['precision'] = 'fp32'
     args = argparse.Namespace(**saved)
-    info, ds, _ = cat.open_data(args)
+    info, ds = cat.open_data(args)
     ema = cat.Generator(**ck['config']['G']).to(device)
     ema.load_state_dict(ck['ema'])
     ema.eval()
@@ -633,8 +640,9 @@ def train(argv):
 def main():
     if sys.argv[1:2] == ['train']:
         return train(sys.argv[2:])
-    if len(sys.argv) == 2 and os.path.isdir(sys.argv[1]) and cat.checkpoints_in(sys.argv[1]):
-        return measure_run(sys.argv[1])
+    run = sys.argv[1] if len(sys.argv) == 2 else ''
+    if os.path.isdir(run) and cat.checkpoints_in(run) or run.endswith('.pt') and os.path.isfile(run):
+        return measure_run(run)
     p = argparse.ArgumentParser(description='FID, Inception Score, precision and recall of '
                                             'ADM-format samples.')
     p.add_argument('samples', help='ADM .npz (arr_0 uint8 [N, H, W, 3]) or a folder of images; a run directory '

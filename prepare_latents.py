@@ -31,14 +31,21 @@ ImageNet train (1,281,167 images): latents 21.0 GB (19.5 GiB), images ~45-65 GB,
 chunks are assembled both copies exist, so plan for about twice that free (~130-170 GB peak).
 `--no-images` drops the JPEGs (no REPA then).
 """
-import argparse, datetime, io, json, os, shutil
+import argparse
+import datetime
+import io
+import json
+import os
+import shutil
+
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
-from cat import load_vae, DATA_FORMAT_VERSION, DEFAULT_DATA, DEFAULT_VAE
+
+import cat
 
 JPEG_QUALITY = 95
 # pixel data of this side or more is stored as JPEG by default (ImageNet-256: ~47 GB, not 252 GB)
@@ -301,7 +308,7 @@ def assemble(out, plan, part_paths, scaling_factor):
     save_atomic(os.path.join(out, 'skipped.txt'),
                 lambda f: f.write(''.join(r + '\n' for r in report).encode()))
     shape = {'latent_shape' if store == 'latents' else 'shape': list(shape)}
-    meta = dict(format_version=DATA_FORMAT_VERSION, vae=plan['vae'], scaling_factor=float(scaling_factor),
+    meta = dict(format_version=cat.DATA_FORMAT_VERSION, vae=plan['vae'], scaling_factor=float(scaling_factor),
                 resolution=plan['resolution'], crop=plan['crop'], store=store, **shape,
                 num_classes=num_classes, class_names=plan['classes'], N=N, images=plan['images'],
                 skipped=len(skipped), empty_classes=empty, precision=plan['precision'], source=plan['source'],
@@ -358,7 +365,7 @@ def main(args):
     dataset = ImageFiles(plan['source'], plan['files'], plan['images'], plan['resolution'], plan['crop'])
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.workers, collate_fn=collate)
     pixels = plan['vae'] is None
-    vae = None if pixels else load_vae(plan['vae'], device)
+    vae = None if pixels else cat.load_vae(plan['vae'], device)
     r = plan['resolution'] // (1 if pixels else 2 ** (len(vae.config.block_out_channels) - 1))
     shape = (3, r, r) if pixels else (2 * vae.config.latent_channels, r, r)
     bar = tqdm(total=sum(e - s for s, e in spans), unit='img', disable=rank != 0, dynamic_ncols=True,
@@ -417,14 +424,14 @@ def get_args(argv=None):
     parser.add_argument('--one-class', action='store_true',
                         help='one unlabelled class from every image under --images, even if it holds only '
                              'sub-folders')
-    parser.add_argument('--out', default=DEFAULT_DATA,
-                        help=f'dataset directory to write (default {DEFAULT_DATA})')
+    parser.add_argument('--out', default=cat.DEFAULT_DATA,
+                        help=f'dataset directory to write (default {cat.DEFAULT_DATA})')
     parser.add_argument('--resolution', type=int, default=256,
                         help='image side R after cropping (default 256)')
     parser.add_argument('--crop', choices=['center', 'resize'], default='center',
                         help="'center': ADM's center crop; 'resize': plain resize to R x R "
                              "(images already about R)")
-    parser.add_argument('--vae', default=DEFAULT_VAE,
+    parser.add_argument('--vae', default=cat.DEFAULT_VAE,
                         help="diffusers name (sd-vae-ft-ema / -ft-mse), a save_pretrained dir, "
                              "or 'none' (pixels)")
     parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='encoder precision')

@@ -19,7 +19,10 @@ so GAT's p is our 1 - p. The CAT paper gives psi = 0.85 for CAT-H/2 (Figs. 12-14
 far as we can tell it is StyleGAN's (in GAT's sense it would keep only 15 % of w - w_avg[c], far too strong for
 uncurated samples), i.e. --psi 0.85 here.
 """
-import argparse, json, os, zipfile
+import argparse
+import json
+import os
+import zipfile
 
 import numpy as np
 import torch
@@ -190,7 +193,7 @@ def gp_check(ckpt, n=64, seed=0, draws=8, out=print):
     G.requires_grad_(False)
     D.requires_grad_(False)
     g = torch.Generator(device).manual_seed(seed)
-    info, ds, _ = cat.open_data(argparse.Namespace(**{**vars(a), 'lambda_repa': 0.0}))
+    info, ds = cat.open_data(argparse.Namespace(**{**vars(a), 'lambda_repa': 0.0}))
     if info['kind'] == 'toy':
         x, c = ds[0][:n].to(device), ds[1][:n].to(device)
     else:

@@ -35,7 +35,7 @@ args = argparse.Namespace(**cfg['args'])
 G = cat.Generator(**cfg['G'])
 G.load_state_dict(ck[a.weights])
 G.eval()
-info, ds, _ = cat.open_data(argparse.Namespace(**{**vars(args), 'lambda_repa': 0.0}))
+info, ds = cat.open_data(argparse.Namespace(**{**vars(args), 'lambda_repa': 0.0}))
 nc = info['num_classes']
 show = [int(v) for v in a.classes.split(',') if v]
 if any(not 0 <= k < nc for k in show):

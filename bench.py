@@ -212,7 +212,7 @@ def bench(args, out=print):
     name = torch.cuda.get_device_name(device) if cuda else f'CPU ({torch.get_num_threads()} threads)'
     out(f"bench {name}: {config_name(args, m.D)}, {R}x{R}x{C} {info['kind']}, batch {b}/device (micro {m.micro}), "
         f"{args.precision}, REPA {'on' if dino_img is not None else 'off'}, vision-aided "
-        f"{('off', 'on')[args.lambda_va > 0]}, compile={args.compile}, grad_ckpt={args.grad_ckpt}, d_attn={args.d_attn}"
+        f"{('off', 'on')[args.lambda_va > 0]}, compile={args.compile}, grad_ckpt={args.grad_ckpt}"
         + ("" if cuda else " (no CUDA: fp32 and no DINOv2 unless --precision / --lambda-repa)"))
     times = []
     for step in range(args.bench_warmup + args.bench_steps):

@@ -4,7 +4,7 @@ GAN on SD-VAE latents: GAT's generator emits accumulated outputs h_0..h_K; one s
 x_k = r_k(h_k) through block-diagonal attention, so that d_k sees x_k alone; a consistency loss (Eq. 2) keeps
 h_0..h_{K-1} on the path of h_K.
 
-    python cat.py --data toy                           # the embedded default: a 16-px toy set, minutes on a CPU
+    python cat.py --data toy                           # the embedded toy set (16 px): minutes on a CPU
     torchrun --nproc_per_node=8 cat.py --model H       # CAT-H/2 on ImageNet latents (prepare_latents.py first)
     torchrun --nproc_per_node=8 cat.py --model H --resume runs/000-H                           # continue a run
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 cat.py --model H   # two nodes
@@ -80,7 +80,7 @@ D_FOR_G = {'T': 'T', 'S': 'S', 'B': 'B', 'M': 'B', 'H': 'B'}     # the paper: on
 DEFAULTS = {
     'steps': (50_000, 4000),            # CAT-B/2's 20 epochs | ~17 min at 16 px (the toy set: TOY_STEPS)
     'batch_size': (512, 16),            # global batch | 16 learned fastest per minute of 64, 32, 16, 8, 4
-    'lr': (2e-4, 2e-3),                 # G and D | GAT's lr x 768 / width: 2.4e-3 at width 64 (rounded)
+    'lr': (2e-4, 2e-3),                 # G and D | GAT's rule lr x 768 / width: 2.4e-3 at 64 (rounded)
     'ema_decay': (0.999, 0.99),         # EMA of G | 0.995 and 0.998 lag behind at these lengths
     'aug': (True, False),               # DiffAugment | with it a 64-wide D can't tell real from fake at 16 px
     'gamma': (1.0, 0.1),                # R1 and R2 weight | likewise: a small D needs less regularization
@@ -179,8 +179,7 @@ def normalize_2nd_moment(x, eps=1e-8):
 
 
 class Attention(nn.Module):
-    """Self-attention with qkv bias, qk-norm and 2D RoPE; segments: None (all tokens), a list of (start, end) (block-
-    diagonal, one fused call per segment) or a bool tensor [L, L] (an explicit mask)."""
+    """Self-attention with qkv bias, qk-norm, 2D RoPE; segments: None, (start, end) pairs (a call each), a bool mask."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -375,8 +374,8 @@ class DBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """One segment per scale, [cls_k, tokens of x_k], block-diagonal attention over them: attn_impl 'split' (a fused
-    call per scale) or 'mask'; mask=False attends across scales (Fig. 9); patch: one size, or one per scale (A.3)."""
+    """A segment [cls_k, tokens of x_k] per scale, block-diagonal attention ('split': a call per scale, or 'mask');
+    mask=False attends across scales (Fig. 9); patch: one size, or one per scale (A.3)."""
 
     def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, cmap_dim=2048,
                  repa_dim=768, mask=True, attn_impl='split', scales=None, va_dim=0):
@@ -447,12 +446,9 @@ class Discriminator(nn.Module):
             sequence += [self.cls[k].expand(B, 1, -1), t_k]
         x = torch.cat(sequence, dim=1)
         x = x + torch.cat([self.scale_embed[k].expand(1 + n * n, -1) for k, n in enumerate(self.grids)])
-        if not self.mask:
-            attn_segments = None
-        elif self.attn_impl == 'split':
-            attn_segments = self.segments
-        else:
-            attn_segments = self.block_mask()
+        # block-diagonal: one fused attention call per scale ('split'), or the explicit mask; mask=False: none
+        attn_segments = self.segments if self.attn_impl == 'split' else self.block_mask()
+        attn_segments = attn_segments if self.mask else None
         rope = (self.rope_cos, self.rope_sin)
         for block in self.blocks:
             if self.grad_ckpt and torch.is_grad_enabled():
@@ -464,9 +460,7 @@ class Discriminator(nn.Module):
             cls = self.norm(x[:, [s for s, _ in self.segments]].to(self.head.weight.dtype))     # [B, K+1, C]
             e = self.class_map(self.class_embed(c))        # [B, cmap_dim]; not normalized first, as GAT
             d = (self.head(cls) * e[:, None]).sum(-1)
-        if return_tokens:
-            return d, x[:, self.segments[-1][0]:]
-        return d
+        return (d, x[:, self.segments[-1][0]:]) if return_tokens else d
 
 
 class VisionAidedHead(nn.Module):
@@ -484,9 +478,8 @@ class VisionAidedHead(nn.Module):
 
 
 def draw_aug(n, res, g, device):
-    """Per-sample parameters from generator g, at GAT's rates: translation and cutout on every sample, colour on half
-    of them, flip on 0.4 (GAT's rand_flip; at 0.5 a flip would leak: D would see a mirror image as often as the
-    image, so it could not object to G drawing mirror images)."""
+    """Per-sample parameters at GAT's rates: translation and cutout always, colour on half, flip on 0.4 (rand_flip's;
+    at 0.5 a flip leaks: D sees mirror images as often as images, so it cannot object to G drawing them)."""
     u = torch.rand(n, 5, generator=g, device=device)
     t = int(res * 0.125 + 0.5)          # the largest translation, in pixels
     s = int(res * 0.5 + 0.5)            # the cutout's side
@@ -498,9 +491,8 @@ def draw_aug(n, res, g, device):
 
 
 def augment(x, aug, color=True, cutout=True, scale=1):
-    """x [B or n*B, C, H, W] with aug's parameters for B samples, shared by the n stages. Colour uses each image's
-    own means (GAT: h_K's, but d_k must depend on h_k alone); scale: pixels of x per data pixel (7 for DINOv2's 224
-    px on 32-px data)."""
+    """x [B or n*B, C, H, W] with aug's parameters for B samples, shared by n stages; colour with each image's means
+    (GAT: h_K's; d_k must see h_k alone); scale: pixels of x per data pixel (7 for DINOv2's 224 px on 32 px)."""
     rep = x.shape[0] // aug['flip'].shape[0]
     aug = {k: v.repeat(rep, *[1] * (v.dim() - 1)) for k, v in aug.items()}
     B, C, H, W = x.shape
@@ -547,8 +539,7 @@ def rpgan_g_loss(d_fake, d_real):
 
 
 def approx_gp(d, d_perturbed, sigma):
-    """Approximated R1/R2 (Seaweed-APT, in GAT's losses/Rp_loss.py form): mean ((d(x) - d(x + sigma eps)) / sigma)^2,
-    which estimates ||grad_x d||^2 as sigma -> 0."""
+    """Approximated R1/R2 (Seaweed-APT; GAT's Rp_loss.py): mean((d(x) - d(x + sigma eps)) / sigma)^2 ~ |grad d|^2."""
     return ((d - d_perturbed) / sigma).square().mean()
 
 
@@ -609,9 +600,8 @@ def va_features(net, x):
     return net.forward_head(net.forward_features((x - net.pixel_mean) / net.pixel_std), pre_logits=True)
 
 def d_logits_and_penalties(D, xr, xf, c, r1_eps, r2_eps, args):
-    """D on the reals xr and fakes xf -> d_real, d_fake [B, K+1], the finest scale's tokens (REPA), and the
-    approximated R1 and R2 on every 4th sample. One D pass over [real; fake; real_q + sigma eps; fake_q + sigma eps]
-    (App. A.2's cost); with --gp-precision fp32 under bf16, the quarter, clean and perturbed, in a full-fp32 pass."""
+    """-> d_real, d_fake [B, K+1], the finest scale's tokens (REPA), R1 and R2 on every 4th sample: one D pass over
+    [real; fake; real_q + sigma eps; fake_q + sigma eps] (App. A.2), or with --gp-precision fp32 the quarter apart."""
     B = xr[0].shape[0]
     q = slice(None, None, 4)
     n_q = len(range(B)[q])
@@ -745,8 +735,7 @@ def load_vae(name_or_path=DEFAULT_VAE, device='cpu', required=True):
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """A prepared directory's item i -> (x, label, img): latent moments [2C, r, r] (mean | std) or uint8 pixels
-    [C, r, r] (stored as uint8 or JPEG); img: the 256-px crop for REPA (or empty)."""
+    """Item i -> (latent moments [2C, r, r] (mean | std) or uint8 pixels [C, r, r], label, REPA's crop or empty)."""
 
     def __init__(self, path, meta, images):
         self.path, self.meta = path, meta
@@ -801,16 +790,12 @@ def open_data(args):
 
 
 def data_x(batch, posterior_eps, info):
-    """A batch of the data set in G's output space: latents drawn from their posterior, pixels in [-1, 1]."""
+    """A batch of the data set in G's output space: pixels in [-1, 1], or latents drawn anew from their posterior,
+    x = (mean + std * eps) * scaling_factor."""
     if info['kind'] == 'latent':
-        return posterior_sample(batch, posterior_eps, info['scale'])
+        C = batch.shape[1] // 2
+        return (batch[:, :C].float() + batch[:, C:].float() * posterior_eps) * info['scale']
     return batch if batch.is_floating_point() else batch.float() / 127.5 - 1
-
-
-def posterior_sample(moments, eps, scale):
-    """x = (mean + std * eps) * scaling_factor: a fresh posterior draw at each use."""
-    C = moments.shape[1] // 2
-    return (moments[:, :C].float() + moments[:, C:].float() * eps) * scale
 
 
 def step_indices(n, global_batch, rank, world, seed, start, steps):
@@ -829,8 +814,7 @@ def step_indices(n, global_batch, rank, world, seed, start, steps):
 
 
 def real_batches(ds, info, sampler, device, workers):
-    """Yields this rank's (x, c, img) per step: the posterior moments (mean | std) of latents or pixels, the labels,
-    and for REPA the 256-px ImageNet crops (empty without REPA, None for the toy set)."""
+    """Yields this rank's (x, c, img) per step: LatentDataset's items batched, or the toy set's (img None)."""
     if info['kind'] == 'toy':
         x, y = ds[0].to(device), ds[1].to(device)
         for idx in sampler:
@@ -846,9 +830,8 @@ def real_batches(ds, info, sampler, device, workers):
 
 
 def step_noise(seed, step, n, G, scales, device):
-    """(noise, aug) of one step's global batch of n, from (seed, step) alone: exact resume at any world size. noise:
-    z (the G step reuses the D step's, as GAT's loop), the real latents' posterior draw, R1's and R2's perturbations;
-    aug: DiffAugment's parameters for the reals and fakes of the D step and of the G step."""
+    """(noise, aug) of a step's global batch of n from (seed, step) alone: exact resume at any world size. noise: z
+    (both steps', as GAT), the posterior draw, R1's and R2's perturbations; aug: DiffAugment's, per step and side."""
     g = torch.Generator(device).manual_seed(seed * 1_000_003 + step + 1)
     C, R = G.channels, G.res
     z = torch.randn(n, G.z_dim, generator=g, device=device)
@@ -892,7 +875,7 @@ def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained=True):
     """G, D, the EMA of G, AdamW (0, 0.99) optimizers and the step modules; the state of checkpoint ck if given."""
     torch.manual_seed(args.seed)
     G = Generator(**g_cfg).to(device)
-    D = Discriminator(**d_cfg, attn_impl=args.d_attn).to(device)
+    D = Discriminator(**d_cfg).to(device)
     ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_g = adamw(G, args, fused=device.type == 'cuda')
     opt_d = adamw(D, args, fused=device.type == 'cuda')
@@ -919,10 +902,17 @@ def build(args, g_cfg, d_cfg, device, world, ck=None, pretrained=True):
     return Models(G, D, ema, opt_g, opt_d, d_step, g_step, world, micro)
 
 
+def set_lr(m, args, step):
+    """--lr-final < 1: a cosine from lr to lr x lr_final over the run, for G and D."""
+    lr = args.lr * (args.lr_final + (1 - args.lr_final) * (1 + math.cos(math.pi * step / args.steps)) / 2)
+    for opt in (m.opt_g, m.opt_d):
+        for group in opt.param_groups:
+            group['lr'] = lr
+
+
 def train_step(m, x, c, dino_img, noise, aug, args):
-    """One iteration (App. A.2): the D step, the G step (D frozen), w_avg and the EMA; x: reals in G's output space,
-    dino_img: REPA's images (or None). Micro-batches accumulate gradients. Returns the names and a tensor of the
-    statistics of this process's last micro-batch (loss_d, loss_g: the adversarial terms), without a host sync."""
+    """One iteration (App. A.2): D step, G step (D frozen), w_avg, EMA; micro-batches accumulate. -> names and a tensor
+    of the last micro-batch's statistics (loss_d, loss_g: the adversarial terms), without a host sync."""
     n_acc = x.shape[0] // m.micro
     chunks = [(i * m.micro, (i + 1) * m.micro) for i in range(n_acc)]
 
@@ -1019,6 +1009,8 @@ def train(args, measures=(), hooks=()):
         x = data_x(x_data, noise['posterior_eps'], info)
         if info['kind'] == 'pixel' and args.lambda_repa > 0:
             dino_img = x_data.expand(-1, 3, -1, -1)     # REPA of pixel data: DINOv2 sees x's own pixels
+        if args.lr_final != 1:
+            set_lr(m, args, step)
         names, stats = train_step(m, x, c, dino_img, noise, aug, args)
         pending.append(stats)
         done = step + 1
@@ -1103,8 +1095,7 @@ def setup_ddp():
 
 
 def model_configs(args, info):
-    """G's and D's constructor arguments (--model, --model-d, the hierarchy, the data). Table 6's hierarchy and patch
-    2 are the constructors' defaults and left out, so the configs of older checkpoints still compare equal."""
+    """G's and D's constructor arguments; Table 6's hierarchy and patch 2 left out (older configs compare equal)."""
     g, d = G_CONFIGS[args.model], D_CONFIGS[args.model_d or D_FOR_G[args.model]]
     common = dict(channels=info['channels'], res=info['res'], num_classes=info['num_classes'])
     g_cfg = dict(depth=g.depth, width=g.width, heads=g.heads, **common)
@@ -1163,17 +1154,13 @@ def hierarchy(args, info):
 
 
 def cross_scale_metrics(hs, scales):
-    """Eq. 1's delta_k, R_k, A_k (k < K, batch means); ours: delta_h_k of the raw h_k, and *_floor: Eq. 1 when every
-    h_k = h_K (what pooling alone leaves)."""
+    """Eq. 1's delta_k, R_k, A_k (k < K, batch means); ours: delta_h_k of raw h_k, *_floor: Eq. 1 of h_k = h_K."""
     full, K = scales[-1], len(hs) - 1
 
-    def up(x):
-        if x.shape[-1] == full:
-            return x
-        return F.interpolate(x, size=(full, full), mode='bilinear', align_corners=False)
-
     def eq1(hs):
-        xs = [up(r_k(h.float(), s)).flatten(1) for h, s in zip(hs, scales)]
+        xs = [r_k(h.float(), s) for h, s in zip(hs, scales)]
+        # r_K: bilinear upsampling to the finest scale (the identity there)
+        xs = [F.interpolate(x, (full, full), mode='bilinear', align_corners=False).flatten(1) for x in xs]
         x_K, norm_K = xs[-1], xs[-1].norm(dim=1)
         delta = [((x_K - xs[k]).norm(dim=1) / norm_K).mean().item() for k in range(K)]
         R = [((xs[k + 1] - xs[k]).norm(dim=1) / norm_K).mean().item() for k in range(K)]
@@ -1240,17 +1227,13 @@ def eq1_summary(eq1):
 
 
 class Evaluation:
-    """Rank 0, every --eval-every, on fixed z: the EMA samples' grid (samples-STEP.png) and Eq. 1, then each measure.
-    A measure is made once, make(evaluation) (None: not for this data), and called measure(samples, classes, failed)
-    -> metrics, naming what failed in `failed`; its `classes` choose the samples' classes (fid.py: its real set's)."""
+    """Rank 0, every --eval-every, on fixed z: the grid samples-STEP.png, Eq. 1, each measure (made once by make(self),
+    None: not for this data; measure(samples, classes, failed) -> metrics; its `classes` pick the samples' classes)."""
 
     def __init__(self, args, info, ds, device, run_dir, log, measures=()):
-        self.args = args
-        self.info = info
-        self.ds = ds
-        self.device = device
-        self.run_dir = run_dir
-        self.log = log
+        self.args, self.info = args, info
+        self.ds, self.device = ds, device
+        self.run_dir, self.log = run_dir, log
         self.scales = hierarchy(args, info)[0]
         self.vae = None
         nc = info['num_classes']
@@ -1336,12 +1319,6 @@ def resolve_run(args, info, g_cfg, d_cfg, rank, world):
     return run_dir, ck
 
 
-def new_run_dir(root, name):
-    os.makedirs(root, exist_ok=True)
-    ids = [int(m.group(1)) for d in os.listdir(root) if (m := re.match(r'(\d+)-', d))]
-    return os.path.join(root, f'{max(ids, default=-1) + 1:03d}-{name}')
-
-
 def save_checkpoint(path, state):
     """Atomic: a crash mid-write leaves the previous file intact."""
     torch.save(state, path + '.tmp')
@@ -1413,6 +1390,12 @@ def write_checkpoint(run_dir, state, args):
 def checkpoint_step(path):
     """The step in a checkpoint's name: ckpt-0012000.pt -> 12000."""
     return int(os.path.basename(path)[len('ckpt-'):-len('.pt')])
+
+
+def new_run_dir(root, name):
+    os.makedirs(root, exist_ok=True)
+    ids = [int(m.group(1)) for d in os.listdir(root) if (m := re.match(r'(\d+)-', d))]
+    return os.path.join(root, f'{max(ids, default=-1) + 1:03d}-{name}')
 
 
 def make_logger(run_dir, rank):
@@ -1496,8 +1479,7 @@ TOY_SHAPES = [
 
 
 def make_toy(n, seed=0, res=16, random_hue=False):
-    """x [n, 3, res, res] in [-1, 1] and y [n]; each aligned block of 10 holds every class once. random_hue: any hue,
-    so that only the shape names the class."""
+    """x [n, 3, res, res] in [-1, 1], y [n], every class once per block of 10; random_hue: only shape names a class."""
     g = torch.Generator().manual_seed(seed)
     y = torch.rand(n // 10 + 1, 10, generator=g).argsort(1).flatten()[:n]
 
@@ -1632,7 +1614,7 @@ def get_args(argv=None):
     p.add_argument('--scales', type=comma_ints, help='resolutions of x_0..x_K (R/8,R/4,R/2,R; A.3: 16,32,64,256)')
     p.add_argument('--patch', type=int, help="G's patch size (2; App. A.3 at 256 px: 16)")
     p.add_argument('--d-patch', type=comma_ints, help="D's patch size per scale, e.g. 8,8,8,16 (default: G's)")
-    p.add_argument('--no-mask', action='store_true', help='scale-aggregated D: attention across scales (Fig. 9)')
+    p.add_argument('--no-mask', action='store_true', help='attention across scales (Fig. 9: with --lambda-cons 0)')
     # the run
     p.add_argument('--out', help='run directory (default: runs/NNN-MODEL)')
     p.add_argument('--resume', nargs='?', const='auto', help='checkpoint file or run directory (default: --out)')
@@ -1646,6 +1628,7 @@ def get_args(argv=None):
     # objectives and optimization
     p.add_argument('--lr', type=float, help=f'AdamW lr of G and D ({help_default("lr")})')
     p.add_argument('--ema-decay', type=float, help=f'EMA of G ({help_default("ema_decay")})')
+    p.add_argument('--lr-final', type=float, default=1.0, help='cosine lr decay to lr x this over the run; 1: none')
     p.add_argument('--clip', type=float, default=1.0, help='gradient clipping norm')
     p.add_argument('--lambda-cons', type=float, default=0.1, help='L_cons weight (Eq. 3); 0: plain scale-wise loss')
     p.add_argument('--cons-detach', action='store_true', help='stop-gradient on the anchor h_K of Eq. 2')
@@ -1671,8 +1654,6 @@ def get_args(argv=None):
     # speed
     p.add_argument('--compile', action='store_true', help='torch.compile every G and D block')
     p.add_argument('--grad-ckpt', action='store_true', help='activation checkpointing per block (memory for compute)')
-    p.add_argument('--d-attn', choices=['split', 'mask'], default='split',
-                   help="block-diagonal attention: one fused call per scale, or one call with an explicit mask")
     args = p.parse_args(argv)
     if args.model and args.model not in G_CONFIGS or args.model_d and args.model_d not in D_CONFIGS:
         p.error(f"unknown --model {args.model} / --model-d {args.model_d}: G: {list(G_CONFIGS)}, D: {list(D_CONFIGS)}")
@@ -1684,8 +1665,7 @@ def get_args(argv=None):
 
 
 def fill_defaults(args, small, cuda):
-    """Each option left out takes its value: for the data (DEFAULTS: Table 6, or small data), for the machine
-    (precision, data workers) and for the run's length (log, evaluation and checkpoint cadence)."""
+    """Each option left out takes its value for the data (DEFAULTS), the machine and the run's length (cadence)."""
     toy = args.data == 'toy'
     args.model = args.model or ('S' if small else 'B')
     if toy and args.steps is None:

@@ -753,7 +753,7 @@ def test_latent_dataset_training_step(tmp_path):
     ds = cat.LatentDataset(str(data), cat.check_data_dir(str(data)), images=False)
     m, c, img = ds[3]
     assert m.shape == (8, 32, 32) and m.dtype == torch.float16 and c == 3 and img.numel() == 0
-    x = cat.posterior_sample(m[None], torch.ones(1, 4, 32, 32), 0.18215)
+    x = cat.data_x(m[None], torch.ones(1, 4, 32, 32), dict(kind='latent', scale=0.18215))
     assert torch.allclose(x, (m[None, :4].float() + 0.5) * 0.18215, atol=1e-3)
     r = cat.train(cat.get_args(LATENT + ['--data', str(data), '--steps', '2', '--out', str(tmp_path / 'r')]))
     assert load(r['run_dir'])['step'] == 2 and load(r['run_dir'])['config']['data']['kind'] == 'latent'
@@ -785,6 +785,31 @@ def test_bad_dataset_is_one_clear_line(tmp_path, problem, msg):
         cat.train(cat.get_args(LATENT + ['--data', d, '--steps', '1', '--out', str(tmp_path / 'r')]))
     assert str(e.value).startswith('error: ') and '\n' not in str(e.value)
     assert not os.path.exists(tmp_path / 'r')
+
+
+def test_latents_with_the_papers_defaults_train_as_before(tmp_path):
+    """ImageNet-style latents with Table 6's defaults (lr 2e-4, EMA 0.999, DiffAugment, gamma 1; REPA off: no DINOv2
+    offline) train as the release before --lr-final existed: the numbers it gave."""
+    data = make_latent_dir(tmp_path / 'data')
+    opts = ['--data', str(data), '--model', 'T', '--batch-size', '8', '--precision', 'fp32', '--lambda-repa', '0',
+            '--workers', '0', '--steps', '3', '--eval-every', '0']
+    args = cat.get_args(opts + ['--out', str(tmp_path / 'a')])
+    assert (args.lr, args.ema_decay, args.aug, args.gamma, args.lr_final) == (2e-4, 0.999, True, 1, 1)
+    r = cat.train(args)
+    got = [sum(p.double().sum().item() for p in r['G'].parameters()), sum(p.double().sum().item()
+           for p in r['D'].parameters()), sum(p.double().abs().sum().item() for p in r['ema'].parameters())]
+    assert np.allclose(got, [-641.0108175526302, -1218.373918629832, 60701.30198385172], rtol=1e-6, atol=0), got
+
+
+def test_lr_decay_option():
+    """--lr-final: a cosine from lr to lr x lr_final over --steps, in both optimizers."""
+    cfg_g = dict(depth=4, width=32, heads=2, channels=3, res=16, num_classes=10)
+    cfg_d = dict(depth=2, width=32, heads=2, channels=3, res=16, num_classes=10, cmap_dim=64, repa_dim=0)
+    args = cat.get_args(TINY + ['--steps', '100', '--lr-final', '0.25'])
+    m = cat.build(args, cfg_g, cfg_d, torch.device('cpu'), 1)
+    for step, want in ((0, 2e-3), (50, 2e-3 * 0.625), (100, 2e-3 * 0.25)):
+        cat.set_lr(m, args, step)
+        assert all(g['lr'] == pytest.approx(want) for opt in (m.opt_g, m.opt_d) for g in opt.param_groups)
 
 
 def test_bad_cli_values(tmp_path):

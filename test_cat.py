@@ -664,6 +664,24 @@ def test_no_import_circle_and_no_module_loaded_twice(tmp_path):
     assert r.returncode == 0 and 'MODULES False False' in r.stdout, r.stderr[-2000:]
 
 
+def test_checkpoint_of_the_previous_release_still_loads(tmp_path):
+    """The previous release called G's output heads `heads.*`: its checkpoints resume (the step after equals a straight
+    run's) and its EMA loads into Generator for sampling."""
+    run_cat(TINY + ['--steps', '2', '--out', str(tmp_path / 'a')])
+    ck = load(tmp_path / 'a')
+    for net in ('G', 'ema'):
+        ck[net] = {k.replace('out_heads.', 'heads.'): v for k, v in ck[net].items()}
+    assert any(k.startswith('heads.') for k in ck['G']) and not any('out_heads' in k for k in ck['ema'])
+    os.makedirs(tmp_path / 'old')
+    torch.save(ck, tmp_path / 'old' / 'latest.pt')
+    G = cat.Generator(**ck['config']['G'])
+    G.load_state_dict(ck['ema'])
+    assert torch.equal(G.out_heads[0].linear.weight, ck['ema']['heads.0.linear.weight'])
+    resumed = run_cat(TINY + ['--steps', '3', '--resume', str(tmp_path / 'old')])
+    straight = run_cat(TINY + ['--steps', '3', '--out', str(tmp_path / 'b')])
+    assert all(torch.equal(v, load(straight)['G'][k]) for k, v in load(resumed)['G'].items())
+
+
 def test_existing_run_dir_is_refused(tmp_path):
     run_cat(TINY + ['--steps', '1', '--out', str(tmp_path / 'r')])
     before = os.path.getmtime(tmp_path / 'r' / 'latest.pt')

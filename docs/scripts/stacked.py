@@ -4,7 +4,7 @@
     python docs/scripts/stacked.py count SAMPLES.npz | DIR      # modes covered and KL to uniform
 
 make: each channel of an image is one of scikit-learn's 8 x 8 digits, upsampled to 16 px: 10^3 modes (digit triples).
-count: a digit judge (cat.train_judge on the same digits) reads each channel; prints the modes covered and
+count: a digit judge (fid.train_judge on the same digits) reads each channel; prints the modes covered and
 KL(mode histogram || uniform) over the first 10,000 images.
 """
 import os
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.datasets import load_digits
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-import cat
+import fid
 
 
 def digits16():
@@ -38,7 +38,7 @@ def make(out, n=10_000, seed=0):
 
 def classifier():
     x, y = digits16()
-    return cat.train_judge(x[:, None] * 2 - 1, y, 10, steps=600, seed=0)
+    return fid.train_judge(x[:, None] * 2 - 1, y, 10, steps=600, seed=0)
 
 
 def count(images, n=10_000):

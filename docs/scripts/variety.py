@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
 import cat
+import fid
 
 p = argparse.ArgumentParser()
 p.add_argument('run')
@@ -46,7 +47,7 @@ if taken:
 if info['kind'] == 'toy':
     real_x, real_y = cat.make_toy(20000, seed=args.seed + 4242, res=info['res'])
 else:
-    real_x, real_y = cat.pixels(ds, np.arange(info['N']))
+    real_x, real_y = fid.pixels(ds, np.arange(info['N']))
 
 
 def factors(x):

@@ -358,6 +358,20 @@ def multiscale(hs, scales):
     return [r_k(hs if torch.is_tensor(hs) else hs[k], s) for k, s in enumerate(scales)]
 
 
+def group_std(x, size, parts=None):
+    """StyleGAN2's minibatch standard deviation per feature, over groups of `size` samples i, i + n/size, ... within
+    each part of the batch (sizes `parts`; default one part). With that grouping the approximated R1/R2's quarter
+    x[::4] + sigma eps is a group of its clean part's, so d(x) - d(x + sigma eps) stays a finite difference."""
+    out = []
+    for x_p in x.split(parts or [len(x)]):
+        g = min(size, len(x_p))
+        if len(x_p) % g:
+            raise ValueError(f'minibatch std: a part of {len(x_p)} samples does not split into groups of {g}')
+        std = (x_p.reshape(g, -1, *x_p.shape[1:]).var(0, unbiased=False) + 1e-8).sqrt()
+        out.append(std.repeat(g, *[1] * (x.dim() - 1)))
+    return torch.cat(out)
+
+
 class DBlock(nn.Module):
     def __init__(self, width, heads, layerscale=0.1):
         super().__init__()
@@ -378,7 +392,7 @@ class Discriminator(nn.Module):
     mask=False attends across scales (Fig. 9); patch: one size, or one per scale (A.3)."""
 
     def __init__(self, depth, width, heads, channels=4, res=32, patch=2, num_classes=1000, cmap_dim=2048,
-                 repa_dim=768, mask=True, attn_impl='split', scales=None, va_dim=0):
+                 repa_dim=768, mask=True, attn_impl='split', scales=None, va_dim=0, mbstd=0):
         super().__init__()
         self.scales = scales or table6_scales(res)
         self.patches = patch if isinstance(patch, list) else [patch] * len(self.scales)
@@ -407,6 +421,10 @@ class Discriminator(nn.Module):
         self.class_embed = nn.Embedding(num_classes, cmap_dim)
         self.class_map = nn.Sequential(EqualLinear(cmap_dim, cmap_dim), nn.SiLU(),
                                        EqualLinear(cmap_dim, cmap_dim))
+        # optional (--mbstd; not GAT's): group_std of the normalized cls_k as a feature of the head, 0 at init
+        self.mbstd = mbstd
+        if mbstd:
+            self.mbstd_head = nn.Parameter(torch.zeros(cmap_dim, width))
         # REPA (training only): the finest scale's tokens -> DINOv2's features
         self.proj = None
         if repa_dim:
@@ -437,8 +455,9 @@ class Discriminator(nn.Module):
             tokens.update(zip(ks, t.split([self.grids[k] ** 2 for k in ks], dim=1)))
         return torch.cat([tokens[k] for k in range(len(xs))], dim=1)
 
-    def forward(self, xs, c, return_tokens=False):
-        """xs = [x_0..x_K] -> d [B, K+1]; return_tokens: also the finest scale's tokens (cls_K first), for REPA."""
+    def forward(self, xs, c, return_tokens=False, parts=None):
+        """xs = [x_0..x_K] -> d [B, K+1]; return_tokens: also the finest scale's tokens (cls_K first), for REPA;
+        parts: the sizes of the batch's parts (real, fake, ...) that --mbstd's groups keep apart."""
         B = xs[0].shape[0]
         t = self.embed(xs) + self.pos.to(xs[0].dtype)
         sequence = []
@@ -459,7 +478,10 @@ class Discriminator(nn.Module):
         with no_autocast(x.device):
             cls = self.norm(x[:, [s for s, _ in self.segments]].to(self.head.weight.dtype))     # [B, K+1, C]
             e = self.class_map(self.class_embed(c))        # [B, cmap_dim]; not normalized first, as GAT
-            d = (self.head(cls) * e[:, None]).sum(-1)
+            h = self.head(cls)
+            if self.mbstd:
+                h = h + F.linear(group_std(cls, self.mbstd, parts), self.mbstd_head)
+            d = (h * e[:, None]).sum(-1)
         return (d, x[:, self.segments[-1][0]:]) if return_tokens else d
 
 
@@ -543,11 +565,12 @@ def approx_gp(d, d_perturbed, sigma):
     return ((d - d_perturbed) / sigma).square().mean()
 
 
-def approx_gp_pass(D, xs, eps, c, sigma, precision):
+def approx_gp_pass(D, xs, eps, c, sigma, precision, parts=None):
     """approx_gp per sample over the scales, one D pass on [x; x + sigma eps] (fp32: a ~1e-3 gap drowns in bf16)."""
     n = xs[0].shape[0]
     with autocast(precision, xs[0].device), full_fp32(precision == 'fp32'):
-        d = D([torch.cat([x, x + sigma * e]).float() for x, e in zip(xs, eps)], torch.cat([c, c]))
+        xs_both = [torch.cat([x, x + sigma * e]).float() for x, e in zip(xs, eps)]
+        d = D(xs_both, torch.cat([c, c]), parts=parts)
     return ((d[:n] - d[n:]) / sigma).square().mean(1)
 
 
@@ -609,17 +632,18 @@ def d_logits_and_penalties(D, xr, xf, c, r1_eps, r2_eps, args):
     device = xr[0].device
     if args.gp_precision == 'fp32' and args.precision != 'fp32':
         with autocast(args.precision, device):
-            d, tokens = D([torch.cat(t) for t in zip(xr, xf)], torch.cat([c, c]), return_tokens=True)
+            d, tokens = D([torch.cat(t) for t in zip(xr, xf)], torch.cat([c, c]), return_tokens=True,
+                          parts=[B, B])
         d_real, d_fake = d.split([B, B])
         xs_q = [torch.cat([r[q], f[q]]) for r, f in zip(xr, xf)]
         eps_q = [torch.cat([e_r[q], e_f[q]]) for e_r, e_f in zip(r1_eps, r2_eps)]
-        penalty = approx_gp_pass(D, xs_q, eps_q, torch.cat([c[q], c[q]]), sigma, 'fp32')
+        penalty = approx_gp_pass(D, xs_q, eps_q, torch.cat([c[q], c[q]]), sigma, 'fp32', parts=[n_q] * 4)
         return d_real, d_fake, tokens, penalty[:n_q].mean(), penalty[n_q:].mean()
     xr_q = [x[q] + sigma * e[q] for x, e in zip(xr, r1_eps)]
     xf_q = [x[q] + sigma * e[q] for x, e in zip(xf, r2_eps)]
     with autocast(args.precision, device):
         d, tokens = D([torch.cat(t) for t in zip(xr, xf, xr_q, xf_q)], torch.cat([c, c, c[q], c[q]]),
-                      return_tokens=True)
+                      return_tokens=True, parts=[B, B, n_q, n_q])
     d_real, d_fake, d_real_q, d_fake_q = d.split([B, B, n_q, n_q])
     r1 = approx_gp(d_real[q], d_real_q, sigma)
     r2 = approx_gp(d_fake[q], d_fake_q, sigma)
@@ -964,6 +988,9 @@ def train(args, measures=(), hooks=()):
                          f"micro-batches of {args.micro_batch}: pick sizes that divide.")
     if micro % 4:
         raise SystemExit(f"error: the per-process micro-batch ({micro}) must be a multiple of 4 (R1/R2: every 4th).")
+    if args.mbstd and micro // 4 % args.mbstd:
+        raise SystemExit(f"error: --mbstd {args.mbstd} must divide a quarter of the micro-batch ({micro}): R1/R2's "
+                         f"quarter is one or more groups; pick a group size that divides {micro // 4}.")
     info, ds = open_data(args)
     g_cfg, d_cfg = model_configs(args, info)
     run_dir, ck = resolve_run(args, info, g_cfg, d_cfg, rank, world)
@@ -1101,6 +1128,8 @@ def model_configs(args, info):
     g_cfg = dict(depth=g.depth, width=g.width, heads=g.heads, **common)
     d_cfg = dict(depth=d.depth, width=d.width, heads=d.heads, cmap_dim=d.cmap,
                  repa_dim=768 if args.lambda_repa > 0 else 0, mask=not args.no_mask, **common)
+    if args.mbstd:
+        d_cfg['mbstd'] = args.mbstd
     scales, patch, d_patch = hierarchy(args, info)
     if scales != table6_scales(info['res']):
         g_cfg['stages'], d_cfg['scales'] = len(scales), scales
@@ -1615,6 +1644,7 @@ def get_args(argv=None):
     p.add_argument('--patch', type=int, help="G's patch size (2; App. A.3 at 256 px: 16)")
     p.add_argument('--d-patch', type=comma_ints, help="D's patch size per scale, e.g. 8,8,8,16 (default: G's)")
     p.add_argument('--no-mask', action='store_true', help='attention across scales (Fig. 9: with --lambda-cons 0)')
+    p.add_argument('--mbstd', type=int, default=0, help="D's minibatch std over groups of N samples; 0: off (GAT)")
     # the run
     p.add_argument('--out', help='run directory (default: runs/NNN-MODEL)')
     p.add_argument('--resume', nargs='?', const='auto', help='checkpoint file or run directory (default: --out)')

@@ -403,6 +403,64 @@ def test_approx_r1_matches_exact_r1_fp32():
     assert abs(approx / exact - 1) < 0.25, (approx, exact)
 
 
+def mbstd_D(size=4):
+    """tiny_D with --mbstd's head drawn at random (it starts at zero)."""
+    torch.manual_seed(0)
+    D = cat.Discriminator(2, 32, 2, channels=3, res=16, num_classes=10, cmap_dim=64, repa_dim=0, mbstd=size).eval()
+    with torch.no_grad():
+        D.mbstd_head.normal_(0, 1.0)
+    return D
+
+
+def test_mbstd_starts_as_gat_and_sees_its_group():
+    """At init --mbstd's D is GAT's D; trained, sample 0's logit moves with its group-mate 4 (groups i mod n/4),
+    not with sample 1 of another group; without it no sample's logit depends on another's."""
+    xs, c = rand_scales(B=16), torch.arange(16) % 10
+    torch.manual_seed(0)
+    D_zero = cat.Discriminator(2, 32, 2, channels=3, res=16, num_classes=10, cmap_dim=64, repa_dim=0, mbstd=4)
+    assert torch.equal(D_zero.eval()(xs, c), tiny_D()(xs, c))
+    for D, depends in ((mbstd_D(), True), (tiny_D(), False)):
+        d = D(xs, c)
+        for other, same_group in ((4, True), (1, False)):
+            moved = [x.clone() for x in xs]
+            for x in moved:
+                x[other] = torch.randn_like(x[other])
+            change = (D(moved, c)[0] - d[0]).abs().max().item()
+            assert (change > 1e-3) == (depends and same_group), (depends, other, change)
+
+
+@pytest.mark.parametrize('gp_precision', ['bf16', 'fp32'])
+def test_mbstd_groups_keep_the_penalty_a_finite_difference(monkeypatch, gp_precision):
+    """R1/R2 perturb every 4th sample in a part of their own: with StyleGAN's grouping (i, i + n/g, ...) that quarter
+    is a group of the clean batch, so a zero perturbation gives R1 = R2 = 0; consecutive groups would not."""
+    D = mbstd_D()
+    xr, xf = rand_scales(B=16, seed=1), rand_scales(B=16, seed=2)
+    zeros = [torch.zeros_like(x) for x in xr]
+    c = torch.arange(16) % 10
+    args = argparse.Namespace(gp_sigma=0.01, gp_precision=gp_precision, precision='fp32')
+    with torch.no_grad():
+        _, _, _, r1, r2 = cat.d_logits_and_penalties(D, xr, xf, c, zeros, zeros, args)
+    assert r1.item() < 1e-6 and r2.item() < 1e-6, (r1, r2)
+
+    def consecutive(x, size, parts=None):
+        return torch.cat([(p.reshape(-1, size, *p.shape[1:]).var(1, unbiased=False) + 1e-8).sqrt()
+                          .repeat_interleave(size, 0) for p in x.split(parts or [len(x)])])
+
+    monkeypatch.setattr(cat, 'group_std', consecutive)
+    with torch.no_grad():
+        _, _, _, r1, r2 = cat.d_logits_and_penalties(D, xr, xf, c, zeros, zeros, args)
+    if gp_precision == 'bf16':              # the fp32 path compares the quarter with itself: any grouping holds
+        assert r1.item() > 1e-2 and r2.item() > 1e-2, (r1, r2)
+
+
+def test_mbstd_group_must_divide_the_quarter(tmp_path):
+    with pytest.raises(SystemExit, match='--mbstd 3 must divide'):
+        run_cat(TINY + ['--steps', '1', '--mbstd', '3', '--out', str(tmp_path / 'r')])
+    run = run_cat(TINY + ['--steps', '2', '--mbstd', '2', '--out', str(tmp_path / 'ok')])
+    ck = cat.load_checkpoint(os.path.join(run, 'latest.pt'))
+    assert ck['config']['D']['mbstd'] == 2 and ck['D']['mbstd_head'].abs().sum() > 0
+
+
 def test_full_fp32_turns_tf32_off_and_restores():
     flags = torch.backends.cuda.matmul, torch.backends.cudnn
     old = [f.allow_tf32 for f in flags]
